@@ -1,0 +1,117 @@
+"""
+Denoising diffusion implicit models (DDIM, Song, Meng & Ermon 2021): the same trained eps-model, a family of
+non-Markovian forward processes with the same marginals, and a sampler that skips steps.
+
+NAMES. DDIM's alpha_t is DDPM's alpha-bar_t. This file uses DDPM's names throughout: `abar` is DDIM's alpha.
+
+THE IDEA. DDPM's loss only ever sees the marginals q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I). Any
+family of reverse conditionals that keeps those marginals gives the same training objective. DDIM picks
+
+    q_sigma(x_{t-1} | x_t, x_0) = N( sqrt(abar_{t-1}) x_0 + sqrt(1 - abar_{t-1} - sigma_t^2) eps_t, sigma_t^2 I )   [DDIM 7]
+    with eps_t = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t), the noise that is in x_t,
+
+and samples by plugging in the model's x_0 and eps (eq. 12). sigma_t = eta * (the DDPM posterior std) (eq. 16):
+eta = 1 is DDPM with beta~, eta = 0 is deterministic (an ODE solver for the probability flow, §4.3), which is
+what makes inversion x_0 -> x_T and interpolation in x_T meaningful (§5.3).
+
+SKIPPING. Only the marginals matter, so the sampler may visit a sub-sequence tau of the T steps (§4.2); abar_{t-1}
+becomes abar of the previous kept step. That is exactly the respaced GaussianDiffusion of ddpm.py (D4), so this
+file adds only the update rule, not a second schedule.
+
+The samplers take an optional cond_fn (classifier guidance, G2) and never import guidance.py.
+"""
+
+import torch
+from tqdm.auto import tqdm
+
+from ddpm import _device_of, randn, randn_like
+
+
+def ddim_sigma(abar_t, abar_prev, eta):
+    # DDIM eq. 16 (D3): sigma_t(eta) = eta sqrt((1 - abar_{t-1}) / (1 - abar_t)) sqrt(1 - abar_t / abar_{t-1})
+    return eta * ((1 - abar_prev) / (1 - abar_t)).sqrt() * (1 - abar_t / abar_prev).sqrt()
+
+
+def ddim_step(diffusion, model, x_t, t, eta=0.0, clip_denoised=True, cond_fn=None, model_kwargs=None, generator=None):
+    """One DDIM update x_t -> x_{t-1} on `diffusion`'s schedule (D1-D3; G2 when cond_fn is given).
+
+    `diffusion` is usually a respaced one, so "t - 1" is the previous kept step.
+    """
+    model_kwargs = model_kwargs or {}
+    out = diffusion.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs)
+    eps, pred_x0 = out["eps"], out["pred_x0"]
+    abar_t = diffusion._extract(diffusion.alphas_cumprod, t, x_t)
+    if cond_fn is not None:
+        # G2 (ADM Algorithm 2): eps^ = eps_theta - sqrt(1 - abar_t) s grad_{x_t} log p_phi(y | x_t)
+        eps = eps - (1 - abar_t).sqrt() * cond_fn(x_t, diffusion.original_t(t), **model_kwargs).to(x_t.dtype)
+        pred_x0 = diffusion.predict_x0_from_eps(x_t, t, eps)
+        pred_x0 = pred_x0.clamp(-1, 1) if clip_denoised else pred_x0
+    if clip_denoised:
+        # keep x_{t-1} on the line through the (clipped) x_0: eps is re-derived from it (DDPM eq. 4)
+        eps = diffusion.predict_eps_from_x0(x_t, t, pred_x0)
+    abar_prev = diffusion._extract(diffusion.alphas_cumprod_prev, t, x_t)
+    sigma = ddim_sigma(abar_t, abar_prev, eta)
+    # DDIM eq. 12 (D2): x_{t-1} = sqrt(abar_{t-1}) x0_pred + sqrt(1 - abar_{t-1} - sigma_t^2) eps_theta + sigma_t z
+    x_prev = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma ** 2).sqrt() * eps
+    if eta > 0:
+        x_prev = x_prev + sigma * randn_like(x_t, generator)  # sigma is 0 at the last step: abar_{t-1} = 1
+    return {"sample": x_prev, "pred_x0": pred_x0}
+
+
+@torch.no_grad()
+def ddim_sample_loop(diffusion, model, shape, steps=50, eta=0.0, skip="uniform", noise=None, cond_fn=None,
+                     model_kwargs=None, clip_denoised=True, generator=None, progress=False, device=None,
+                     dtype=torch.float32):
+    """Sample with DDIM on `steps` of the diffusion's steps spaced by `skip` (D1-D4). `noise` is x_T."""
+    if eta < 0:
+        raise ValueError(f"eta: must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
+    # D4: the sub-sequence tau, as a diffusion of its own (betas re-derived from the kept abar)
+    spaced = diffusion.respace(steps, skip)
+    x = noise if noise is not None else randn(shape, generator, _device_of(model, device), dtype)
+    for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc="ddim", disable=not progress, leave=False):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        x = ddim_step(spaced, model, x, t, eta, clip_denoised, cond_fn, model_kwargs, generator)["sample"]
+    return x
+
+
+@torch.no_grad()
+def ddim_invert(diffusion, model, x0, steps=50, skip="uniform", model_kwargs=None, progress=False):
+    """Run the eta = 0 update forward in t: x_0 -> x_T, the latent DDIM would decode back to x_0 (D5, §4.3).
+
+    Reversing eq. 12 with sigma = 0 from the level of step i-1 to the level of step i:
+        x_i = sqrt(abar_i) x0_pred + sqrt(1 - abar_i) eps,    x0_pred = (x_{i-1} - sqrt(1 - abar_{i-1}) eps) / sqrt(abar_{i-1})
+    where eps should be eps(x_i, i), which is not known yet; as in the DDIM paper's ODE view we use eps(x_{i-1}, i),
+    an O(step) error that vanishes as the steps shrink. No clipping: inversion must be exactly invertible.
+    """
+    model_kwargs = model_kwargs or {}
+    spaced = diffusion.respace(steps, skip)
+    x = x0
+    for i in tqdm(range(spaced.num_timesteps), desc="ddim-invert", disable=not progress, leave=False):
+        t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
+        eps = spaced.p_mean_variance(model, x, t, False, model_kwargs)["eps"]
+        abar_t = spaced._extract(spaced.alphas_cumprod, t, x)
+        abar_prev = spaced._extract(spaced.alphas_cumprod_prev, t, x)
+        # D5: x0_pred from the current point, which sits at noise level abar_{t-1}  (DDPM eq. 4 solved for x_0)
+        pred_x0 = (x - (1 - abar_prev).sqrt() * eps) / abar_prev.sqrt()
+        # D5: DDIM eq. 12 with sigma = 0, one level up: x_t = sqrt(abar_t) x0_pred + sqrt(1 - abar_t) eps
+        x = abar_t.sqrt() * pred_x0 + (1 - abar_t).sqrt() * eps
+    return x
+
+
+def slerp(z0, z1, alpha):
+    """Spherical interpolation between two latents x_T (D5, DDIM §5.3), per example.
+
+    slerp(z0, z1; a) = sin((1 - a) theta) / sin(theta) z0 + sin(a theta) / sin(theta) z1,
+    theta = arccos( <z0, z1> / (|z0| |z1|) ). Unlike a straight line it keeps the norm a Gaussian latent has.
+    """
+    alpha = torch.as_tensor(alpha, dtype=z0.dtype, device=z0.device).reshape(-1, *([1] * (z0.dim() - 1)))
+    a, b = z0.flatten(1), z1.flatten(1)
+    cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+    theta = torch.arccos(cos.clamp(-1, 1)).reshape(-1, *([1] * (z0.dim() - 1)))
+    sin = torch.sin(theta)
+    # nearly parallel latents: the formula is 0/0, and the straight line is the same path
+    lerp = (1 - alpha) * z0 + alpha * z1
+    safe = sin.abs() > 1e-6
+    sin = torch.where(safe, sin, torch.ones_like(sin))
+    spherical = torch.sin((1 - alpha) * theta) / sin * z0 + torch.sin(alpha * theta) / sin * z1
+    return torch.where(safe, spherical, lerp)
