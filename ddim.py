@@ -75,26 +75,32 @@ def ddim_sample_loop(diffusion, model, shape, steps=50, eta=0.0, skip="uniform",
 
 
 @torch.no_grad()
-def ddim_invert(diffusion, model, x0, steps=50, skip="uniform", model_kwargs=None, progress=False):
+def ddim_invert(diffusion, model, x0, steps=50, skip="uniform", model_kwargs=None, refine=0, progress=False):
     """Run the eta = 0 update forward in t: x_0 -> x_T, the latent DDIM would decode back to x_0 (D5, §4.3).
 
     Reversing eq. 12 with sigma = 0 from the level of step i-1 to the level of step i:
         x_i = sqrt(abar_i) x0_pred + sqrt(1 - abar_i) eps,    x0_pred = (x_{i-1} - sqrt(1 - abar_{i-1}) eps) / sqrt(abar_{i-1})
-    where eps should be eps(x_i, i), which is not known yet; as in the DDIM paper's ODE view we use eps(x_{i-1}, i),
-    an O(step) error that vanishes as the steps shrink. No clipping: inversion must be exactly invertible.
+    where the sampler's step back from x_i used eps(x_i, i), which is not known yet. As in the DDIM paper's ODE view
+    we use eps(x_{i-1}, i): an O(step) error that vanishes as the steps shrink. `refine` > 0 re-evaluates eps at the
+    new estimate of x_i that many times (a fixed-point iteration), which makes the inversion the exact inverse of
+    the sampler's step wherever the iteration converges (for small steps and smooth models). No clipping:
+    inversion must be invertible.
     """
     model_kwargs = model_kwargs or {}
     spaced = diffusion.respace(steps, skip)
     x = x0
     for i in tqdm(range(spaced.num_timesteps), desc="ddim-invert", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        eps = spaced.p_mean_variance(model, x, t, False, model_kwargs)["eps"]
         abar_t = spaced._extract(spaced.alphas_cumprod, t, x)
         abar_prev = spaced._extract(spaced.alphas_cumprod_prev, t, x)
-        # D5: x0_pred from the current point, which sits at noise level abar_{t-1}  (DDPM eq. 4 solved for x_0)
-        pred_x0 = (x - (1 - abar_prev).sqrt() * eps) / abar_prev.sqrt()
-        # D5: DDIM eq. 12 with sigma = 0, one level up: x_t = sqrt(abar_t) x0_pred + sqrt(1 - abar_t) eps
-        x = abar_t.sqrt() * pred_x0 + (1 - abar_t).sqrt() * eps
+        x_next = x
+        for _ in range(1 + refine):
+            eps = spaced.p_mean_variance(model, x_next, t, False, model_kwargs)["eps"]
+            # D5: x0_pred from the current point, which sits at noise level abar_{t-1}  (DDPM eq. 4 solved for x_0)
+            pred_x0 = (x - (1 - abar_prev).sqrt() * eps) / abar_prev.sqrt()
+            # D5: DDIM eq. 12 with sigma = 0, one level up: x_t = sqrt(abar_t) x0_pred + sqrt(1 - abar_t) eps
+            x_next = abar_t.sqrt() * pred_x0 + (1 - abar_t).sqrt() * eps
+        x = x_next
     return x
 
 

@@ -124,8 +124,11 @@ class GaussianDiffusion:
         self.alphas_cumprod = torch.cumprod(self.alphas, dim=0)
         # abar_{t-1}, with the paper's abar_0 = 1 in front
         self.alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), self.alphas_cumprod[:-1]])
+        self.sqrt_alphas, self.sqrt_betas, self.log_betas = self.alphas.sqrt(), betas.sqrt(), betas.log()
         self.sqrt_alphas_cumprod = self.alphas_cumprod.sqrt()
-        self.sqrt_one_minus_alphas_cumprod = (1.0 - self.alphas_cumprod).sqrt()
+        self.one_minus_alphas_cumprod = 1.0 - self.alphas_cumprod
+        self.sqrt_one_minus_alphas_cumprod = self.one_minus_alphas_cumprod.sqrt()
+        self.log_one_minus_alphas_cumprod = self.one_minus_alphas_cumprod.log()
         # 1/sqrt(abar_t) and sqrt(1/abar_t - 1): the coefficients that turn (x_t, eps) into x_0 (see predict_x0_from_eps)
         self.sqrt_recip_alphas_cumprod = (1.0 / self.alphas_cumprod).sqrt()
         self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
@@ -138,11 +141,20 @@ class GaussianDiffusion:
         # DDPM eq. 7: mu~_t = sqrt(abar_{t-1}) beta_t / (1 - abar_t) x_0 + sqrt(alpha_t) (1 - abar_{t-1}) / (1 - abar_t) x_t
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        # R3 (DDPM §3.2) "large" variance sigma_t^2 = beta_t. At the first step DDPM's code uses beta~_2 instead,
+        # for a better decoder likelihood L_0; sampling is unaffected (no noise is added there).
+        self.large_variance = torch.cat([self.posterior_variance[1:2], betas[1:]]) if T > 1 else betas
+        self.large_log_variance = self.large_variance.log()
 
     # -- gathering schedule values ---------------------------------------------------------------------------------
 
     def _on(self, arr, device):
-        """arr (a float64 schedule on the CPU) on `device`, cached so the hot loop never copies it again."""
+        """arr (one of this object's float64 schedules) on `device`, cached so the hot loop never copies it again.
+
+        Only attributes of this object may be passed (the cache is keyed by identity, and they live as long as it).
+        """
+        if device.type == "cpu":
+            return arr
         key = (id(arr), str(device))
         if key not in self._device_cache:
             self._device_cache[key] = arr.to(device)
@@ -163,14 +175,14 @@ class GaussianDiffusion:
         """One forward step, x_t ~ q(x_t | x_{t-1}) (F1)."""
         noise = torch.randn_like(x_prev) if noise is None else noise
         # DDPM eq. 2: q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)
-        return self._extract(self.alphas.sqrt(), t, x_prev) * x_prev + self._extract(self.betas.sqrt(), t, x_prev) * noise
+        return self._extract(self.sqrt_alphas, t, x_prev) * x_prev + self._extract(self.sqrt_betas, t, x_prev) * noise
 
     def q_mean_variance(self, x0, t):
         """Mean, variance and log-variance of q(x_t | x_0) (F2)."""
         # DDPM eq. 4: q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
         mean = self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        variance = self._extract(1.0 - self.alphas_cumprod, t, x0)
-        log_variance = self._extract(torch.log(1.0 - self.alphas_cumprod), t, x0)
+        variance = self._extract(self.one_minus_alphas_cumprod, t, x0)
+        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x0)
         return mean, variance, log_variance
 
     def q_sample(self, x0, t, noise=None):
@@ -216,7 +228,7 @@ class GaussianDiffusion:
             eps, v = model_output[:, :C], model_output[:, C:]
             # the network's v in [-1, 1] is mapped to the interpolation weight in [0, 1]
             frac = (v + 1) / 2
-            log_beta = self._extract(torch.log(self.betas), t, x_t)
+            log_beta = self._extract(self.log_betas, t, x_t)
             log_beta_tilde = self._extract(self.posterior_log_variance_clipped, t, x_t)
             # iDDPM eq. 15: Sigma_theta = exp(v log beta_t + (1 - v) log beta~_t)
             log_variance = frac * log_beta + (1 - frac) * log_beta_tilde
@@ -224,11 +236,9 @@ class GaussianDiffusion:
         else:
             eps = model_output[:, :C]
             if self.var_type == "fixed_large":
-                # R3 (DDPM §3.2): sigma_t^2 = beta_t. At the first step DDPM's code uses beta~_2 instead,
-                # for a better decoder likelihood L_0; sampling is unaffected (no noise is added there).
-                large = torch.cat([self.posterior_variance[1:2], self.betas[1:]]) if self.num_timesteps > 1 else self.betas
-                variance = self._extract(large, t, x_t)
-                log_variance = self._extract(torch.log(large), t, x_t)
+                # R3 (DDPM §3.2): sigma_t^2 = beta_t (with beta~_2 at the first step, see __init__)
+                variance = self._extract(self.large_variance, t, x_t)
+                log_variance = self._extract(self.large_log_variance, t, x_t)
             else:
                 # R3 (DDPM §3.2): sigma_t^2 = beta~_t, the posterior variance
                 variance = self._extract(self.posterior_variance, t, x_t)
