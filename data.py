@@ -1,0 +1,441 @@
+"""
+Datasets and the on-device batch sampler.
+
+Design
+------
+Diffusion training on small images is input-bound long before it is compute-bound: a U-Net on
+32x32 images on one modern GPU eats several thousand images per second, more than a pool of
+DataLoader workers decoding and augmenting on the CPU can feed. So this file does the opposite of
+the usual torch pipeline:
+
+1. Every loader returns the WHOLE dataset as one uint8 tensor ``x`` [N, C, H, W] (contiguous NCHW)
+   and one int64 tensor ``y`` [N] of class labels. uint8 is 4x smaller than float32: all of
+   CIFAR-10 (50,000 x 3 x 32 x 32) is 150 MB, which fits on any GPU.
+2. ``Batches`` moves that uint8 tensor to the device ONCE and from then on draws every batch on the
+   device: a random permutation per epoch (torch.Generator on the device), a gather, a random
+   horizontal flip via ``torch.where`` on a per-sample mask, and the uint8 -> float conversion.
+   Nothing in ``next()`` reads a value back to the host, so the CPU queues batches asynchronously
+   ahead of the GPU just like it queues the model's kernels.
+
+Pixel convention (the one place it is defined; see ``to_float`` / ``to_uint8_images``):
+    float = uint8 / 127.5 - 1          uint8 in {0..255}  ->  float in [-1, 1]
+    uint8 = round((float + 1) * 127.5), clamped to [0, 255]
+The round trip uint8 -> float -> uint8 is exact. The FID reference statistics of this project were
+computed feeding exactly ``x / 127.5 - 1`` to the Inception network, so generated samples should be
+turned into uint8 with ``to_uint8_images`` before any FID computation, as real images are.
+
+Sources (``load_dataset(name, ...)``):
+    cifar10    real CIFAR-10 from .npz shards (offline copy), or torchvision's download
+    folder     any folder of images (class subfolders -> labels), resized + center-cropped
+    synthetic  a tiny deterministic class-dependent dataset for tests and smoke runs
+
+Every problem a user can fix from the command line raises ``DataError`` with a one-line message
+that names the flag and the fix; train.py catches it and exits with status 2.
+"""
+
+import math
+import os
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent
+
+# Places searched, in order, when load_cifar10 gets no data_dir. Module-level so tests can patch it.
+DEFAULT_CIFAR10_DIRS = [REPO / "data" / "cifar10", REPO.parent / "shared" / "data" / "cifar10"]
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
+                   "dog", "frog", "horse", "ship", "truck")  # torchvision's order, labels 0..9
+
+DATASETS = ("cifar10", "folder", "synthetic")
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
+
+_NPZ_HELP = ("pass --data-dir DIR holding train_*.npz/test.npz (or a single .npz with x,y), "
+             "or run online so torchvision can download it")
+
+
+class DataError(ValueError):
+    """A user-facing data problem. The message is one line naming the flag and the fix."""
+
+
+# -----------------------------------------------------------------------------
+# pixel conversions
+
+def to_float(x_uint8):
+    """uint8 [..] in {0..255} -> float32 in [-1, 1]: x / 127.5 - 1 (same device, same layout)."""
+    return x_uint8.float().div_(127.5).sub_(1.0)
+
+
+def to_uint8_images(x):
+    """float [N, C, H, W] in [-1, 1] -> uint8 numpy [N, H, W, C] (round, clamp): what FID tools read.
+
+    Exact inverse of ``to_float`` on uint8 inputs. Values outside [-1, 1] are clamped.
+    """
+    x = x.detach().float()
+    x = ((x + 1.0) * 127.5).round_().clamp_(0, 255).to(torch.uint8)
+    return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def save_grid(x, path, nrow=None):
+    """Write a PNG grid of images x (float [N, C, H, W] in [-1, 1], or uint8) to path, atomically.
+
+    nrow defaults to ceil(sqrt(N)) (a square-ish grid). The file is written to a temporary name in
+    the same directory and then renamed, so a reader never sees a half-written PNG.
+    """
+    import torchvision.utils
+
+    x = x.detach()
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else ((x.float() + 1.0) / 2.0).clamp(0, 1)
+    if nrow is None:
+        nrow = max(1, math.ceil(math.sqrt(x.shape[0])))
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        torchvision.utils.save_image(x.cpu(), tmp, nrow=nrow, format="png")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+# -----------------------------------------------------------------------------
+# CIFAR-10
+
+def _hwc_to_tensors(x, y):
+    """numpy uint8 [N, H, W, C] + integer [N] -> (uint8 tensor [N, C, H, W] contiguous, int64 [N])."""
+    x = torch.from_numpy(np.ascontiguousarray(x)).permute(0, 3, 1, 2).contiguous()
+    y = torch.from_numpy(np.asarray(y, dtype=np.int64).copy())
+    return x, y
+
+
+def _read_npz(path):
+    """Read and validate one CIFAR-style .npz: x uint8 [N, 32, 32, 3] (HWC, RGB), y int [N] in 0..9."""
+    fix = "pass --data-dir with .npz files holding x uint8 [N,32,32,3] (HWC RGB) and y int64 [N]"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f.files or "y" not in f.files:
+                raise DataError(f"--data-dir: {path} has arrays {sorted(f.files)}, not x and y; {fix}")
+            x, y = f["x"], f["y"]
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        raise DataError(f"--data-dir: cannot read {path} as .npz ({type(e).__name__}); {fix}") from None
+    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+        raise DataError(f"--data-dir: {path} has x {x.dtype} {list(x.shape)}, "
+                        f"expected uint8 [N,32,32,3]; {fix}")
+    if not np.issubdtype(y.dtype, np.integer) or y.shape != (x.shape[0],):
+        raise DataError(f"--data-dir: {path} has y {y.dtype} {list(y.shape)}, "
+                        f"expected int64 [{x.shape[0]}]; {fix}")
+    if x.shape[0] == 0:
+        raise DataError(f"--data-dir: {path} holds no images; {fix}")
+    if y.min() < 0 or y.max() >= len(CIFAR10_CLASSES):
+        raise DataError(f"--data-dir: {path} has labels in [{y.min()}, {y.max()}], expected 0..9; {fix}")
+    return x, y
+
+
+def _shard_key(p):
+    """Sort train_2.npz before train_10.npz (numeric order), then by name."""
+    m = re.search(r"(\d+)$", p.stem)
+    return (int(m.group(1)) if m else -1, p.name)
+
+
+def _npz_files(directory, split):
+    """The .npz files of one split in a directory ([] if none): train_*.npz shards, or test.npz."""
+    if split == "train":
+        return sorted(directory.glob("train_*.npz"), key=_shard_key)
+    return [directory / "test.npz"] if (directory / "test.npz").is_file() else []
+
+
+def _load_npz_files(files):
+    xs, ys = zip(*(_read_npz(f) for f in files))
+    x = xs[0] if len(xs) == 1 else np.concatenate(xs)
+    y = ys[0] if len(ys) == 1 else np.concatenate(ys)
+    return _hwc_to_tensors(x, y)
+
+
+def _load_torchvision(root, split, download):
+    import torchvision.datasets
+
+    ds = torchvision.datasets.CIFAR10(root, train=(split == "train"), download=download)
+    return _hwc_to_tensors(ds.data, ds.targets)
+
+
+def load_cifar10(data_dir=None, split="train", download_root="data"):
+    """Load CIFAR-10 -> (x uint8 [N, 3, 32, 32] contiguous NCHW, y int64 [N]).
+
+    Lookup order:
+      1. data_dir if given: a single .npz file (x, y), or a directory with train_*.npz shards (all
+         shards, concatenated in numeric order, for split="train"; any number of them) or test.npz
+         (split="test"), or torchvision's extracted cifar-10-batches-py. Nothing usable -> DataError.
+      2. otherwise the default local places DEFAULT_CIFAR10_DIRS (<repo>/data/cifar10, then
+         <repo>/../shared/data/cifar10), skipping those without files for the split;
+      3. otherwise torchvision.datasets.CIFAR10(download_root, download=True); offline -> DataError.
+    """
+    if split not in ("train", "test"):
+        raise DataError(f"split: got {split!r}, expected 'train' or 'test'")
+
+    if data_dir is not None:
+        path = Path(data_dir).expanduser()
+        if path.is_file():
+            return _load_npz_files([path])
+        if not path.is_dir():
+            raise DataError(f"--data-dir: {path} does not exist; {_NPZ_HELP}")
+        files = _npz_files(path, split)
+        if files:
+            return _load_npz_files(files)
+        for root in (path, path.parent):  # data_dir is torchvision's root, or the extracted folder
+            if (root / "cifar-10-batches-py").is_dir():
+                try:
+                    return _load_torchvision(root, split, download=False)
+                except Exception as e:
+                    msg = " ".join(str(e).split())[:200]  # keep the message on one line
+                    raise DataError(f"--data-dir: cannot read {root / 'cifar-10-batches-py'} "
+                                    f"({type(e).__name__}: {msg}); {_NPZ_HELP}") from None
+        want = "train_*.npz" if split == "train" else "test.npz"
+        raise DataError(f"--data-dir: no {want} in {path}; {_NPZ_HELP}")
+
+    for d in DEFAULT_CIFAR10_DIRS:
+        files = _npz_files(Path(d), split) if Path(d).is_dir() else []
+        if files:
+            return _load_npz_files(files)
+
+    try:
+        return _load_torchvision(download_root, split, download=True)
+    except Exception as e:  # offline: URLError, socket errors, RuntimeError on a corrupt archive...
+        where = ", ".join(str(d) for d in DEFAULT_CIFAR10_DIRS)
+        raise DataError(f"--data-dir: no CIFAR-10 found (looked in {where}; download to "
+                        f"{download_root} failed: {type(e).__name__}); {_NPZ_HELP}") from None
+
+
+# -----------------------------------------------------------------------------
+# image folder
+
+def load_folder(data_dir, image_size):
+    """Load every image under data_dir -> (x uint8 [N, 3, S, S], y int64 [N]), S = image_size.
+
+    Images inside subfolders get the label of their top-level subfolder, classes numbered by
+    sorted subfolder name (like torchvision's ImageFolder; nested folders are searched too).
+    Images lying directly in data_dir get label 0. Each image is converted to RGB, its shorter side
+    resized to image_size (bicubic, antialiased) and center-cropped to image_size x image_size.
+    Everything is decoded up front and held in memory as uint8.
+    """
+    from PIL import Image
+    import torchvision.transforms.functional as TF
+    from torchvision.transforms import InterpolationMode
+
+    fix = "pass --data-dir DIR holding images (optionally in one subfolder per class)"
+    if data_dir is None:
+        raise DataError(f"--data-dir: --dataset folder needs a folder of images; {fix}")
+    root = Path(data_dir).expanduser()
+    if not root.is_dir():
+        raise DataError(f"--data-dir: {root} is not a directory; {fix}")
+
+    def is_image(p):
+        return p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+
+    files = [(p, 0) for p in sorted(root.iterdir()) if is_image(p)]
+    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = [c for c in classes if any(is_image(p) for p in (root / c).rglob("*"))]
+    for label, c in enumerate(classes):
+        files += [(p, label) for p in sorted((root / c).rglob("*")) if is_image(p)]
+    if not files:
+        raise DataError(f"--data-dir: no images ({', '.join(IMAGE_EXTENSIONS)}) in {root}; {fix}")
+
+    x = np.empty((len(files), image_size, image_size, 3), dtype=np.uint8)
+    for i, (p, _) in enumerate(files):
+        try:
+            with Image.open(p) as im:
+                im = im.convert("RGB")
+        except Exception as e:
+            raise DataError(f"--data-dir: cannot read image {p} ({type(e).__name__}); "
+                            f"remove it or {fix}") from None
+        im = TF.resize(im, image_size, interpolation=InterpolationMode.BICUBIC, antialias=True)
+        x[i] = np.asarray(TF.center_crop(im, image_size))
+    return _hwc_to_tensors(x, [label for _, label in files])
+
+
+# -----------------------------------------------------------------------------
+# synthetic
+
+def synthetic_dataset(n=256, image_size=16, channels=3, num_classes=2, seed=0):
+    """A tiny deterministic dataset -> (x uint8 [n, channels, S, S], y int64 [n]).
+
+    Class c (labels cycle 0, 1, ..., num_classes-1) is a smooth colour gradient along the
+    direction at angle 2*pi*c/num_classes over a tint of a class-specific hue, plus a bright Gaussian blob
+    near a class-specific position; each sample jitters the blob, the contrast and the brightness
+    and adds a little pixel noise. Easy for a small model to learn, clearly different per class,
+    and identical for identical arguments on every machine (CPU generator).
+    """
+    g = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % num_classes
+    theta = 2 * math.pi * y.double() / num_classes                      # [n] class angle
+    coords = torch.linspace(-1, 1, image_size, dtype=torch.float64)
+    v, u = torch.meshgrid(coords, coords, indexing="ij")                # v: rows, u: columns
+    cos, sin = theta.cos().view(n, 1, 1, 1), theta.sin().view(n, 1, 1, 1)
+
+    grad = (cos * u + sin * v) / math.sqrt(2)                           # [n,1,S,S] in [-1, 1]
+    hue = torch.arange(channels, dtype=torch.float64) * 2 * math.pi / max(channels, 1)
+    colour = torch.cos(theta.view(n, 1) + hue.view(1, channels)).view(n, channels, 1, 1)
+    contrast = 0.5 + 0.2 * torch.rand(n, 1, 1, 1, generator=g, dtype=torch.float64)
+    img = 0.3 * colour + contrast * colour * grad                       # class tint + gradient
+
+    centre = 0.45 * torch.stack([cos, sin])                             # [2,n,1,1,1]
+    centre = centre + 0.1 * torch.randn(centre.shape, generator=g, dtype=torch.float64)
+    r2 = (u - centre[0]) ** 2 + (v - centre[1]) ** 2
+    img = img + 0.6 * torch.exp(-r2 / (2 * 0.25 ** 2))                  # bright blob, all channels
+
+    img = img + 0.1 * torch.randn(n, 1, 1, 1, generator=g, dtype=torch.float64)  # brightness
+    img = img + 0.03 * torch.randn(img.shape, generator=g, dtype=torch.float64)  # pixel noise
+    x = ((img.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).contiguous()
+    return x, y.long()
+
+
+# -----------------------------------------------------------------------------
+# dispatch
+
+def load_dataset(name, data_dir=None, image_size=32, split="train"):
+    """(x uint8 [N, C, S, S], y int64 [N]) for --dataset name in DATASETS.
+
+    cifar10: see load_cifar10 (image_size must be 32). folder: see load_folder (split is ignored:
+    the folder is the data). synthetic: 256 images of image_size; split="test" draws a different
+    seed, so it is held-out data of the same distribution. Number of classes: int(y.max()) + 1
+    (10 for CIFAR-10).
+    """
+    if name == "cifar10":
+        if image_size != 32:
+            raise DataError(f"--image-size: CIFAR-10 images are 32x32, got {image_size}; pass "
+                            f"--image-size 32 (or use --dataset folder to resize other images)")
+        return load_cifar10(data_dir, split=split)
+    if name == "folder":
+        return load_folder(data_dir, image_size)
+    if name == "synthetic":
+        return synthetic_dataset(image_size=image_size, seed=0 if split == "train" else 1)
+    raise DataError(f"--dataset: unknown dataset {name!r}; pass one of {', '.join(DATASETS)}")
+
+
+# -----------------------------------------------------------------------------
+# the on-device sampler
+
+class Batches:
+    """Infinite iterator of training batches drawn on the device from a device-resident uint8 set.
+
+        batches = Batches(x, y, batch_size=128, device="cuda")
+        xb, yb = next(batches)      # xb float32 [B, C, H, W] in [-1, 1] on device, yb int64 on device
+
+    Order. Training runs in epochs. Epoch e uses a random permutation of the N images drawn on the
+    device by a torch.Generator seeded from (seed, e) alone, and, with flip=True, one random flip
+    bit per position drawn from the same generator. The permutation is cut to a multiple of
+    world_size (at most world_size - 1 random images sit out each epoch) and rank r takes
+    positions r, r + world_size, ...: the ranks' slices are disjoint and cover the epoch. All ranks
+    must pass the same seed. A batch that crosses the end of an epoch takes the rest of this epoch
+    and the start of the next, so batch_size may exceed the epoch and no image is dropped.
+
+    Because epoch e's permutation and flips are a pure function of (seed, e), the whole stream is
+    a pure function of (seed, epoch, pos): ``state_dict()`` is just those numbers (plus N and
+    world_size, checked on load). It is the same on every rank, so a checkpoint written by rank 0
+    resumes every rank exactly, and a resumed run draws exactly the batches an uninterrupted run
+    would have drawn. (The stream differs between CPU and CUDA: their generators differ.)
+
+    Hot path. ``next()`` only slices precomputed device tensors with Python ints, gathers, flips
+    with torch.where and converts to float: no .item(), no host sync, so the CPU can run ahead of
+    the GPU. Once per epoch it draws the next permutation, still without a sync.
+
+    Args:
+        x: uint8 [N, C, H, W] images (any device; copied to `device` once).
+        y: int labels [N] (copied to `device` once as int64).
+        batch_size: images per batch on this rank.
+        device: where the data lives and batches are made ("cuda", "cuda:1", "cpu", ...).
+        seed: data-order seed, identical on all ranks.
+        rank, world_size: this process's slice of every epoch (DDP); defaults: one process.
+        flip: random horizontal flips with probability 1/2 per image.
+        channels_last: return x in torch.channels_last memory format (same shape and values).
+    """
+
+    def __init__(self, x, y, batch_size, device, seed=0, rank=0, world_size=1, flip=True,
+                 channels_last=False):
+        if x.dtype != torch.uint8 or x.ndim != 4:
+            raise ValueError(f"Batches wants x uint8 [N, C, H, W], got {x.dtype} {list(x.shape)}")
+        if y.shape != (x.shape[0],):
+            raise ValueError(f"Batches wants y [{x.shape[0]}], got {list(y.shape)}")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} not in [0, world_size={world_size})")
+        if x.shape[0] < world_size:
+            raise DataError(f"--data-dir: {x.shape[0]} images cannot be split over {world_size} "
+                            f"processes; use a dataset with at least one image per process")
+        if batch_size < 1:
+            raise DataError(f"--batch-size: must be positive, got {batch_size}")
+        self.device = torch.device(device)
+        self.x = x.to(self.device).contiguous()               # the dataset, resident on the device
+        self.y = y.to(self.device, torch.int64)
+        self.n = x.shape[0]
+        self.batch_size = batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.flip, self.channels_last = flip, channels_last
+        self.per_rank = self.n // world_size                  # images per rank per epoch
+        self._gen = torch.Generator(device=self.device)
+        self._start_epoch(0)
+
+    def _start_epoch(self, epoch):
+        """Draw epoch `epoch`'s permutation (and flip bits) and take this rank's slice of them."""
+        self.epoch, self.pos = epoch, 0
+        self._gen.manual_seed((self.seed * 1_000_003 + epoch) % (1 << 63))  # same on all ranks
+        used = self.per_rank * self.world_size
+        perm = torch.randperm(self.n, generator=self._gen, device=self.device)[:used]
+        self._order = perm[self.rank::self.world_size].contiguous()      # [per_rank] image indices
+        if self.flip:
+            bits = torch.rand(used, generator=self._gen, device=self.device) < 0.5
+            self._flips = bits[self.rank::self.world_size].contiguous()  # [per_rank] bool
+
+    def next(self):
+        """The next batch: (x float32 [B, C, H, W] in [-1, 1], y int64 [B]), both on the device."""
+        idx, flips, need = [], [], self.batch_size
+        while need > 0:  # one pass unless the batch crosses an epoch boundary
+            if self.pos == self.per_rank:
+                self._start_epoch(self.epoch + 1)
+            take = min(need, self.per_rank - self.pos)
+            idx.append(self._order[self.pos:self.pos + take])
+            if self.flip:
+                flips.append(self._flips[self.pos:self.pos + take])
+            self.pos += take
+            need -= take
+        idx = idx[0] if len(idx) == 1 else torch.cat(idx)
+
+        xb, yb = self.x[idx], self.y[idx]                    # gather on the device, still uint8
+        if self.flip:
+            mask = (flips[0] if len(flips) == 1 else torch.cat(flips)).view(-1, 1, 1, 1)
+            xb = torch.where(mask, xb.flip(3), xb)            # mirror the width axis where mask
+        if self.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)  # cheap on uint8; float keeps it
+        return to_float(xb), yb
+
+    __next__ = next
+
+    def __iter__(self):
+        return self
+
+    @property
+    def epochs_done(self):
+        """Fractional epochs consumed by this rank (for logging)."""
+        return self.epoch + self.pos / self.per_rank
+
+    def state_dict(self):
+        """Everything needed to continue the exact same stream (plain ints; torch.save-able)."""
+        return {"seed": self.seed, "epoch": self.epoch, "pos": self.pos,
+                "n": self.n, "world_size": self.world_size}
+
+    def load_state_dict(self, state):
+        """Continue from state_dict(): the next batches equal those an uninterrupted run draws."""
+        if state["n"] != self.n or state["world_size"] != self.world_size:
+            raise DataError(f"--resume: the checkpoint's data order is for {state['n']} images on "
+                            f"{state['world_size']} processes, this run has {self.n} on "
+                            f"{self.world_size}; resume with the same data and number of processes")
+        self.seed = int(state["seed"])
+        self._start_epoch(int(state["epoch"]))
+        self.pos = int(state["pos"])
+        if not 0 <= self.pos <= self.per_rank:
+            raise ValueError(f"Batches state has pos {self.pos} outside [0, {self.per_rank}]")
