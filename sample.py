@@ -15,8 +15,8 @@ interpolation and inversion experiments.
 The .npz holds `x`: uint8 [N, H, W, 3], the format FID tools (and evaluate.py) read. Same --seed, same images.
 """
 
-import argparse
 import glob
+from argparse import ArgumentDefaultsHelpFormatter
 import math
 import os
 import sys
@@ -27,14 +27,14 @@ from tqdm.auto import tqdm
 
 import data
 from ddim import ddim_invert, ddim_sample_loop, slerp
-from train import UsageError, autocast, build_diffusion, build_model, find_checkpoint, load_checkpoint, resolve_device
+from train import Parser, UsageError, autocast, build_diffusion, build_model, find_checkpoint, load_checkpoint, resolve_device
 
 SAMPLERS = ("ddpm", "ddim", "langevin", "pc")
 
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Sample from a trained diffusion run.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(description="Sample from a trained diffusion run.",
+                                formatter_class=ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", default=None, help="a ckpt.pt or a run directory (default: runs/cifar10, "
                    "else the most recently written runs/*/ckpt.pt)")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")

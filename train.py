@@ -29,6 +29,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -53,12 +54,19 @@ class UsageError(Exception):
     """A problem the user fixes on the command line: printed as one line, exit code 2, no traceback."""
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag gets one line (the flag and what to do), not the whole usage text."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Command line
 # ----------------------------------------------------------------------------------------------------------------
 
 def build_parser():
-    p = argparse.ArgumentParser(description="Train a DDPM/iDDPM diffusion model or a noisy classifier.",
+    p = Parser(description="Train a DDPM/iDDPM diffusion model or a noisy classifier.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
@@ -206,7 +214,9 @@ def atomic_save(obj, path):
 def load_checkpoint(path):
     """A checkpoint as a dict, loaded with weights_only=True (tensors and plain containers only)."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # a corrupt file makes torch warn before it raises: one line is enough
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
         raise UsageError(f"--checkpoint: {path} does not exist")
     except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
@@ -404,12 +414,12 @@ def train(args):
         return (terms["loss"] * weights).mean(), terms
 
     def save():
-        if not is_main:
-            return
         rng = [rng_state(device)]
         if world_size > 1:  # every rank's random state, so a resumed run draws exactly the same t and noise
             rng = [None] * world_size
-            dist.all_gather_object(rng, rng_state(device))
+            dist.all_gather_object(rng, rng_state(device))  # a collective: every rank takes part
+        if not is_main:
+            return
         atomic_save({"model": model.state_dict(), "ema": ema.module.state_dict(), "ema_updates": ema.updates,
                      "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                      "batches": batches.state_dict(), "step": step, "rng": rng, "config": cfg,
@@ -516,7 +526,7 @@ def train(args):
         raise TrainingDiverged(stop_reason)
     if is_main:
         print(f"done: step {step}, run in {out}")
-    return step
+    return {"step": step, "model": model, "ema": ema.module, "out": out}
 
 
 class TrainingDiverged(Exception):
