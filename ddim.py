@@ -32,10 +32,26 @@ def ddim_sigma(abar_t, abar_prev, eta):
     return eta * ((1 - abar_prev) / (1 - abar_t)).sqrt() * (1 - abar_t / abar_prev).sqrt()
 
 
-def ddim_step(diffusion, model, x_t, t, eta=0.0, clip_denoised=True, cond_fn=None, model_kwargs=None, generator=None):
-    """One DDIM update x_t -> x_{t-1} on `diffusion`'s schedule (D1-D3; G2 when cond_fn is given).
+def q_sigma_mean_variance(diffusion, x0, x_t, t, eta):
+    """The DDIM family's reverse conditional q_sigma(x_{t-1} | x_t, x_0) (D1): mean and variance.
 
-    `diffusion` is usually a respaced one, so "t - 1" is the previous kept step.
+    For every sigma its marginals are DDPM's q(x_t | x_0) (DDIM Lemma 1); eta = 1 gives DDPM's posterior (F3).
+    """
+    abar_t = diffusion._extract(diffusion.alphas_cumprod, t, x_t)
+    abar_prev = diffusion._extract(diffusion.alphas_cumprod_prev, t, x_t)
+    sigma = ddim_sigma(abar_t, abar_prev, eta)
+    # the noise in x_t given x_0: eps_t = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)
+    eps = (x_t - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
+    # DDIM eq. 7: mean = sqrt(abar_{t-1}) x_0 + sqrt(1 - abar_{t-1} - sigma_t^2) eps_t, variance sigma_t^2
+    mean = abar_prev.sqrt() * x0 + (1 - abar_prev - sigma ** 2).sqrt() * eps
+    return mean, sigma ** 2
+
+
+def ddim_step(diffusion, model, x_t, t, eta=0.0, clip_denoised=True, cond_fn=None, model_kwargs=None, generator=None):
+    """One DDIM update x_t -> x_{t-1} on `diffusion`'s schedule (D2-D3; G2 when cond_fn is given).
+
+    This is q_sigma (D1) with the model's x_0 in place of the true one: eq. 12 below is eq. 7 at x0_pred, written
+    with the model's eps. `diffusion` is usually a respaced one, so "t - 1" is the previous kept step.
     """
     model_kwargs = model_kwargs or {}
     out = diffusion.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs)

@@ -295,6 +295,18 @@ class GaussianDiffusion:
         output = torch.where(t == 0, decoder_nll, kl)
         return {"output": output, "pred_x0": out["pred_x0"], "eps": out["eps"]}
 
+    def eps_loss_weight(self, t, x):
+        """The weight of ||eps - eps_theta||^2 in L_{t-1} for a fixed variance sigma_t^2 (L2).
+
+        Substituting DDPM eq. 11 and x_0(x_t, eps) into eq. 8 turns || mu~_t - mu_theta ||^2 / (2 sigma_t^2) into
+        this weight times || eps - eps_theta ||^2. L_simple (eq. 14) drops it: that is the whole difference.
+        """
+        if self.var_type == "learned_range":
+            raise ValueError("var_type: the eps weight of L_{t-1} needs a fixed variance")
+        sigma2 = self.posterior_variance if self.var_type == "fixed_small" else self.betas
+        # DDPM eq. 12: beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t))
+        return self._extract(self.betas ** 2 / (2 * sigma2 * self.alphas * (1 - self.alphas_cumprod)), t, x)
+
     def training_losses(self, model, x0, t=None, noise=None, model_kwargs=None, generator=None):
         """Per-example training losses at x_t = q_sample(x0, t, noise) (Algorithm 1, A1).
 

@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from ddim import ddim_invert, ddim_sample_loop, slerp
+from ddim import ddim_invert, ddim_sample_loop, q_sigma_mean_variance, slerp
 from tests.analytic import GaussianEps, MixtureEps, gaussian_moment_recursion
 from tests.test_ddpm import MU, S, T, assert_moments, diffusion
 
@@ -123,3 +123,20 @@ def test_bad_eta_and_steps():
         ddim_sample_loop(d, model, (2, 2), steps=T + 1)
     with pytest.raises(ValueError, match="skip"):
         ddim_sample_loop(d, model, (2, 2), steps=10, skip="log")
+
+
+@pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
+def test_q_sigma_keeps_the_marginals_and_eta1_is_the_ddpm_posterior(eta):
+    d = diffusion()
+    x0 = torch.full((20000, 4), 0.4, dtype=torch.float64)
+    t = torch.full((20000,), 300)
+    g = torch.Generator().manual_seed(17)
+    xt = d.q_sample(x0, t, torch.randn(x0.shape, generator=g, dtype=torch.float64))
+    mean, var = q_sigma_mean_variance(d, x0, xt, t, eta)
+    x_prev = mean + var.sqrt() * torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    # DDIM Lemma 1: x_{t-1} ~ q(x_{t-1} | x_0) = N(sqrt(abar_{t-1}) x_0, 1 - abar_{t-1}) whatever sigma is
+    ap = d.alphas_cumprod[299].item()
+    assert_moments(x_prev, math.sqrt(ap) * 0.4, 1 - ap)
+    if eta == 1.0:
+        post_mean, post_var, _ = d.q_posterior_mean_variance(x0, xt, t)
+        assert torch.allclose(mean, post_mean, atol=1e-12) and torch.allclose(var, post_var, rtol=1e-10)

@@ -343,3 +343,18 @@ def test_importance_sampler_weights_and_history():
     # unbiased: E_p[w L_t] = mean_t L_t
     assert (p * (1 / (Tn * p)) * L).sum().item() == pytest.approx(L.mean().item())
     assert abs(t.double().mean().item() - (p * torch.arange(Tn)).sum().item()) < 0.5
+
+
+def test_kl_term_is_eps_weight_times_eps_error():
+    """L2: with sigma^2 = beta~ and no clipping, L_{t-1} = beta^2/(2 sigma^2 alpha (1 - abar)) ||eps - eps_theta||^2."""
+    d = diffusion("fixed_small")
+    g = torch.Generator().manual_seed(9)
+    x0 = torch.randn(64, 6, generator=g, dtype=torch.float64)
+    t = torch.randint(1, T, (64,), generator=g)
+    noise = torch.randn(x0.shape, generator=g, dtype=torch.float64)
+    xt = d.q_sample(x0, t, noise)
+    wrong = lambda x, t: noise + 0.3 * torch.sin(x)      # any eps-model
+    kl_bits = d._vb_terms_bpd(wrong, x0, xt, t, clip_denoised=False)["output"]
+    # DDPM eq. 12 weight times the per-dim squared eps error, in bits
+    expected = (d.eps_loss_weight(t, x0) * (noise - wrong(xt, t)) ** 2).mean(1) / math.log(2)
+    assert torch.allclose(kl_bits, expected, rtol=1e-8)
