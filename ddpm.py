@@ -318,7 +318,8 @@ class GaussianDiffusion:
         model_kwargs = model_kwargs or {}
         if t is None:
             # Algorithm 1, line 3: t ~ Uniform({1, ..., T})
-            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=x0.device, generator=generator)
+            device = generator.device if generator is not None else x0.device
+            t = torch.randint(0, self.num_timesteps, (x0.shape[0],), device=device, generator=generator).to(x0.device)
         if noise is None:
             # Algorithm 1, line 4: eps ~ N(0, I)
             noise = randn_like(x0, generator)
