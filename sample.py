@@ -123,6 +123,17 @@ def check_args(args, cfg, T):
         raise UsageError("--langevin-steps/--corrector-steps: must be >= 1; --snr, --delta: must be > 0")
 
 
+class IgnoreLabels(torch.nn.Module):
+    """An unconditional model under classifier guidance: the labels in model_kwargs are the cond_fn's, not its."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x, t, y=None, **kwargs):
+        return self.model(x, t, **kwargs)
+
+
 class Sampler:
     """Everything needed to turn latents into images for one run: the model (maybe wrapped for guidance),
     the diffusion, the sampler's settings and the labels. Used by sample.py and evaluate.py."""
@@ -146,6 +157,8 @@ class Sampler:
         if classifier is not None:
             from guidance import classifier_cond_fn
             self.cond_fn = classifier_cond_fn(classifier, classifier_scale)
+            if not cfg["class_cond"]:
+                self.model = IgnoreLabels(model)  # y is for the classifier only
 
     def labels(self, n, generator):
         """The class of each image: --class, or uniform labels sorted so the grid is laid out by class."""

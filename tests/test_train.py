@@ -203,3 +203,30 @@ def test_ddp_two_processes_hold_identical_weights(tmp_path):
     init = train.build_model(torch.load(os.path.join(out, "ckpt.pt"), weights_only=True)["config"], 2).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert any(not torch.equal(a[k], init[k]) for k in a), "the weights moved"
+
+
+def test_classifier_task_and_guided_sampling(tiny_run, tmp_path, capsys):
+    clf = str(tmp_path / "clf")
+    train.main(TINY + ["--task", "classifier", "--steps", "40", "--lr", "1e-3", "--eval-every", "40", "--out", clf])
+    last = metrics(clf)[-1]
+    # the two synthetic classes are easy at t = 0; accuracy is logged at T/4-spaced noise levels
+    assert last["acc_t0"] > 0.9 and {"acc_t25", "acc_t50", "acc_t75"} <= set(last), last
+    out = str(tmp_path / "guided")
+    for sampler in ("ddim", "ddpm"):
+        sample.main(["--checkpoint", tiny_run, "--classifier", clf, "--classifier-scale", "2", "--class", "1",
+                     "--sampler", sampler, "--steps", "5", "--n", "4", "--out", out])
+        assert (np.load(out + ".npz")["y"] == 1).all()
+    sample.main(["--checkpoint", tiny_run, "--classifier", clf, "--steps", "5", "--n", "6", "--out", out])
+    y = np.load(out + ".npz")["y"]
+    assert (np.diff(y) >= 0).all(), "without --class the grid is laid out by class"
+    one_line_exit_2(sample.main, ["--checkpoint", tiny_run, "--classifier", clf, "--classifier-scale", "-1"],
+                    capsys, "--classifier-scale")
+    one_line_exit_2(sample.main, ["--checkpoint", clf], capsys, "--checkpoint")
+
+
+def test_classifier_free_guidance_from_the_command_line(tmp_path):
+    run = str(tmp_path / "cond")
+    train.main(TINY + ["--class-cond", "--p-uncond", "0.2", "--steps", "10", "--out", run])
+    out = str(tmp_path / "cfg")
+    sample.main(["--checkpoint", run, "--cfg-scale", "3", "--class", "0", "--steps", "5", "--n", "4", "--out", out])
+    assert (np.load(out + ".npz")["y"] == 0).all()
