@@ -113,7 +113,9 @@ def build_parser():
     g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--log-every", type=int, default=100, help="read the loss from the device every K steps")
-    g.add_argument("--save-every", type=int, default=5000)
+    g.add_argument("--save-every", type=int, default=5000, help="checkpoint every N steps ...")
+    g.add_argument("--save-minutes", type=float, default=10.0, help="... and at the first log step after this many "
+                   "minutes without one (so slow CPU runs checkpoint too; 0: off)")
     g.add_argument("--sample-every", type=int, default=10000, help="EMA sample grid every M steps (0: off)")
     g.add_argument("--n-sample", type=int, default=64, help="images in the sample grid")
     g.add_argument("--eval-every", type=int, default=5000, help="classifier: test accuracy every K steps")
@@ -144,8 +146,8 @@ def check_args(args, world_size):
         raise UsageError(f"--ema: must be in [0, 1), got {args.ema}")
     if args.lr <= 0:
         raise UsageError(f"--lr: must be > 0, got {args.lr}")
-    if args.warmup < 0 or args.sample_every < 0 or args.grad_clip < 0 or args.max_minutes < 0:
-        raise UsageError("--warmup, --sample-every, --grad-clip and --max-minutes must be >= 0")
+    if min(args.warmup, args.sample_every, args.grad_clip, args.max_minutes, args.save_minutes) < 0:
+        raise UsageError("--warmup, --sample-every, --grad-clip, --max-minutes and --save-minutes must be >= 0")
     mult = parse_ints(args.ch_mult, "--ch-mult")
     if not mult or min(mult) < 1:
         raise UsageError(f"--ch-mult: expected positive integers like 1,2,2,2, got {args.ch_mult!r}")
@@ -459,6 +461,7 @@ def train(args):
     model.train()
     loss_sum = torch.zeros((), device=device)
     n_since, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
+    t_saved = t_start
     metrics = open(os.path.join(out, "metrics.jsonl"), "a") if is_main else None
     bar = tqdm(total=args.steps, initial=step, disable=not is_main or args.no_progress, dynamic_ncols=True)
     stop_reason = None
@@ -478,8 +481,17 @@ def train(args):
         n_since += 1
 
         last = step == args.steps
-        over_time = args.max_minutes > 0 and time.perf_counter() - t_start > 60 * args.max_minutes
-        if step % args.log_every == 0 or step % args.save_every == 0 or last or over_time:
+        save_now = step % args.save_every == 0 or last
+        over_time = False
+        if step % args.log_every == 0:
+            # wall-clock decisions, made on rank 0 at log steps and shared, so every rank agrees
+            now = time.perf_counter()
+            flags = torch.tensor([args.max_minutes > 0 and now - t_start > 60 * args.max_minutes,
+                                  args.save_minutes > 0 and now - t_saved > 60 * args.save_minutes], device=device)
+            if world_size > 1:
+                dist.broadcast(flags, 0)
+            over_time, save_now = bool(flags[0]), save_now or bool(flags[1]) or bool(flags[0])
+        if step % args.log_every == 0 or save_now:
             # the one host sync: every --log-every steps (and before every save)
             if world_size > 1:
                 dist.all_reduce(loss_sum)
@@ -504,8 +516,9 @@ def train(args):
                 bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s:.0f}")
             loss_sum.zero_()
             n_since, t_log = 0, time.perf_counter()
-        if step % args.save_every == 0 or last or over_time:
+        if save_now:
             save()
+            t_saved = time.perf_counter()
             if world_size > 1:
                 dist.barrier()
         if args.sample_every and (step % args.sample_every == 0 or last or over_time):
