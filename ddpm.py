@@ -446,7 +446,7 @@ class ImportanceSampler:
         rank = torch.arange(len(t), device=t.device) - first
         slot = (self.counts[t_sorted] + rank) % self.K
         self.losses[t_sorted, slot] = losses[order]
-        self.counts += torch.bincount(t, minlength=self.T)
+        self.counts.index_add_(0, t, torch.ones_like(t))  # (not bincount: on CUDA it reads the max back to the host)
 
     def state_dict(self):
         return {"losses": self.losses.cpu(), "counts": self.counts.cpu()}

@@ -260,7 +260,17 @@ def make_ema(model, decay):
 
 
 def ema_update(ema, model):
-    ema.update_parameters(model)
+    """AveragedModel.update_parameters without its per-call n_averaged.to(device), a blocking copy that would be
+    one host sync per step: the same update, with the counter kept on the host."""
+    current = [p.detach() for p in model.parameters()]
+    averaged = [p.detach() for p in ema.module.parameters()]
+    if ema.n_averaged == 0:  # a CPU tensor: no device sync
+        torch._foreach_copy_(averaged, current)
+    else:
+        ema.multi_avg_fn(averaged, current, None)
+    for b_ema, b in zip(ema.module.buffers(), model.buffers()):
+        b_ema.detach().copy_(b.detach())
+    ema.n_averaged += 1
     ema.updates += 1
 
 
