@@ -50,6 +50,7 @@ def build_parser():
     p.add_argument("--delta", type=float, default=None, help="langevin: step size at the smallest noise level")
     p.add_argument("--corrector-steps", type=int, default=1, help="pc: Langevin corrector steps per level")
     p.add_argument("--snr", type=float, default=0.16, help="pc: signal-to-noise ratio of the corrector step")
+    p.add_argument("--predictor", default="ddpm", choices=("ddpm", "ddim"), help="pc: the predictor step (ddim uses --eta)")
     p.add_argument("--n", type=int, default=64, help="number of images")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)
@@ -140,7 +141,7 @@ class Sampler:
 
     def __init__(self, model, cfg, device, sampler="ddim", steps=None, eta=0.0, skip="uniform", var=None,
                  clip=True, precision="auto", classifier=None, classifier_scale=1.0, cfg_scale=None, label=None,
-                 langevin_steps=2, delta=None, corrector_steps=1, snr=0.16, progress=False):
+                 langevin_steps=2, delta=None, corrector_steps=1, snr=0.16, predictor="ddpm", progress=False):
         self.cfg, self.device, self.sampler, self.eta, self.skip, self.clip = cfg, device, sampler, eta, skip, clip
         var_type = {"large": "fixed_large", "small": "fixed_small", None: None}[var]
         self.diffusion = build_diffusion(cfg, var_type)
@@ -148,7 +149,8 @@ class Sampler:
         self.steps = steps or {"ddim": min(50, T), "ddpm": T}.get(sampler, min(100, T))
         self.amp = autocast(torch.device(device), precision)
         self.num_classes, self.label, self.progress = cfg["num_classes"], label, progress
-        self.langevin = dict(langevin_steps=langevin_steps, delta=delta, corrector_steps=corrector_steps, snr=snr)
+        self.langevin = dict(langevin_steps=langevin_steps, delta=delta, corrector_steps=corrector_steps, snr=snr,
+                             predictor=predictor)
         self.model, self.cond_fn = model, None
         self.conditional = cfg["class_cond"] or classifier is not None
         if cfg_scale is not None:
@@ -181,13 +183,15 @@ class Sampler:
                 d = self.diffusion if self.steps == self.diffusion.num_timesteps else self.diffusion.respace(self.steps, self.skip)
                 return d.p_sample_loop(self.model, x_T.shape, clip_denoised=self.clip, **common).float()
             import score
+            lv = self.langevin
             if self.sampler == "langevin":
-                kw = {k: v for k, v in self.langevin.items() if k in ("langevin_steps", "delta") and v is not None}
+                delta = {} if lv["delta"] is None else {"delta": lv["delta"]}
                 return score.langevin_sample_loop(self.diffusion, self.model, x_T.shape, steps=self.steps,
-                                                  clip_denoised=self.clip, **kw, **common).float()
+                                                  langevin_steps=lv["langevin_steps"], skip=self.skip,
+                                                  clip_denoised=self.clip, **delta, **common).float()
             return score.pc_sample_loop(self.diffusion, self.model, x_T.shape, steps=self.steps,
-                                        corrector_steps=self.langevin["corrector_steps"], snr=self.langevin["snr"],
-                                        clip_denoised=self.clip, **common).float()
+                                        corrector_steps=lv["corrector_steps"], snr=lv["snr"], predictor=lv["predictor"],
+                                        eta=self.eta, skip=self.skip, clip_denoised=self.clip, **common).float()
 
     def shape(self, n):
         return (n, self.cfg.get("channels", 3), self.cfg["image_size"], self.cfg["image_size"])
@@ -265,7 +269,7 @@ def main(argv=None):
             raise UsageError("--interpolate/--invert: these are DDIM experiments; use --sampler ddim")
         s = Sampler(model, cfg, device, args.sampler, args.steps, args.eta, args.skip, args.var, not args.no_clip,
                     args.precision, classifier, args.classifier_scale, args.cfg_scale, args.label,
-                    args.langevin_steps, args.delta, args.corrector_steps, args.snr, args.progress)
+                    args.langevin_steps, args.delta, args.corrector_steps, args.snr, args.predictor, args.progress)
         run_dir = os.path.dirname(find_checkpoint(run))
         if args.interpolate:
             images, nrow = interpolate(s, args.seed)

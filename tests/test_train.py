@@ -165,7 +165,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_sample_end_to_end_and_seeded(tiny_run, tmp_path):
-    for sampler, steps in [("ddim", "10"), ("ddpm", "20")]:
+    for sampler, steps in [("ddim", "10"), ("ddpm", "20"), ("langevin", "5"), ("pc", "5")]:
         a, b = str(tmp_path / f"{sampler}_a"), str(tmp_path / f"{sampler}_b")
         sample.main(["--checkpoint", tiny_run, "--sampler", sampler, "--steps", steps, "--n", "6", "--batch-size", "4",
                      "--out", a, "--device", "cpu"])
