@@ -104,7 +104,8 @@ def build_parser():
     g.add_argument("--weight-decay", type=float, default=0.0)
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
     g.add_argument("--ema", type=float, default=0.9999, help="EMA decay, warmed up as min(decay, (1+n)/(10+n))")
-    g.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after this wall-clock time (0: off)")
+    g.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after this wall-clock time (0: off; "
+                   "checked at log steps under torchrun)")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=None, help="run directory (default runs/<dataset>, runs/<dataset>-classifier)")
     g.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
@@ -114,8 +115,8 @@ def build_parser():
     g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, fp32 on CPU")
     g.add_argument("--log-every", type=int, default=100, help="read the loss from the device every K steps")
     g.add_argument("--save-every", type=int, default=5000, help="checkpoint every N steps ...")
-    g.add_argument("--save-minutes", type=float, default=10.0, help="... and at the first log step after this many "
-                   "minutes without one (so slow CPU runs checkpoint too; 0: off)")
+    g.add_argument("--save-minutes", type=float, default=10.0, help="... and after this many minutes without one "
+                   "(so slow CPU runs checkpoint too; checked at log steps under torchrun; 0: off)")
     g.add_argument("--sample-every", type=int, default=10000, help="EMA sample grid every M steps (0: off)")
     g.add_argument("--n-sample", type=int, default=64, help="images in the sample grid")
     g.add_argument("--eval-every", type=int, default=5000, help="classifier: test accuracy every K steps")
@@ -493,13 +494,16 @@ def train(args):
         last = step == args.steps
         save_now = step % args.save_every == 0 or last
         over_time = False
-        if step % args.log_every == 0:
-            # wall-clock decisions, made on rank 0 at log steps and shared, so every rank agrees
+        if world_size == 1 or step % args.log_every == 0:
+            # wall-clock decisions: every step in one process (no sync: host clock only); with several processes
+            # made on rank 0 at log steps and broadcast, so every rank agrees
             now = time.perf_counter()
             flags = torch.tensor([args.max_minutes > 0 and now - t_start > 60 * args.max_minutes,
-                                  args.save_minutes > 0 and now - t_saved > 60 * args.save_minutes], device=device)
+                                  args.save_minutes > 0 and now - t_saved > 60 * args.save_minutes],
+                                 device=device if world_size > 1 else "cpu")
             if world_size > 1:
                 dist.broadcast(flags, 0)
+                flags = flags.cpu()
             over_time, save_now = bool(flags[0]), save_now or bool(flags[1]) or bool(flags[0])
         if step % args.log_every == 0 or save_now:
             # the one host sync: every --log-every steps (and before every save)

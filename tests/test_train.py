@@ -230,3 +230,20 @@ def test_classifier_free_guidance_from_the_command_line(tmp_path):
     out = str(tmp_path / "cfg")
     sample.main(["--checkpoint", run, "--cfg-scale", "3", "--class", "0", "--steps", "5", "--n", "4", "--out", out])
     assert (np.load(out + ".npz")["y"] == 0).all()
+
+
+def test_save_minutes_checkpoints_a_slow_run(tmp_path, monkeypatch):
+    out = str(tmp_path / "slow")
+    clock = {"t": 0.0}
+
+    def fake_clock():  # every call advances 20 s: the run looks slow
+        clock["t"] += 20.0
+        return clock["t"]
+    saved_steps = []
+    real_save = train.atomic_save
+    monkeypatch.setattr(train.time, "perf_counter", fake_clock)
+    monkeypatch.setattr(train, "atomic_save", lambda obj, path: (saved_steps.append(obj["step"]), real_save(obj, path)))
+    train.main(TINY + ["--steps", "6", "--save-every", "1000", "--log-every", "1000", "--save-minutes", "1",
+                       "--out", out])
+    # no --save-every or --log-every step comes before step 6, yet the clock checkpointed the run on the way
+    assert saved_steps[-1] == 6 and len(saved_steps) >= 2 and saved_steps[0] < 6, saved_steps
