@@ -386,7 +386,7 @@ def generate_samples(args, device):
         raise EvalError(f"--n: got {args.n}, expected >= 1")
     model, cfg, step = sample.load_run(args.checkpoint, use_ema=not args.no_ema, device=device)
     sample.check_args(argparse.Namespace(steps=args.steps, eta=args.eta, n=args.n, batch_size=args.sample_batch_size,
-                                         var=args.var, label=None, classifier_scale=0.0, cfg_scale=args.cfg_scale,
+                                         var=args.var, label=None, classifier_scale=None, cfg_scale=args.cfg_scale,
                                          classifier=None, sampler=args.sampler, langevin_steps=1, corrector_steps=1,
                                          snr=1.0, delta=None), cfg, cfg["diffusion_steps"])
     s = sample.Sampler(model, cfg, device, args.sampler, args.steps, args.eta, args.skip, args.var,

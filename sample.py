@@ -62,7 +62,8 @@ def build_parser():
     p.add_argument("--class", dest="label", type=int, default=None, help="class to sample (class-conditional "
                    "model or classifier guidance); omitted: a label per image")
     p.add_argument("--classifier", default=None, help="noisy classifier run or ckpt.pt for classifier guidance")
-    p.add_argument("--classifier-scale", type=float, default=1.0, help="s in s * grad log p(y | x_t)")
+    p.add_argument("--classifier-scale", type=float, default=None, help="s in s * grad log p(y | x_t) (default 1 "
+                   "with --classifier)")
     p.add_argument("--cfg-scale", type=float, default=None, help="w of classifier-free guidance (class-conditional run)")
     p.add_argument("--progress", action="store_true", help="progress bar for every sampling loop")
     return p
@@ -108,8 +109,12 @@ def check_args(args, cfg, T):
         raise UsageError("--var: this run learned its variance (--loss hybrid/kl); drop --var")
     if args.label is not None and not 0 <= args.label < cfg["num_classes"]:
         raise UsageError(f"--class: must be in 0..{cfg['num_classes'] - 1}, got {args.label}")
-    if args.classifier_scale < 0:
-        raise UsageError(f"--classifier-scale: must be >= 0, got {args.classifier_scale}")
+    if args.classifier_scale is not None:
+        if args.classifier is None:
+            raise UsageError("--classifier-scale: classifier guidance needs --classifier RUN (a run trained with "
+                             "--task classifier)")
+        if args.classifier_scale < 0:
+            raise UsageError(f"--classifier-scale: must be >= 0, got {args.classifier_scale}")
     if args.cfg_scale is not None:
         if args.cfg_scale < 0:
             raise UsageError(f"--cfg-scale: must be >= 0, got {args.cfg_scale}")
@@ -268,7 +273,8 @@ def main(argv=None):
         if args.sampler != "ddim" and (args.interpolate or args.invert):
             raise UsageError("--interpolate/--invert: these are DDIM experiments; use --sampler ddim")
         s = Sampler(model, cfg, device, args.sampler, args.steps, args.eta, args.skip, args.var, not args.no_clip,
-                    args.precision, classifier, args.classifier_scale, args.cfg_scale, args.label,
+                    args.precision, classifier, 1.0 if args.classifier_scale is None else args.classifier_scale,
+                    args.cfg_scale, args.label,
                     args.langevin_steps, args.delta, args.corrector_steps, args.snr, args.predictor, args.progress)
         run_dir = os.path.dirname(find_checkpoint(run))
         if args.interpolate:

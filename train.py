@@ -522,7 +522,11 @@ def train(args):
             if device.type == "cuda":
                 record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
             if args.task == "classifier" and (step % args.eval_every == 0 or last or over_time):
-                record.update(evaluate_classifier())
+                accuracy = evaluate_classifier()
+                record.update(accuracy)
+                if is_main:
+                    tqdm.write(f"step {step}: test accuracy at noise level " +
+                               ", ".join(f"t={k[5:]}: {v:.3f}" for k, v in accuracy.items()))
                 model.train()
             if is_main:
                 metrics.write(json.dumps(record) + "\n")

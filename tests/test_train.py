@@ -186,6 +186,7 @@ def test_sample_bad_input_exits_2(tiny_run, tmp_path, capsys):
                         (["--checkpoint", str(bad)], "--checkpoint"),
                         (["--checkpoint", str(tmp_path / "missing")], "--checkpoint"),
                         (["--cfg-scale", "2"], "--cfg-scale"), (["--class", "1"], "--class"),
+                        (["--classifier-scale", "3"], "--classifier-scale"),
                         (["--sampler", "euler"], "--sampler")]:
         args = ["--checkpoint", tiny_run, "--n", "2", "--out", str(tmp_path / "s")] + extra
         one_line_exit_2(sample.main, args, capsys, flag)
@@ -208,6 +209,7 @@ def test_ddp_two_processes_hold_identical_weights(tmp_path):
 def test_classifier_task_and_guided_sampling(tiny_run, tmp_path, capsys):
     clf = str(tmp_path / "clf")
     train.main(TINY + ["--task", "classifier", "--steps", "40", "--lr", "1e-3", "--eval-every", "40", "--out", clf])
+    assert "test accuracy at noise level t=0:" in capsys.readouterr().out
     last = metrics(clf)[-1]
     # the two synthetic classes are easy at t = 0; accuracy is logged at T/4-spaced noise levels
     assert last["acc_t0"] > 0.9 and {"acc_t25", "acc_t50", "acc_t75"} <= set(last), last
