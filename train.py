@@ -40,6 +40,7 @@ from tqdm.auto import tqdm
 import data
 from ddim import ddim_sample_loop
 from ddpm import GaussianDiffusion, ImportanceSampler
+from guidance import classifier_accuracy_at, noisy_classifier_loss
 from schedules import SCHEDULES, get_named_beta_schedule
 from unet import EncoderUNet, UNet
 
@@ -409,7 +410,6 @@ def train(args):
     def loss_fn(x0, y):
         """One minibatch's loss (a 0-dim tensor) and the per-example terms for logging."""
         if args.task == "classifier":
-            from guidance import noisy_classifier_loss
             terms = noisy_classifier_loss(diffusion, net, x0, y)
             return terms["loss"].mean(), terms
         kwargs = {}
@@ -453,7 +453,6 @@ def train(args):
     def evaluate_classifier():
         if not is_main or args.task != "classifier":
             return {}
-        from guidance import classifier_accuracy_at
         xt, yt = test_set
         ema.module.eval()
         with amp:
