@@ -81,14 +81,14 @@ def default_checkpoint():
 
 
 def load_run(path, use_ema=True, device="cpu", task="diffusion"):
-    """(model in eval mode on device, its config) from a checkpoint file or run directory."""
-    ckpt_path = find_checkpoint(path)
-    ckpt = load_checkpoint(ckpt_path)
+    """(model in eval mode on device, its config, its step) from a checkpoint file or run directory."""
+    flag = "--classifier" if task == "classifier" else "--checkpoint"
+    ckpt_path = find_checkpoint(path, flag)
+    ckpt = load_checkpoint(ckpt_path, flag)
     cfg = ckpt.get("config")
     if not isinstance(cfg, dict) or "ema" not in ckpt:
-        raise UsageError(f"--checkpoint: {ckpt_path} is not a checkpoint written by train.py")
+        raise UsageError(f"{flag}: {ckpt_path} is not a checkpoint written by train.py")
     if cfg.get("task", "diffusion") != task:
-        flag = "--classifier" if task == "classifier" else "--checkpoint"
         raise UsageError(f"{flag}: {ckpt_path} holds a {cfg.get('task')} run, not a {task}")
     model = build_model(cfg, cfg["num_classes"])
     model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
@@ -277,6 +277,11 @@ def main(argv=None):
                     args.cfg_scale, args.label,
                     args.langevin_steps, args.delta, args.corrector_steps, args.snr, args.predictor, args.progress)
         run_dir = os.path.dirname(find_checkpoint(run))
+        if args.out is not None:  # fail before sampling, not after
+            try:
+                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            except OSError as e:
+                raise UsageError(f"--out: cannot create the folder of {args.out} ({e.strerror}); choose a writable path") from None
         if args.interpolate:
             images, nrow = interpolate(s, args.seed)
             labels, name = None, "interpolate"
@@ -287,7 +292,10 @@ def main(argv=None):
             images, labels = s.generate(args.n, args.batch_size, args.seed)
             nrow, name = None, f"samples_{args.sampler}{s.steps}"
         out = args.out or os.path.join(run_dir, name)
-        save_outputs(images, labels, out, nrow)
+        try:
+            save_outputs(images, labels, out, nrow)
+        except OSError as e:
+            raise UsageError(f"--out: cannot write {out}.png/.npz ({e.strerror}); choose a writable path") from None
         print(f"{len(images)} images from step {step} of {run_dir} ({args.sampler}, {s.steps} steps) -> {out}.png, {out}.npz")
     except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)

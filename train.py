@@ -215,26 +215,26 @@ def atomic_save(obj, path):
     os.replace(tmp, path)
 
 
-def load_checkpoint(path):
+def load_checkpoint(path, flag="--checkpoint"):
     """A checkpoint as a dict, loaded with weights_only=True (tensors and plain containers only)."""
     try:
         with warnings.catch_warnings():  # a corrupt file makes torch warn before it raises: one line is enough
             warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except FileNotFoundError:
-        raise UsageError(f"--checkpoint: {path} does not exist")
+        raise UsageError(f"{flag}: {path} does not exist")
     except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
-        raise UsageError(f"--checkpoint: {path} is not a readable checkpoint ({type(e).__name__}); "
+        raise UsageError(f"{flag}: {path} is not a readable checkpoint ({type(e).__name__}); "
                          "pick another file or run directory") from None
 
 
-def find_checkpoint(path):
-    """A checkpoint file from a file or run-directory path."""
+def find_checkpoint(path, flag="--checkpoint"):
+    """A checkpoint file from a file or run-directory path (`flag` names the option it came from, for errors)."""
     if os.path.isdir(path):
         path = os.path.join(path, CHECKPOINT)
     if not os.path.isfile(path):
-        raise UsageError(f"--checkpoint: no checkpoint at {path}; train one with `python train.py` or pass "
-                         "--checkpoint PATH (a ckpt.pt or a run directory)")
+        raise UsageError(f"{flag}: no checkpoint at {path}; train one with `python train.py` or pass "
+                         f"{flag} PATH (a ckpt.pt or a run directory)")
     return path
 
 

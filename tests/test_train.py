@@ -187,6 +187,8 @@ def test_sample_bad_input_exits_2(tiny_run, tmp_path, capsys):
                         (["--checkpoint", str(tmp_path / "missing")], "--checkpoint"),
                         (["--cfg-scale", "2"], "--cfg-scale"), (["--class", "1"], "--class"),
                         (["--classifier-scale", "3"], "--classifier-scale"),
+                        (["--classifier", str(tmp_path / "no-clf")], "--classifier"),
+                        (["--out", "/proc/forbidden/samples"], "--out"),
                         (["--sampler", "euler"], "--sampler")]:
         args = ["--checkpoint", tiny_run, "--n", "2", "--out", str(tmp_path / "s")] + extra
         one_line_exit_2(sample.main, args, capsys, flag)
