@@ -24,7 +24,7 @@ The samplers take an optional cond_fn (classifier guidance, G2) and never import
 import torch
 from tqdm.auto import tqdm
 
-from ddpm import _device_of, randn, randn_like
+from ddpm import device_of, randn, randn_like
 
 
 def ddim_sigma(abar_t, abar_prev, eta):
@@ -37,8 +37,8 @@ def q_sigma_mean_variance(diffusion, x0, x_t, t, eta):
 
     For every sigma its marginals are DDPM's q(x_t | x_0) (DDIM Lemma 1); eta = 1 gives DDPM's posterior (F3).
     """
-    abar_t = diffusion._extract(diffusion.alphas_cumprod, t, x_t)
-    abar_prev = diffusion._extract(diffusion.alphas_cumprod_prev, t, x_t)
+    abar_t = diffusion.extract(diffusion.alphas_cumprod, t, x_t)
+    abar_prev = diffusion.extract(diffusion.alphas_cumprod_prev, t, x_t)
     sigma = ddim_sigma(abar_t, abar_prev, eta)
     # the noise in x_t given x_0: eps_t = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)
     eps = (x_t - abar_t.sqrt() * x0) / (1 - abar_t).sqrt()
@@ -56,7 +56,7 @@ def ddim_step(diffusion, model, x_t, t, eta=0.0, clip_denoised=True, cond_fn=Non
     model_kwargs = model_kwargs or {}
     out = diffusion.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs)
     eps, pred_x0 = out["eps"], out["pred_x0"]
-    abar_t = diffusion._extract(diffusion.alphas_cumprod, t, x_t)
+    abar_t = diffusion.extract(diffusion.alphas_cumprod, t, x_t)
     if cond_fn is not None:
         # G2 (ADM Algorithm 2): eps^ = eps_theta - sqrt(1 - abar_t) s grad_{x_t} log p_phi(y | x_t)
         eps = eps - (1 - abar_t).sqrt() * cond_fn(x_t, diffusion.original_t(t), **model_kwargs).to(x_t.dtype)
@@ -65,7 +65,7 @@ def ddim_step(diffusion, model, x_t, t, eta=0.0, clip_denoised=True, cond_fn=Non
     if clip_denoised:
         # keep x_{t-1} on the line through the (clipped) x_0: eps is re-derived from it (DDPM eq. 4)
         eps = diffusion.predict_eps_from_x0(x_t, t, pred_x0)
-    abar_prev = diffusion._extract(diffusion.alphas_cumprod_prev, t, x_t)
+    abar_prev = diffusion.extract(diffusion.alphas_cumprod_prev, t, x_t)
     sigma = ddim_sigma(abar_t, abar_prev, eta)
     # DDIM eq. 12 (D2): x_{t-1} = sqrt(abar_{t-1}) x0_pred + sqrt(1 - abar_{t-1} - sigma_t^2) eps_theta + sigma_t z
     x_prev = abar_prev.sqrt() * pred_x0 + (1 - abar_prev - sigma ** 2).sqrt() * eps
@@ -83,7 +83,7 @@ def ddim_sample_loop(diffusion, model, shape, steps=50, eta=0.0, skip="uniform",
         raise ValueError(f"eta: must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
     # D4: the sub-sequence tau, as a diffusion of its own (betas re-derived from the kept abar)
     spaced = diffusion.respace(steps, skip)
-    x = noise if noise is not None else randn(shape, generator, _device_of(model, device), dtype)
+    x = noise if noise is not None else randn(shape, generator, device_of(model, device), dtype)
     for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc="ddim", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         x = ddim_step(spaced, model, x, t, eta, clip_denoised, cond_fn, model_kwargs, generator)["sample"]
@@ -107,8 +107,8 @@ def ddim_invert(diffusion, model, x0, steps=50, skip="uniform", model_kwargs=Non
     x = x0
     for i in tqdm(range(spaced.num_timesteps), desc="ddim-invert", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
-        abar_t = spaced._extract(spaced.alphas_cumprod, t, x)
-        abar_prev = spaced._extract(spaced.alphas_cumprod_prev, t, x)
+        abar_t = spaced.extract(spaced.alphas_cumprod, t, x)
+        abar_prev = spaced.extract(spaced.alphas_cumprod_prev, t, x)
         x_next = x
         for _ in range(1 + refine):
             eps = spaced.p_mean_variance(model, x_next, t, False, model_kwargs)["eps"]

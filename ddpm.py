@@ -160,7 +160,7 @@ class GaussianDiffusion:
             self._device_cache[key] = arr.to(device)
         return self._device_cache[key]
 
-    def _extract(self, arr, t, x):
+    def extract(self, arr, t, x):
         """arr[t] for a batch of code indices t, cast to x's dtype and shaped to broadcast against x."""
         out = self._on(arr, t.device)[t].to(x.dtype)
         return out.reshape(t.shape[0], *([1] * (x.dim() - 1)))
@@ -175,41 +175,41 @@ class GaussianDiffusion:
         """One forward step, x_t ~ q(x_t | x_{t-1}) (F1)."""
         noise = torch.randn_like(x_prev) if noise is None else noise
         # DDPM eq. 2: q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)
-        return self._extract(self.sqrt_alphas, t, x_prev) * x_prev + self._extract(self.sqrt_betas, t, x_prev) * noise
+        return self.extract(self.sqrt_alphas, t, x_prev) * x_prev + self.extract(self.sqrt_betas, t, x_prev) * noise
 
     def q_mean_variance(self, x0, t):
         """Mean, variance and log-variance of q(x_t | x_0) (F2)."""
         # DDPM eq. 4: q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
-        mean = self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
-        variance = self._extract(self.one_minus_alphas_cumprod, t, x0)
-        log_variance = self._extract(self.log_one_minus_alphas_cumprod, t, x0)
+        mean = self.extract(self.sqrt_alphas_cumprod, t, x0) * x0
+        variance = self.extract(self.one_minus_alphas_cumprod, t, x0)
+        log_variance = self.extract(self.log_one_minus_alphas_cumprod, t, x0)
         return mean, variance, log_variance
 
     def q_sample(self, x0, t, noise=None):
         """x_t ~ q(x_t | x_0) in one shot (F2)."""
         noise = torch.randn_like(x0) if noise is None else noise
         # DDPM eq. 4, reparameterised: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
-        return (self._extract(self.sqrt_alphas_cumprod, t, x0) * x0
-                + self._extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
+        return (self.extract(self.sqrt_alphas_cumprod, t, x0) * x0
+                + self.extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise)
 
     def q_posterior_mean_variance(self, x0, x_t, t):
         """Mean, variance and log-variance of the forward posterior q(x_{t-1} | x_t, x_0) (F3)."""
         # DDPM eq. 7: mu~_t(x_t, x_0) = coef1 x_0 + coef2 x_t
-        mean = self._extract(self.posterior_mean_coef1, t, x_t) * x0 + self._extract(self.posterior_mean_coef2, t, x_t) * x_t
+        mean = self.extract(self.posterior_mean_coef1, t, x_t) * x0 + self.extract(self.posterior_mean_coef2, t, x_t) * x_t
         # DDPM eq. 7: beta~_t
-        variance = self._extract(self.posterior_variance, t, x_t)
-        log_variance = self._extract(self.posterior_log_variance_clipped, t, x_t)
+        variance = self.extract(self.posterior_variance, t, x_t)
+        log_variance = self.extract(self.posterior_log_variance_clipped, t, x_t)
         return mean, variance, log_variance
 
     # -- eps <-> x_0 (inverting eq. 4) -----------------------------------------------------------------------------
 
     def predict_x0_from_eps(self, x_t, t, eps):
         # DDPM eq. 4 solved for x_0: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)
-        return self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        return self.extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self.extract(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
 
     def predict_eps_from_x0(self, x_t, t, x0):
         # DDPM eq. 4 solved for eps: eps = (x_t / sqrt(abar_t) - x_0) / sqrt(1/abar_t - 1)
-        return (self._extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / self._extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        return (self.extract(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / self.extract(self.sqrt_recipm1_alphas_cumprod, t, x_t)
 
     # -- reverse process (R1-R3, I1) -------------------------------------------------------------------------------
 
@@ -228,8 +228,8 @@ class GaussianDiffusion:
             eps, v = model_output[:, :C], model_output[:, C:]
             # the network's v in [-1, 1] is mapped to the interpolation weight in [0, 1]
             frac = (v + 1) / 2
-            log_beta = self._extract(self.log_betas, t, x_t)
-            log_beta_tilde = self._extract(self.posterior_log_variance_clipped, t, x_t)
+            log_beta = self.extract(self.log_betas, t, x_t)
+            log_beta_tilde = self.extract(self.posterior_log_variance_clipped, t, x_t)
             # iDDPM eq. 15: Sigma_theta = exp(v log beta_t + (1 - v) log beta~_t)
             log_variance = frac * log_beta + (1 - frac) * log_beta_tilde
             variance = torch.exp(log_variance)
@@ -237,12 +237,12 @@ class GaussianDiffusion:
             eps = model_output[:, :C]
             if self.var_type == "fixed_large":
                 # R3 (DDPM §3.2): sigma_t^2 = beta_t (with beta~_2 at the first step, see __init__)
-                variance = self._extract(self.large_variance, t, x_t)
-                log_variance = self._extract(self.large_log_variance, t, x_t)
+                variance = self.extract(self.large_variance, t, x_t)
+                log_variance = self.extract(self.large_log_variance, t, x_t)
             else:
                 # R3 (DDPM §3.2): sigma_t^2 = beta~_t, the posterior variance
-                variance = self._extract(self.posterior_variance, t, x_t)
-                log_variance = self._extract(self.posterior_log_variance_clipped, t, x_t)
+                variance = self.extract(self.posterior_variance, t, x_t)
+                log_variance = self.extract(self.posterior_log_variance_clipped, t, x_t)
         pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
         if clip_denoised:
             # R2: clipping the predicted x_0 to the data range [-1, 1] (an implementation choice of DDPM's code)
@@ -275,7 +275,7 @@ class GaussianDiffusion:
 
         `noise`, when given, is the starting x_T.
         """
-        x = noise if noise is not None else randn(shape, generator, _device_of(model, device), dtype)
+        x = noise if noise is not None else randn(shape, generator, device_of(model, device), dtype)
         steps = range(self.num_timesteps - 1, -1, -1)
         for i in tqdm(steps, desc="ddpm", disable=not progress, leave=False):
             t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
@@ -305,7 +305,7 @@ class GaussianDiffusion:
             raise ValueError("var_type: the eps weight of L_{t-1} needs a fixed variance")
         sigma2 = self.posterior_variance if self.var_type == "fixed_small" else self.betas
         # DDPM eq. 12: beta_t^2 / (2 sigma_t^2 alpha_t (1 - abar_t))
-        return self._extract(self.betas ** 2 / (2 * sigma2 * self.alphas * (1 - self.alphas_cumprod)), t, x)
+        return self.extract(self.betas ** 2 / (2 * sigma2 * self.alphas * (1 - self.alphas_cumprod)), t, x)
 
     def training_losses(self, model, x0, t=None, noise=None, model_kwargs=None, generator=None):
         """Per-example training losses at x_t = q_sample(x0, t, noise) (Algorithm 1, A1).
@@ -395,7 +395,7 @@ class GaussianDiffusion:
         return GaussianDiffusion(betas, self.var_type, self.loss_type, timestep_map=self.timestep_map[kept_t])
 
 
-def _device_of(model, device=None):
+def device_of(model, device=None):
     """The device to sample on: `device` if given, else the model's (when it has parameters), else the CPU."""
     if device is not None:
         return torch.device(device)

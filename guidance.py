@@ -163,7 +163,7 @@ class ClassifierFreeGuidance(nn.Module):
     taken from the conditional half. Extrapolating v as well would push it outside [-1, 1], i.e. the variance
     outside [beta~_t, beta_t], and Ho & Salimans guide the noise prediction only.
 
-    Subclassing nn.Module makes the wrapped network a submodule: .parameters() (and so ddpm._device_of), .eval(),
+    Subclassing nn.Module makes the wrapped network a submodule: .parameters() (and so ddpm.device_of), .eval(),
     .to() reach it.
     """
 

@@ -84,7 +84,7 @@ import torch
 from tqdm.auto import tqdm
 
 import ddim
-from ddpm import _device_of, randn, randn_like
+from ddpm import device_of, randn, randn_like
 
 PREDICTORS = ("ddpm", "ddim")
 
@@ -102,7 +102,7 @@ def score_from_eps(diffusion, model, x_t, t, model_kwargs=None, cond_fn=None):
     # the raw eps (no clipping): also the first block of a learned-sigma model's output (iDDPM)
     eps = diffusion.p_mean_variance(model, x_t, t, clip_denoised=False, model_kwargs=model_kwargs)["eps"]
     # SC1: score = grad log q_t(x_t) ~ -eps_theta(x_t, t) / sqrt(1 - abar_t)
-    score = -eps / diffusion._extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x_t)
+    score = -eps / diffusion.extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x_t)
     if cond_fn is not None:
         # Bayes: grad log q_t(x | y) = grad log q_t(x) + grad log p_t(y | x); cond_fn gives s * grad log p_t(y | x) (G3)
         score = score + cond_fn(x_t, diffusion.original_t(t), **model_kwargs).to(x_t.dtype)
@@ -112,8 +112,8 @@ def score_from_eps(diffusion, model, x_t, t, model_kwargs=None, cond_fn=None):
 def tweedie_x0(diffusion, x_t, t, score):
     """E[x_0 | x_t] from the score: the denoising step that ends a score sampler."""
     # Tweedie: E[sqrt(abar_t) x_0 | x_t] = x_t + (1 - abar_t) grad log q_t(x_t); with SC1 this is DDPM eq. 4 solved for x_0
-    return (x_t + diffusion._extract(diffusion.one_minus_alphas_cumprod, t, x_t) * score) \
-        / diffusion._extract(diffusion.sqrt_alphas_cumprod, t, x_t)
+    return (x_t + diffusion.extract(diffusion.one_minus_alphas_cumprod, t, x_t) * score) \
+        / diffusion.extract(diffusion.sqrt_alphas_cumprod, t, x_t)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def langevin_step(x, score, delta, generator=None):
 def to_next_level(spaced, x, t):
     """Carry x from level t to level t-1 at fixed x~ = x / sqrt(abar) (NCSN keeps x~; see "THE VP SCALING")."""
     # x~ = x_t / sqrt(abar_t) = x_{t-1} / sqrt(abar_{t-1})  =>  x_{t-1} = sqrt(abar_{t-1} / abar_t) x_t = x_t / sqrt(alpha_t)
-    return x / spaced._extract(spaced.sqrt_alphas, t, x)
+    return x / spaced.extract(spaced.sqrt_alphas, t, x)
 
 
 def _check_steps(steps):
@@ -169,11 +169,11 @@ def langevin_sample_loop(diffusion, model, shape, steps=100, langevin_steps=2, d
     delta = sigma2_L if delta is None else delta
     if not delta > 0:
         raise ValueError(f"delta: the Langevin step size must be > 0, got {delta!r}")
-    x = noise if noise is not None else randn(shape, generator, _device_of(model, device), dtype)
+    x = noise if noise is not None else randn(shape, generator, device_of(model, device), dtype)
     for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc="langevin", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         # NCSN Algorithm 1, line 3: alpha_i <- eps sigma_i^2 / sigma_L^2  (our delta is NCSN's eps; sigma_i^2 = 1 - abar_i)
-        delta_i = delta / sigma2_L * spaced._extract(spaced.one_minus_alphas_cumprod, t, x)
+        delta_i = delta / sigma2_L * spaced.extract(spaced.one_minus_alphas_cumprod, t, x)
         # NCSN Algorithm 1, lines 4-7: T (here langevin_steps) Langevin steps targeting q_{sigma_i} (here q_t)
         for _ in range(langevin_steps):
             x = langevin_step(x, score_from_eps(spaced, model, x, t, model_kwargs, cond_fn), delta_i, generator)
@@ -207,7 +207,7 @@ def corrector_step(spaced, model, x, t, snr, cond_fn=None, model_kwargs=None, ge
     # SDE Algorithm 5, line 4: g <- s_theta(x, i)   (SC1)
     g = score_from_eps(spaced, model, x, t, model_kwargs, cond_fn)
     # alpha_i = 1 - beta_i of the chain being sampled (for a respaced chain, abar_i / abar_{i-1} of the kept levels)
-    alpha = spaced._extract(spaced.alphas, t, x)
+    alpha = spaced.extract(spaced.alphas, t, x)
     step = snr_step_size(g, z, alpha, snr)
     # SDE Algorithm 5, line 6: x <- x + eps g + sqrt(2 eps) z   (Langevin with delta = 2 eps)
     return x + step * g + (2 * step).sqrt() * z
@@ -245,7 +245,7 @@ def pc_sample_loop(diffusion, model, shape, steps=100, corrector_steps=1, snr=0.
         raise ValueError(f"eta: must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
     spaced = diffusion.respace(steps, skip)
     # SDE Algorithm 1: initialize x_N ~ p_T = N(0, I)
-    x = noise if noise is not None else randn(shape, generator, _device_of(model, device), dtype)
+    x = noise if noise is not None else randn(shape, generator, device_of(model, device), dtype)
     for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc=f"pc-{predictor}", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         # SDE Algorithm 1: x_i <- Predictor(x_{i+1})

@@ -39,7 +39,7 @@ import pytest
 import torch
 
 from ddim import ddim_sample_loop
-from ddpm import GaussianDiffusion, _device_of
+from ddpm import GaussianDiffusion, device_of
 from guidance import ClassifierFreeGuidance, classifier_accuracy_at, classifier_cond_fn, noisy_classifier_loss
 from schedules import get_named_beta_schedule
 from tests.analytic import MixtureEps
@@ -340,7 +340,7 @@ def test_cfg_formula_learned_sigma_kwargs_and_parameters():
     assert torch.equal(out[:, 2:], v_y)
     # an nn.Module holding the network: parameters (hence the sampler's device) and modes reach it
     assert list(cfg.parameters()) == list(fake.parameters())
-    assert _device_of(cfg) == torch.device("cpu")
+    assert device_of(cfg) == torch.device("cpu")
     assert not cfg.eval().model.training
 
 
