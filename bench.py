@@ -431,7 +431,7 @@ def sample_setup(impl, cfg, args, device):
 
         def draw(n):
             with amp:
-                return ddim_sample_loop(diffusion, model, (n, 3, size, size), steps=args.sample_steps, device=device)
+                return ddim_sample_loop(diffusion.respace(args.sample_steps), model, (n, 3, size, size), device=device)
 
         draw.params = sum(p.numel() for p in model.parameters())
         return draw

@@ -152,6 +152,8 @@ class Sampler:
         self.diffusion = build_diffusion(cfg, var_type)
         T = self.diffusion.num_timesteps
         self.steps = steps or {"ddim": min(50, T), "ddpm": T}.get(sampler, min(100, T))
+        # D4: the sampler runs on every step of this respaced diffusion
+        self.spaced = self.diffusion if self.steps == T else self.diffusion.respace(self.steps, skip)
         self.amp = autocast(torch.device(device), precision)
         self.num_classes, self.label, self.progress = cfg["num_classes"], label, progress
         self.langevin = dict(langevin_steps=langevin_steps, delta=delta, corrector_steps=corrector_steps, snr=snr,
@@ -182,21 +184,20 @@ class Sampler:
         common = dict(noise=x_T, cond_fn=self.cond_fn, model_kwargs=kwargs, generator=generator, progress=self.progress)
         with self.amp:
             if self.sampler == "ddim":
-                return ddim_sample_loop(self.diffusion, self.model, x_T.shape, self.steps, self.eta, self.skip,
+                return ddim_sample_loop(self.spaced, self.model, x_T.shape, self.eta,
                                         clip_denoised=self.clip, **common).float()
             if self.sampler == "ddpm":
-                d = self.diffusion if self.steps == self.diffusion.num_timesteps else self.diffusion.respace(self.steps, self.skip)
-                return d.p_sample_loop(self.model, x_T.shape, clip_denoised=self.clip, **common).float()
+                return self.spaced.p_sample_loop(self.model, x_T.shape, clip_denoised=self.clip, **common).float()
             import score
             lv = self.langevin
             if self.sampler == "langevin":
                 delta = {} if lv["delta"] is None else {"delta": lv["delta"]}
-                return score.langevin_sample_loop(self.diffusion, self.model, x_T.shape, steps=self.steps,
-                                                  langevin_steps=lv["langevin_steps"], skip=self.skip,
+                return score.langevin_sample_loop(self.spaced, self.model, x_T.shape,
+                                                  langevin_steps=lv["langevin_steps"],
                                                   clip_denoised=self.clip, **delta, **common).float()
-            return score.pc_sample_loop(self.diffusion, self.model, x_T.shape, steps=self.steps,
+            return score.pc_sample_loop(self.spaced, self.model, x_T.shape,
                                         corrector_steps=lv["corrector_steps"], snr=lv["snr"], predictor=lv["predictor"],
-                                        eta=self.eta, skip=self.skip, clip_denoised=self.clip, **common).float()
+                                        eta=self.eta, clip_denoised=self.clip, **common).float()
 
     def shape(self, n):
         return (n, self.cfg.get("channels", 3), self.cfg["image_size"], self.cfg["image_size"])
@@ -250,7 +251,7 @@ def invert(s, image_path):
     img = TF.center_crop(TF.resize(img, size, antialias=True), size)
     x0 = data.to_float(TF.pil_to_tensor(img)[None]).to(s.device)
     with s.amp:
-        x_T = ddim_invert(s.diffusion, s.model, x0, steps=s.steps, skip=s.skip, refine=2).float()
+        x_T = ddim_invert(s.spaced, s.model, x0, refine=2).float()
     recon = s.decode(x_T)
     mse = ((recon - x0) ** 2).mean().item()
     # PSNR over the [-1, 1] range (peak-to-peak 2)

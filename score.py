@@ -75,8 +75,8 @@ delta = 2 eps_i; "when sampling a large batch ... we replace the norm with the a
 ||g||^2 ~ D / v and ||z||^2 ~ D, so eps_i ~ 2 alpha_i r^2 v and the corrector's stationary bias is
 1 / (1 - alpha_i r^2) <= 1 / (1 - r^2), 2.6% of the variance at r = 0.16.
 
-Respacing: both samplers visit `steps` of the diffusion's levels through diffusion.respace (D4), so "t - 1" is the
-previous kept level and the model and cond_fn receive ORIGINAL timesteps (p_mean_variance translates them).
+Respacing: both samplers visit every level of the diffusion they are given; the caller respaces it (D4) once, so
+"t - 1" is the previous kept level and the model and cond_fn receive ORIGINAL timesteps (p_mean_variance translates them).
 This file imports only ddpm.py and ddim.py: no network, no guidance, no command line.
 """
 
@@ -133,21 +133,13 @@ def to_next_level(spaced, x, t):
     return x / spaced.extract(spaced.sqrt_alphas, t, x)
 
 
-def _check_steps(steps):
-    """steps: a number of levels (an int >= 1) or a list of kept original indices, as diffusion.respace takes."""
-    if isinstance(steps, bool) or not (isinstance(steps, int) and steps >= 1
-                                       or isinstance(steps, (list, tuple)) and len(steps) >= 1):
-        raise ValueError(f"steps: must be an integer >= 1 (the number of noise levels) or a non-empty list of "
-                         f"timesteps, got {steps!r}")
-
-
 @torch.no_grad()
-def langevin_sample_loop(diffusion, model, shape, steps=100, langevin_steps=2, delta=None, skip="uniform", noise=None,
-                         cond_fn=None, model_kwargs=None, generator=None, progress=False, device=None,
+def langevin_sample_loop(diffusion, model, shape, langevin_steps=2, delta=None, noise=None, cond_fn=None,
+                         model_kwargs=None, generator=None, progress=False, device=None,
                          dtype=torch.float32, clip_denoised=True):
-    """Annealed Langevin dynamics over `steps` noise levels of the diffusion (SC2, NCSN Algorithm 1), then Tweedie.
+    """Annealed Langevin dynamics over the noise levels of `diffusion` (SC2, NCSN Algorithm 1), then Tweedie.
 
-    Levels: the kept steps of diffusion.respace(steps, skip) (`steps` may also be a list of original indices), with
+    Levels: every step of `diffusion` (respace it first for fewer levels: diffusion.respace(100)), with
     noise variances sigma_i^2 = 1 - abar_i, visited from the noisiest down. At each level `langevin_steps` Langevin steps
     with delta_i = delta sigma_i^2 / sigma_L^2; then x is rescaled by sqrt(abar_{i-1} / abar_i) to the next level (the
     VP form of NCSN's annealing: see the module docstring). Finally x_0 = E[x_0 | x_L] by Tweedie's formula.
@@ -160,29 +152,27 @@ def langevin_sample_loop(diffusion, model, shape, steps=100, langevin_steps=2, d
     cond_fn: s * grad log p(y | x_t) (G3), added to the score at every level and in the final denoising step.
     clip_denoised: clip the final E[x_0 | x_L] to [-1, 1] (R2).
     """
-    _check_steps(steps)
     if isinstance(langevin_steps, bool) or not isinstance(langevin_steps, int) or langevin_steps < 1:
         raise ValueError(f"langevin_steps: must be an integer >= 1 (Langevin steps per noise level), got {langevin_steps!r}")
-    # the noise levels: a diffusion of their own (D4), whose code index 0 is the smallest level sigma_L
-    spaced = diffusion.respace(steps, skip)
-    sigma2_L = spaced.one_minus_alphas_cumprod[0].item()
+    # the noise levels: the steps of the (respaced, D4) diffusion; its code index 0 is the smallest level sigma_L
+    sigma2_L = diffusion.one_minus_alphas_cumprod[0].item()
     delta = sigma2_L if delta is None else delta
     if not delta > 0:
         raise ValueError(f"delta: the Langevin step size must be > 0, got {delta!r}")
     x = noise if noise is not None else randn(shape, generator, device_of(model, device), dtype)
-    for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc="langevin", disable=not progress, leave=False):
+    for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), desc="langevin", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         # NCSN Algorithm 1, line 3: alpha_i <- eps sigma_i^2 / sigma_L^2  (our delta is NCSN's eps; sigma_i^2 = 1 - abar_i)
-        delta_i = delta / sigma2_L * spaced.extract(spaced.one_minus_alphas_cumprod, t, x)
+        delta_i = delta / sigma2_L * diffusion.extract(diffusion.one_minus_alphas_cumprod, t, x)
         # NCSN Algorithm 1, lines 4-7: T (here langevin_steps) Langevin steps targeting q_{sigma_i} (here q_t)
         for _ in range(langevin_steps):
-            x = langevin_step(x, score_from_eps(spaced, model, x, t, model_kwargs, cond_fn), delta_i, generator)
+            x = langevin_step(x, score_from_eps(diffusion, model, x, t, model_kwargs, cond_fn), delta_i, generator)
         if i > 0:
             # NCSN Algorithm 1, line 8: x~_0 <- x~_T, the last sample starts the next level (at fixed x / sqrt(abar))
-            x = to_next_level(spaced, x, t)
+            x = to_next_level(diffusion, x, t)
     # the final denoising step (SDE App. G; NCSNv2's `denoise`): x_0 = E[x_0 | x_L] by Tweedie's formula
     t = torch.zeros((x.shape[0],), device=x.device, dtype=torch.long)
-    x0 = tweedie_x0(spaced, x, t, score_from_eps(spaced, model, x, t, model_kwargs, cond_fn))
+    x0 = tweedie_x0(diffusion, x, t, score_from_eps(diffusion, model, x, t, model_kwargs, cond_fn))
     # R2: optional clipping to the data range
     return x0.clamp(-1, 1) if clip_denoised else x0
 
@@ -200,31 +190,31 @@ def snr_step_size(score, z, alpha, snr):
     return 2 * alpha * (snr * noise_norm / score_norm) ** 2
 
 
-def corrector_step(spaced, model, x, t, snr, cond_fn=None, model_kwargs=None, generator=None):
+def corrector_step(diffusion, model, x, t, snr, cond_fn=None, model_kwargs=None, generator=None):
     """One Langevin corrector step at level t with the signal-to-noise step size rule (SDE Algorithm 5)."""
     # SDE Algorithm 5, line 3: z ~ N(0, I)
     z = randn_like(x, generator)
     # SDE Algorithm 5, line 4: g <- s_theta(x, i)   (SC1)
-    g = score_from_eps(spaced, model, x, t, model_kwargs, cond_fn)
+    g = score_from_eps(diffusion, model, x, t, model_kwargs, cond_fn)
     # alpha_i = 1 - beta_i of the chain being sampled (for a respaced chain, abar_i / abar_{i-1} of the kept levels)
-    alpha = spaced.extract(spaced.alphas, t, x)
+    alpha = diffusion.extract(diffusion.alphas, t, x)
     step = snr_step_size(g, z, alpha, snr)
     # SDE Algorithm 5, line 6: x <- x + eps g + sqrt(2 eps) z   (Langevin with delta = 2 eps)
     return x + step * g + (2 * step).sqrt() * z
 
 
-def predictor_step(spaced, model, x, t, predictor, eta, clip_denoised, cond_fn, model_kwargs, generator):
+def predictor_step(diffusion, model, x, t, predictor, eta, clip_denoised, cond_fn, model_kwargs, generator):
     """x at level t -> x at level t-1 by one DDPM ancestral step (DDPM Algorithm 2, G1) or one DDIM step (eq. 12, G2)."""
     if predictor == "ddpm":
-        return spaced.p_sample(model, x, t, clip_denoised, cond_fn, model_kwargs, generator)["sample"]
-    return ddim.ddim_step(spaced, model, x, t, eta, clip_denoised, cond_fn, model_kwargs, generator)["sample"]
+        return diffusion.p_sample(model, x, t, clip_denoised, cond_fn, model_kwargs, generator)["sample"]
+    return ddim.ddim_step(diffusion, model, x, t, eta, clip_denoised, cond_fn, model_kwargs, generator)["sample"]
 
 
 @torch.no_grad()
-def pc_sample_loop(diffusion, model, shape, steps=100, corrector_steps=1, snr=0.16, predictor="ddpm", eta=0.0,
-                   skip="uniform", noise=None, cond_fn=None, model_kwargs=None, generator=None, progress=False,
+def pc_sample_loop(diffusion, model, shape, corrector_steps=1, snr=0.16, predictor="ddpm", eta=0.0, noise=None,
+                   cond_fn=None, model_kwargs=None, generator=None, progress=False,
                    device=None, dtype=torch.float32, clip_denoised=True):
-    """Predictor-corrector sampling on `steps` levels of the diffusion (SDE paper App. G, Algorithm 1).
+    """Predictor-corrector sampling on every level of `diffusion` (SDE paper App. G, Algorithm 1; respace it first).
 
     x_T ~ N(0, I); then for each kept level from the noisiest down: a predictor step to the next level ("ddpm":
     ancestral, DDPM Algorithm 2; "ddim": DDIM eq. 12 with this eta), followed by `corrector_steps` Langevin corrector
@@ -234,25 +224,23 @@ def pc_sample_loop(diffusion, model, shape, steps=100, corrector_steps=1, snr=0.
     corrector_steps = 0 is the predictor alone (the paper's "P1000"): exactly ddpm.p_sample_loop / ddim.ddim_sample_loop.
     cond_fn guides both: the predictor as in G1 / G2, the corrector through the score of q_t(x | y).
     """
-    _check_steps(steps)
     if isinstance(corrector_steps, bool) or not isinstance(corrector_steps, int) or corrector_steps < 0:
         raise ValueError(f"corrector_steps: must be an integer >= 0 (0 = predictor only), got {corrector_steps!r}")
     if not snr > 0:
         raise ValueError(f"snr: the corrector's signal-to-noise ratio r must be > 0, got {snr!r}")
     if predictor not in PREDICTORS:
         raise ValueError(f"predictor: unknown {predictor!r}; choose one of {', '.join(PREDICTORS)}")
-    if eta < 0:
-        raise ValueError(f"eta: must be >= 0 (0 = deterministic DDIM, 1 = DDPM-like), got {eta}")
-    spaced = diffusion.respace(steps, skip)
+    if predictor == "ddim":
+        ddim.check_eta(diffusion, eta)
     # SDE Algorithm 1: initialize x_N ~ p_T = N(0, I)
     x = noise if noise is not None else randn(shape, generator, device_of(model, device), dtype)
-    for i in tqdm(range(spaced.num_timesteps - 1, -1, -1), desc=f"pc-{predictor}", disable=not progress, leave=False):
+    for i in tqdm(range(diffusion.num_timesteps - 1, -1, -1), desc=f"pc-{predictor}", disable=not progress, leave=False):
         t = torch.full((x.shape[0],), i, device=x.device, dtype=torch.long)
         # SDE Algorithm 1: x_i <- Predictor(x_{i+1})
-        x = predictor_step(spaced, model, x, t, predictor, eta, clip_denoised, cond_fn, model_kwargs, generator)
+        x = predictor_step(diffusion, model, x, t, predictor, eta, clip_denoised, cond_fn, model_kwargs, generator)
         if i > 0:
             t_new = t - 1
             # SDE Algorithm 1: for j = 1 to M: x_i <- Corrector(x_i), at the level the predictor just reached
             for _ in range(corrector_steps):
-                x = corrector_step(spaced, model, x, t_new, snr, cond_fn, model_kwargs, generator)
+                x = corrector_step(diffusion, model, x, t_new, snr, cond_fn, model_kwargs, generator)
     return x

@@ -277,14 +277,14 @@ def samplers(diffusion, ddim_steps=(50, 10), score_steps=100):
 
     def ddim_fn(steps):
         return lambda model, n, g, kw=None, cond_fn=None: ddim.ddim_sample_loop(
-            diffusion, model, (n, 2), steps=steps, generator=g, model_kwargs=kw, cond_fn=cond_fn)
+            diffusion.respace(steps), model, (n, 2), generator=g, model_kwargs=kw, cond_fn=cond_fn)
 
     def langevin_fn(model, n, g, kw=None, cond_fn=None):
-        return score.langevin_sample_loop(diffusion, model, (n, 2), steps=score_steps, generator=g, model_kwargs=kw,
+        return score.langevin_sample_loop(diffusion.respace(score_steps), model, (n, 2), generator=g, model_kwargs=kw,
                                           cond_fn=cond_fn)
 
     def pc_fn(model, n, g, kw=None, cond_fn=None):
-        return score.pc_sample_loop(diffusion, model, (n, 2), steps=score_steps, generator=g, model_kwargs=kw,
+        return score.pc_sample_loop(diffusion.respace(score_steps), model, (n, 2), generator=g, model_kwargs=kw,
                                     cond_fn=cond_fn)
 
     # a short diffusion (a quick test run) cannot be respaced to more steps than it has
@@ -474,7 +474,7 @@ def guided_panels(args, model, diffusion, g, nrow):
     kw = {"y": torch.full((n,), yc, dtype=torch.long)}
     # DDIM with the quadratic spacing (D4): more of its 50 steps at low noise, where these small blobs are resolved
     steps = min(50, diffusion.num_timesteps)
-    sample = lambda m, cond_fn=None: ddim.ddim_sample_loop(diffusion, m, (n, 2), steps=steps, skip="quad", generator=g,
+    sample = lambda m, cond_fn=None: ddim.ddim_sample_loop(diffusion.respace(steps, "quad"), m, (n, 2), generator=g,
                                                            model_kwargs=kw, cond_fn=cond_fn)
     guided = {}
     for w in args.cfg_scales:

@@ -445,8 +445,8 @@ def train(args):
         kwargs = {"y": torch.arange(args.n_sample, device=device) % num_classes} if args.class_cond else {}
         ema.module.eval()
         with amp:
-            imgs = ddim_sample_loop(diffusion, ema.module, (args.n_sample, x.shape[1], args.image_size, args.image_size),
-                                    steps=min(50, diffusion.num_timesteps), generator=g, model_kwargs=kwargs, device=device)
+            imgs = ddim_sample_loop(diffusion.respace(min(50, diffusion.num_timesteps)), ema.module,
+                                    (args.n_sample, x.shape[1], args.image_size, args.image_size), generator=g, model_kwargs=kwargs, device=device)
         data.save_grid(imgs.float(), os.path.join(out, "samples.png"))
         data.save_grid(imgs.float(), os.path.join(out, f"samples_{step:07d}.png"))
 

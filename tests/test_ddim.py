@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from ddim import ddim_invert, ddim_sample_loop, q_sigma_mean_variance, slerp
+from ddim import ddim_invert, ddim_max_eta, ddim_sample_loop, ddim_sigma, q_sigma_mean_variance, slerp
 from tests.analytic import GaussianEps, MixtureEps, gaussian_moment_recursion
 from tests.test_ddpm import MU, S, T, assert_moments, diffusion
 
@@ -36,7 +36,7 @@ def test_ddim_50_steps_matches_moment_recursion(eta, skip):
     d = diffusion()
     model = GaussianEps(MU, S, d.alphas_cumprod)
     g = torch.Generator().manual_seed(10)
-    x = ddim_sample_loop(d, model, (4000, 8), steps=50, eta=eta, skip=skip, clip_denoised=False, generator=g,
+    x = ddim_sample_loop(d.respace(50, skip), model, (4000, 8), eta=eta, clip_denoised=False, generator=g,
                          dtype=torch.float64)
     sp = d.respace(50, skip)
     m, v = ddim_recursion(sp.alphas_cumprod.tolist(), sp.alphas_cumprod_prev.tolist(), eta)
@@ -48,8 +48,8 @@ def test_ddim_eta0_is_deterministic_and_exact_on_all_steps():
     d = diffusion()
     model = GaussianEps(MU, S, d.alphas_cumprod)
     xT = torch.randn(3000, 4, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
-    a = ddim_sample_loop(d, model, xT.shape, steps=T, noise=xT, clip_denoised=False)
-    b = ddim_sample_loop(d, model, xT.shape, steps=T, noise=xT, clip_denoised=False)
+    a = ddim_sample_loop(d.respace(T), model, xT.shape, noise=xT, clip_denoised=False)
+    b = ddim_sample_loop(d.respace(T), model, xT.shape, noise=xT, clip_denoised=False)
     assert torch.equal(a, b)
     # the probability-flow ODE maps N(0, 1) onto the data: 1000 Euler steps land within 1% of the mean and 5% of
     # the variance of this narrow data (measured: -0.06% and -3.3%; the error sits in the first, low-noise steps)
@@ -65,7 +65,7 @@ def test_ddim_eta1_all_steps_is_ddpm_with_posterior_variance(clip):
     xT = torch.randn(64, 2, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     # D3: eta = 1 gives sigma_t^2 = beta~_t, and eq. 12 is then the DDPM posterior mean: the same update,
     # so with the same noise the two samplers give the same samples
-    a = ddim_sample_loop(d, model, xT.shape, steps=d.num_timesteps, eta=1.0, noise=xT, clip_denoised=clip,
+    a = ddim_sample_loop(d.respace(d.num_timesteps), model, xT.shape, eta=1.0, noise=xT, clip_denoised=clip,
                          generator=torch.Generator().manual_seed(13))
     b = d.p_sample_loop(model, xT.shape, noise=xT, clip_denoised=clip, generator=torch.Generator().manual_seed(13))
     assert torch.allclose(a, b, atol=1e-8), (a - b).abs().max()
@@ -75,7 +75,7 @@ def test_ddim_mixture_weights():
     d = diffusion()
     model = MixtureEps([[-0.5, -0.5], [0.5, 0.5]], 0.1, [0.3, 0.7], d.alphas_cumprod)
     g = torch.Generator().manual_seed(14)
-    x = ddim_sample_loop(d, model, (3000, 2), steps=50, clip_denoised=False, generator=g, dtype=torch.float64)
+    x = ddim_sample_loop(d.respace(50), model, (3000, 2), clip_denoised=False, generator=g, dtype=torch.float64)
     frac = (x.mean(1) > 0).double().mean().item()
     assert abs(frac - 0.7) < 5 * math.sqrt(0.21 / 3000), frac
 
@@ -88,8 +88,8 @@ def test_invert_then_sample_returns_x0():
     err = {}
     for steps in (50, 200):
         for refine in (0, 3):
-            xT = ddim_invert(d, model, x0, steps=steps, refine=refine)
-            back = ddim_sample_loop(d, model, x0.shape, steps=steps, noise=xT, clip_denoised=False)
+            xT = ddim_invert(d.respace(steps), model, x0, refine=refine)
+            back = ddim_sample_loop(d.respace(steps), model, x0.shape, noise=xT, clip_denoised=False)
             err[steps, refine] = (back - x0).abs().mean().item()
             # D5: the latent is (close to) a standard normal draw: the ODE pushes the data onto the prior
             assert abs(xT.std().item() - 1) < 0.1
@@ -115,14 +115,36 @@ def test_slerp_endpoints_norm_and_parallel():
 def test_bad_eta_and_steps():
     d = diffusion()
     model = GaussianEps(MU, S, d.alphas_cumprod)
-    with pytest.raises(ValueError, match="eta"):
-        ddim_sample_loop(d, model, (2, 2), steps=10, eta=-0.1)
+    for eta in (-0.1, float("nan"), float("inf"), 100.0):
+        with pytest.raises(ValueError, match="eta"):
+            ddim_sample_loop(d.respace(10), model, (2, 2), eta=eta)
     with pytest.raises(ValueError, match="steps"):
-        ddim_sample_loop(d, model, (2, 2), steps=0)
+        d.respace(0)
     with pytest.raises(ValueError, match="steps"):
-        ddim_sample_loop(d, model, (2, 2), steps=T + 1)
+        d.respace(T + 1)
     with pytest.raises(ValueError, match="skip"):
-        ddim_sample_loop(d, model, (2, 2), steps=10, skip="log")
+        d.respace(10, "log")
+
+
+@pytest.mark.parametrize("steps", [10, 50, 1000])
+def test_max_eta_is_where_ddim_sigma_stops_being_defined(steps):
+    """ddim_max_eta: at eta_max, 1 - abar_{t-1} - sigma_t^2 touches 0 at one step and is >= 0 at all; above, < 0."""
+    sp = diffusion().respace(steps)
+    eta_max = ddim_max_eta(sp)
+    assert eta_max >= 1.0
+    abar, prev = sp.alphas_cumprod, sp.alphas_cumprod_prev
+    for eta, sign in ((eta_max, 0), (eta_max * (1 + 1e-6), -1)):
+        room = 1 - prev - ddim_sigma(abar, prev, eta) ** 2
+        if sign == 0:
+            assert room.min() > -1e-12 and room[1:].min() < 1e-9
+        else:
+            assert room.min() < 0
+    model = GaussianEps(MU, S, diffusion().alphas_cumprod)
+    x = ddim_sample_loop(sp, model, (64, 2), eta=eta_max, clip_denoised=False, dtype=torch.float64,
+                         generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(x).all()
+    with pytest.raises(ValueError, match="eta"):
+        ddim_sample_loop(sp, model, (2, 2), eta=eta_max * 1.01)
 
 
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])

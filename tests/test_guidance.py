@@ -185,7 +185,7 @@ def test_ddim_classifier_guidance_samples_the_chosen_component():
     d, mix = setup()
     N = 4000
     y = half_and_half(N)
-    x = ddim_sample_loop(d, mix, (N, 2), steps=50, eta=0.0, clip_denoised=False,
+    x = ddim_sample_loop(d.respace(50), mix, (N, 2), eta=0.0, clip_denoised=False,
                          cond_fn=classifier_cond_fn(exact_classifier(mix), 1.0), model_kwargs={"y": y},
                          generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     # unguided, 70% would land on class 0; guided, essentially none lands nearer the other mode (< 0.5%; the
@@ -252,7 +252,7 @@ def test_larger_scale_concentrates_the_samples():
     ddim, ddpm = {}, {}
     for s in (1.0, 4.0):
         kw = dict(noise=xT, clip_denoised=False, cond_fn=classifier_cond_fn(clf, s), model_kwargs={"y": y})
-        ddim[s] = margin(ddim_sample_loop(d, mix, (N, 2), steps=50, **kw), y)
+        ddim[s] = margin(ddim_sample_loop(d.respace(50), mix, (N, 2), **kw), y)
         # a 100-step respaced DDPM (the same noise for both scales): the comparison is paired, so small effects show
         ddpm[s] = margin(d.respace(100).p_sample_loop(mix, (N, 2), generator=torch.Generator().manual_seed(9), **kw), y)
     for k in (0, 1):                            # per class: the minority class 1 is pushed harder
@@ -276,7 +276,7 @@ def test_cfg_w0_is_the_conditional_model_in_one_unguided_pass():
     N = 4000
     y = half_and_half(N)
     model = ExactConditionalEps(mix)
-    x = ddim_sample_loop(d, ClassifierFreeGuidance(model, 0.0, NULL), (N, 2), steps=50, clip_denoised=False,
+    x = ddim_sample_loop(d.respace(50), ClassifierFreeGuidance(model, 0.0, NULL), (N, 2), clip_denoised=False,
                          model_kwargs={"y": y}, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
     # w = 0: one call per step on the plain batch, the null label never asked for
     assert len(model.calls) == 50
@@ -293,18 +293,18 @@ def test_cfg_is_classifier_guidance_with_scale_one_plus_w():
     y = half_and_half(N)
     xT = torch.randn(N, 2, generator=torch.Generator().manual_seed(11), dtype=torch.float64)
     model = ExactConditionalEps(mix)
-    cfg = ddim_sample_loop(d, ClassifierFreeGuidance(model, w, NULL), (N, 2), steps=50, noise=xT, clip_denoised=False,
+    cfg = ddim_sample_loop(d.respace(50), ClassifierFreeGuidance(model, w, NULL), (N, 2), noise=xT, clip_denoised=False,
                            model_kwargs={"y": y})
     # ONE forward pass per step, on [x, x] with labels [y, null]
     assert len(model.calls) == 50
     assert all(n == 2 * N and torch.equal(labels, torch.cat([y, torch.full_like(y, NULL)])) for n, labels in model.calls)
     # G5 with exact models: (1 + w) eps(x | y) - w eps(x) = eps(x) - (1 + w) sqrt(1 - abar) grad log p(y | x_t):
     # classifier guidance with s = 1 + w, sample for sample (deterministic DDIM from the same x_T)
-    cg = ddim_sample_loop(d, mix, (N, 2), steps=50, noise=xT, clip_denoised=False, model_kwargs={"y": y},
+    cg = ddim_sample_loop(d.respace(50), mix, (N, 2), noise=xT, clip_denoised=False, model_kwargs={"y": y},
                           cond_fn=classifier_cond_fn(exact_classifier(mix), 1 + w))
     assert torch.allclose(cfg, cg, rtol=0, atol=1e-9), (cfg - cg).abs().max()
     # and so, like a larger classifier scale, w > 0 moves the samples away from the boundary and narrows them
-    plain = ddim_sample_loop(d, ClassifierFreeGuidance(model, 0.0, NULL), (N, 2), steps=50, noise=xT,
+    plain = ddim_sample_loop(d.respace(50), ClassifierFreeGuidance(model, 0.0, NULL), (N, 2), noise=xT,
                              clip_denoised=False, model_kwargs={"y": y})
     for k in (0, 1):
         c = y == k

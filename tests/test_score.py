@@ -189,7 +189,7 @@ def test_single_level_langevin_has_the_derived_stationary_bias():
     c, v = gaussian_level(abar)
     delta = 1.0                                                   # d/(4v) = 0.27: a 37% inflation, clearly visible
     # 40 steps contract the start by (1 - d/(2v))^40 ~ 1e-14: stationary
-    x = score.langevin_sample_loop(d, model, (N, D), steps=[500], langevin_steps=40, delta=delta, generator=gen(1),
+    x = score.langevin_sample_loop(d.respace([500]), model, (N, D), langevin_steps=40, delta=delta, generator=gen(1),
                                    dtype=torch.float64, clip_denoised=False)
     var_inf = v / (1 - delta / (4 * v))
     slope = (1 - (1 - abar) / v) / math.sqrt(abar)               # Tweedie: x_0 = slope x + const
@@ -206,7 +206,7 @@ def test_annealed_langevin_matches_moment_recursion(schedule, steps, langevin_st
     sp = d.respace(steps)
     sigma2_L = 1 - sp.alphas_cumprod[0].item()
     delta = None if ratio is None else ratio * sigma2_L
-    x = score.langevin_sample_loop(d, model, (N, D), steps=steps, langevin_steps=langevin_steps, delta=delta,
+    x = score.langevin_sample_loop(d.respace(steps), model, (N, D), langevin_steps=langevin_steps, delta=delta,
                                    generator=gen(2), dtype=torch.float64, clip_denoised=False)
     m, v = annealed_langevin_recursion(sp, langevin_steps, sigma2_L if delta is None else delta)
     assert_moments(x, m, v)
@@ -222,9 +222,9 @@ def test_annealed_langevin_converges_to_the_data():
     model = GaussianEps(MU, S, d.alphas_cumprod)
     sigma2_L = 1 - d.alphas_cumprod[0].item()
     n, dim = 2000, 4
-    small = score.langevin_sample_loop(d, model, (n, dim), steps=100, langevin_steps=2, generator=gen(3),
+    small = score.langevin_sample_loop(d.respace(100), model, (n, dim), langevin_steps=2, generator=gen(3),
                                        dtype=torch.float64, clip_denoised=False)
-    large = score.langevin_sample_loop(d, model, (n, dim), steps=200, langevin_steps=20, delta=2 * sigma2_L,
+    large = score.langevin_sample_loop(d.respace(200), model, (n, dim), langevin_steps=20, delta=2 * sigma2_L,
                                        generator=gen(4), dtype=torch.float64, clip_denoised=False)
     se_v = S * S * math.sqrt(2.0 / (n * dim))
     assert small.var().item() > S * S * 1.3
@@ -239,7 +239,7 @@ def test_annealed_langevin_is_ncsn_algorithm_1_in_ve_coordinates():
     sp = d.respace(20)
     delta, M = 3e-5, 3
     x_T = torch.randn(16, 3, generator=gen(5), dtype=torch.float64)
-    ours = score.langevin_sample_loop(d, model, x_T.shape, steps=20, langevin_steps=M, delta=delta, noise=x_T,
+    ours = score.langevin_sample_loop(d.respace(20), model, x_T.shape, langevin_steps=M, delta=delta, noise=x_T,
                                       generator=gen(6), dtype=torch.float64, clip_denoised=False)
     # NCSN, Algorithm 1, on x~ with the VE levels sigma~_i and step eps~ = delta / abar_L
     abar = sp.alphas_cumprod
@@ -271,7 +271,7 @@ def test_annealed_langevin_mixture_weights():
     model = MixtureEps(mus, 0.1, w, d.alphas_cumprod)
     sigma2_L = 1 - d.alphas_cumprod[0].item()
     n = 2000
-    x = score.langevin_sample_loop(d, model, (n, 2), steps=100, langevin_steps=20, delta=sigma2_L / 4,
+    x = score.langevin_sample_loop(d.respace(100), model, (n, 2), langevin_steps=20, delta=sigma2_L / 4,
                                    generator=gen(7), dtype=torch.float64, clip_denoised=False)
     frac = (x.mean(1) > 0).double().mean().item()
     assert abs(frac - 0.7) < 4 * math.sqrt(0.7 * 0.3 / n), frac
@@ -287,11 +287,11 @@ def test_langevin_hands_the_model_the_original_t_and_edges():
         seen.append(t[0].item())
         return torch.zeros_like(x)
 
-    score.langevin_sample_loop(d, recording_model, (2, 1), steps=4, langevin_steps=2, dtype=torch.float64)
+    score.langevin_sample_loop(d.respace(4), recording_model, (2, 1), langevin_steps=2, dtype=torch.float64)
     # levels 750, 500, 250, 0 (uniform spacing of 4), twice each, then the denoising step at the last level
     assert seen == [750, 750, 500, 500, 250, 250, 0, 0, 0]
     # a single level and a batch of one: Langevin at that level, then Tweedie
-    x = score.langevin_sample_loop(d, GaussianEps(MU, S, d.alphas_cumprod), (1, 3), steps=1, generator=gen(8))
+    x = score.langevin_sample_loop(d.respace(1), GaussianEps(MU, S, d.alphas_cumprod), (1, 3), generator=gen(8))
     assert x.shape == (1, 3) and x.dtype == torch.float32 and torch.isfinite(x).all() and x.abs().max() <= 1
 
 
@@ -304,7 +304,7 @@ def test_langevin_guidance_shifts_towards_the_guided_side():
     abar = d.alphas_cumprod[500].item()
     c, v = gaussian_level(abar)
     shift = 0.2
-    x = score.langevin_sample_loop(d, model, (N, D), steps=[500], langevin_steps=40, delta=1.0, generator=gen(9),
+    x = score.langevin_sample_loop(d.respace([500]), model, (N, D), langevin_steps=40, delta=1.0, generator=gen(9),
                                    cond_fn=lambda x, t: torch.full_like(x, shift), dtype=torch.float64,
                                    clip_denoised=False)
     mom = Moments(c + v * shift, v / (1 - 1.0 / (4 * v)))        # the tilted stationary law
@@ -344,12 +344,12 @@ def test_pc_without_corrector_is_the_predictor_alone(predictor):
     model = GaussianEps(MU, S, d.alphas_cumprod)
     x_T = torch.randn(50, 4, generator=gen(10), dtype=torch.float64)
     for steps, corrector_steps in [(25, 0), (1, 3)]:
-        pc = score.pc_sample_loop(d, model, x_T.shape, steps=steps, corrector_steps=corrector_steps,
+        pc = score.pc_sample_loop(d.respace(steps), model, x_T.shape, corrector_steps=corrector_steps,
                                   predictor=predictor, eta=0.5, noise=x_T, generator=gen(11), dtype=torch.float64)
         if predictor == "ddpm":
             ref = d.respace(steps).p_sample_loop(model, x_T.shape, noise=x_T, generator=gen(11), dtype=torch.float64)
         else:
-            ref = ddim.ddim_sample_loop(d, model, x_T.shape, steps=steps, eta=0.5, noise=x_T, generator=gen(11),
+            ref = ddim.ddim_sample_loop(d.respace(steps), model, x_T.shape, eta=0.5, noise=x_T, generator=gen(11),
                                         dtype=torch.float64)
         assert torch.equal(pc, ref)
 
@@ -360,14 +360,14 @@ def test_pc_matches_moment_recursion_and_the_corrector_helps(predictor, var_type
     d = diffusion(var_type)
     model = GaussianEps(MU, S, d.alphas_cumprod)
     sp = d.respace(100)
-    x = score.pc_sample_loop(d, model, (N, D), steps=100, corrector_steps=corrector_steps, predictor=predictor,
+    x = score.pc_sample_loop(d.respace(100), model, (N, D), corrector_steps=corrector_steps, predictor=predictor,
                              generator=gen(12), dtype=torch.float64, clip_denoised=False)
     m, v = pc_recursion(sp, corrector_steps, 0.16, predictor, var_type)
     assert_moments(x, m, v)
     # the corrector pulls towards q_t: the PC variance is closer to the data's than the predictor's alone
     m0, v0 = pc_recursion(sp, 0, 0.16, predictor, var_type)
     assert abs(v - S * S) < abs(v0 - S * S)
-    x0 = score.pc_sample_loop(d, model, (N, D), steps=100, corrector_steps=0, predictor=predictor, generator=gen(13),
+    x0 = score.pc_sample_loop(d.respace(100), model, (N, D), corrector_steps=0, predictor=predictor, generator=gen(13),
                               dtype=torch.float64, clip_denoised=False)
     se_v = S * S * math.sqrt(2.0 / (N * D))
     assert abs(x.var().item() - S * S) < abs(x0.var().item() - S * S) - 5 * se_v
@@ -381,7 +381,7 @@ def test_pc_reproduces_the_data():
     d = diffusion("fixed_small")
     model = GaussianEps(MU, S, d.alphas_cumprod)
     n, dim = 2000, 4
-    x = score.pc_sample_loop(d, model, (n, dim), steps=T, corrector_steps=1, generator=gen(14), dtype=torch.float64,
+    x = score.pc_sample_loop(d.respace(T), model, (n, dim), corrector_steps=1, generator=gen(14), dtype=torch.float64,
                              clip_denoised=False)
     se_v = S * S * math.sqrt(2.0 / (n * dim))
     assert abs(x.var().item() - S * S) < 5 * se_v + 0.03 * S * S, x.var().item() / S ** 2
@@ -406,9 +406,9 @@ def test_guided_mixture_sampling_lands_in_the_guided_component(sampler):
     y = torch.zeros(n, dtype=torch.long)
     kw = dict(generator=gen(15), dtype=torch.float64, clip_denoised=False, model_kwargs={"y": y}, cond_fn=cond_fn)
     if sampler == "pc":
-        x = score.pc_sample_loop(d, lambda x, t, y=None: model(x, t), (n, 2), steps=100, **kw)
+        x = score.pc_sample_loop(d.respace(100), lambda x, t, y=None: model(x, t), (n, 2), **kw)
     else:
-        x = score.langevin_sample_loop(d, lambda x, t, y=None: model(x, t), (n, 2), steps=100, langevin_steps=5, **kw)
+        x = score.langevin_sample_loop(d.respace(100), lambda x, t, y=None: model(x, t), (n, 2), langevin_steps=5, **kw)
     frac_guided = (x.mean(1) < 0).double().mean().item()
     assert frac_guided > 0.98, frac_guided
 
@@ -416,13 +416,13 @@ def test_guided_mixture_sampling_lands_in_the_guided_component(sampler):
 def test_bad_input_names_the_argument():
     d = diffusion()
     model = GaussianEps(MU, S, d.alphas_cumprod)
-    cases = [(score.langevin_sample_loop, {"steps": 0}, "steps"), (score.langevin_sample_loop, {"steps": []}, "steps"),
-             (score.langevin_sample_loop, {"langevin_steps": 0}, "langevin_steps"),
+    cases = [(score.langevin_sample_loop, {"langevin_steps": 0}, "langevin_steps"),
              (score.langevin_sample_loop, {"langevin_steps": 1.5}, "langevin_steps"),
              (score.langevin_sample_loop, {"delta": 0.0}, "delta"), (score.langevin_sample_loop, {"delta": -1e-5}, "delta"),
-             (score.pc_sample_loop, {"steps": 0}, "steps"), (score.pc_sample_loop, {"snr": 0.0}, "snr"),
+             (score.pc_sample_loop, {"snr": 0.0}, "snr"),
              (score.pc_sample_loop, {"snr": -0.1}, "snr"), (score.pc_sample_loop, {"corrector_steps": -1}, "corrector_steps"),
-             (score.pc_sample_loop, {"predictor": "euler"}, "predictor"), (score.pc_sample_loop, {"eta": -1.0}, "eta")]
+             (score.pc_sample_loop, {"predictor": "euler"}, "predictor"), (score.pc_sample_loop, {"eta": -1.0, "predictor": "ddim"}, "eta"),
+             (score.pc_sample_loop, {"eta": float("nan"), "predictor": "ddim"}, "eta")]
     for fn, kw, word in cases:
         with pytest.raises(ValueError, match=word):
             fn(d, model, (2, 2), **kw)

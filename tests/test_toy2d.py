@@ -82,7 +82,7 @@ def test_short_training_samples_match_the_data():
     ref = toy2d.make_data("moons", n, gen(10))
     with torch.no_grad():
         x_ddpm = d.p_sample_loop(model, (n, 2), generator=gen(11))
-        x_ddim = ddim.ddim_sample_loop(d, model, (n, 2), steps=50, generator=gen(12))
+        x_ddim = ddim.ddim_sample_loop(d.respace(50), model, (n, 2), generator=gen(12))
     floor = toy2d.mmd2(toy2d.make_data("moons", n, gen(13)), ref)
     ceiling = toy2d.mmd2(torch.randn(n, 2, generator=gen(14)), ref)
     assert floor < MMD_THRESHOLD < ceiling / 5
