@@ -1,0 +1,209 @@
+"""
+The command-line conventions every script shares (train.py, sample.py, evaluate.py, bench.py, toy2d.py, figures.py),
+defined once.
+
+  * Bad input is the user's to fix, not a crash: it gets ONE line that names the flag and the fix, exit code 2, no
+    traceback, and it is checked before any work starts. `UsageError` carries such a line; `main_guard` prints it.
+    A `Parser` (argparse with abbreviations off, so `--ch` is never read as `--checkpoint`) does the same for the
+    errors argparse finds itself, and its --help shows every default.
+  * Device and precision are resolved the same way everywhere: `--device auto` is CUDA when there is one, and
+    `--precision auto` is bf16 autocast on CUDA, fp32 on a CPU.
+  * Long jobs show a bar with a rate and an ETA in readable units ("3.2 h", "41 days"), on by default and off with
+    --no-progress; every file written gets one line (`wrote`).
+
+Nothing here knows about diffusion: this file imports no math and no network.
+"""
+
+import argparse
+import math
+import os
+import sys
+from contextlib import nullcontext
+
+import torch
+from tqdm.auto import tqdm
+
+
+class UsageError(Exception):
+    """A problem the user fixes on the command line: printed as one line, exit code 2, no traceback."""
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Parsing
+# ----------------------------------------------------------------------------------------------------------------
+
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, exactly once (flags that store True say 'off')."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "%(default)" in text or "default" in text.lower() or action.default is argparse.SUPPRESS:
+            return text
+        if action.option_strings and action.nargs != 0:
+            default = "none" if action.default is None else "%(default)s"
+            return f"{text} (default: {default})" if text else f"(default: {default})"
+        if action.option_strings and isinstance(action, argparse._StoreTrueAction):
+            return f"{text} (default: off)" if text else "(default: off)"
+        return text
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the flag and what to do, exit 2), no abbreviations, defaults in --help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def main_guard(main, argv=None):
+    """Run `main(argv)`; a UsageError (or one of the library's input errors) becomes one line on stderr, exit 2."""
+    import data  # noqa: PLC0415 (data.DataError is a usage error too: a missing or malformed dataset)
+
+    try:
+        return main(argv)
+    except (UsageError, data.DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Checking values (each names its flag and the fix)
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_number(flag, value, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
+    """A finite number in [lo, hi] (or the open ends asked for); NaN and inf are refused, never silently ignored."""
+    bounds = (("(" if lo_open else "[") + ("-inf" if lo is None else f"{lo:g}") + ", "
+              + ("inf" if hi is None else f"{hi:g}") + (")" if hi_open else "]"))
+    ok = isinstance(value, (int, float)) and math.isfinite(value)
+    if ok and lo is not None:
+        ok = value > lo if lo_open else value >= lo
+    if ok and hi is not None:
+        ok = value < hi if hi_open else value <= hi
+    if ok and integer:
+        ok = float(value).is_integer()
+    if not ok:
+        kind = "an integer" if integer else "a finite number"
+        raise UsageError(f"{flag}: must be {kind} in {bounds}, got {value!r}")
+    return value
+
+
+def parse_ints(text, flag):
+    """'1,2,2,2' -> [1, 2, 2, 2]; anything else names the flag."""
+    try:
+        return [int(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        raise UsageError(f"{flag}: expected comma-separated integers like 1,2,2,2, got {text!r}") from None
+
+
+def check_writable_dir(path, flag):
+    """Create `path` if needed and prove it is writable now, before the work, not after it."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write-test{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise UsageError(f"{flag}: cannot write to {path} ({e.strerror or e}); choose a writable directory") from None
+    return path
+
+
+def check_new_file(path, flag, force=False):
+    """An output file that must not silently replace another: it may exist only with --force; its folder is made."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag}: {path} is a directory; give a file name")
+    if os.path.exists(path) and not force:
+        raise UsageError(f"{flag}: {path} already exists; pass --force to replace it or choose another name")
+    check_writable_dir(os.path.dirname(os.path.abspath(path)), flag)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Device and precision
+# ----------------------------------------------------------------------------------------------------------------
+
+def resolve_device(name="auto", flag="--device"):
+    """auto -> cuda if available else cpu; an unknown or unavailable device is a usage error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"{flag}: unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"{flag}: CUDA is not available on this machine; use {flag} cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"{flag}: only cpu and cuda are supported, got {name!r}")
+    return device
+
+
+def uses_bf16(device, precision):
+    """--precision auto is bf16 on CUDA (the fast path) and fp32 on a CPU."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(device, precision):
+    """bf16 autocast on CUDA (the fast path), nothing on the CPU unless asked for."""
+    if uses_bf16(device, precision):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def precision_name(device, precision):
+    return "bf16 autocast" if uses_bf16(device, precision) else "fp32"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Telling the user what is happening
+# ----------------------------------------------------------------------------------------------------------------
+
+def human_time(seconds):
+    """A duration a person reads at a glance: '42 s', '12.5 min', '3.2 h', '41 days'."""
+    if seconds is None or not math.isfinite(seconds):
+        return "?"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    if seconds < 48 * 3600:
+        return f"{seconds / 3600:.1f} h"
+    days = seconds / 86400
+    return f"{days:.1f} days" if days < 10 else f"{days:,.0f} days"
+
+
+class Bar(tqdm):
+    """tqdm whose elapsed time and ETA read '3.2 h' / '41 days' instead of '8673:39:43'."""
+
+    FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed_h}, ETA {eta_h}, {rate_fmt}{postfix}]"
+
+    @property
+    def format_dict(self):
+        d = super().format_dict
+        rate = d.get("rate") or (d["n"] / d["elapsed"] if d["elapsed"] and d["n"] else None)
+        remaining = (d["total"] - d["n"]) / rate if rate and d.get("total") else None
+        d.update(elapsed_h=human_time(d["elapsed"]), eta_h=human_time(remaining))
+        return d
+
+
+def progress(total, desc, unit="it", disable=False, initial=0, unit_scale=False):
+    """A progress bar on stderr: rate and ETA; redrawn at most every 30 s when stderr is not a terminal (logs)."""
+    tty = sys.stderr.isatty()
+    return Bar(total=total, desc=desc, unit=unit, disable=disable, initial=initial, unit_scale=unit_scale,
+               bar_format=Bar.FORMAT, dynamic_ncols=tty, mininterval=0.2 if tty else 30.0, file=sys.stderr)
+
+
+def say(message):
+    """One line for the user on stdout, that does not tear a progress bar."""
+    tqdm.write(message, file=sys.stdout)
+    sys.stdout.flush()
+
+
+def wrote(path, what=""):
+    """The one line every written file gets."""
+    size = os.path.getsize(path) if os.path.isfile(path) else 0
+    unit = f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.0f} kB"
+    say(f"wrote {path} ({unit}{', ' + what if what else ''})")
