@@ -41,6 +41,20 @@ Two more options serve other papers:
     2022) trains with labels randomly dropped to it, and samples by mixing the
     conditional and the unconditional (null) predictions.
 
+DDPM's code or ADM's code? Three parameter-free details differ between the two
+and change the function a given set of weights computes (max |difference| 5.65
+on the default net with random weights). By default this file follows DDPM's
+TensorFlow code (diffusion_tf), so that DDPM's released weights (pretrained.py)
+compute what they computed for the paper; each is a constructor argument:
+                      DDPM (default)                       ADM (guided-diffusion)
+  downsample          pad (0,1,0,1) ("SAME"), conv pad 0   conv padding=1       "ddpm" | "adm"
+  embed_freq          10000^(-i / (half - 1))              10000^(-i / half)    "ddpm" | "adm"
+  norm_eps            GroupNorm eps 1e-6 (TF default)      1e-5 (torch default) a float
+ADM_CHOICES holds ADM's three: UNet(..., **ADM_CHOICES) is ADM's exact function,
+which is what the ADM options above should be combined with to load ADM's
+weights, and what every checkpoint this repository wrote before the DDPM
+choices became the default was trained with.
+
 Finally EncoderUNet is the down half of the same network with a pooling head:
 the noise-aware classifier p_phi(y | x_t, t) of classifier guidance (ADM §4).
 It is built from the very same blocks (see `_build_encoder`).
@@ -59,20 +73,51 @@ from einops import rearrange
 # small helpers
 
 
-def timestep_embedding(t, dim, max_period=10000):
+# ADM's three parameter-free choices (see the module docstring). Checkpoints trained before the DDPM choices became
+# the default rebuild their exact function with UNet(**model_args, **ADM_CHOICES).
+ADM_CHOICES = {"downsample": "adm", "embed_freq": "adm", "norm_eps": 1e-5}
+CHOICES = ("ddpm", "adm")
+
+
+def check_choices(ch, downsample, embed_freq, norm_eps):
+    """One clear error for a bad downsample / embed_freq / norm_eps (they come from checkpoints and configs)."""
+    if downsample not in CHOICES:
+        raise ValueError(f"downsample: unknown {downsample!r}; use 'ddpm' (DDPM's asymmetric padding) or 'adm' (padding=1)")
+    if embed_freq not in CHOICES:
+        raise ValueError(f"embed_freq: unknown {embed_freq!r}; use 'ddpm' (10000^(-i/(half-1))) or 'adm' (10000^(-i/half))")
+    if isinstance(norm_eps, bool) or not isinstance(norm_eps, (int, float)) or not norm_eps > 0:
+        raise ValueError(f"norm_eps: must be a positive float (DDPM 1e-6, ADM 1e-5), got {norm_eps!r}")
+    if embed_freq == "ddpm" and ch < 4:
+        raise ValueError(f"ch: DDPM's embedding frequencies need ch >= 4 (two sine/cosine pairs), got {ch}; "
+                         "use a larger ch or embed_freq='adm'")
+
+
+def timestep_embedding(t, dim, max_period=10000, freq="ddpm"):
     """Sinusoidal embedding of (possibly fractional) timesteps, [N] -> [N, dim] float32.
 
     DDPM App. B: "diffusion time t is specified by adding the Transformer
     sinusoidal position embedding into each residual block".
+    freq="ddpm" spaces the frequencies as DDPM's code does, "adm" as ADM's (and the Transformer's).
     """
     half = dim // 2
-    # Transformer (Vaswani et al. 2017, §3.5) frequencies, one per pair of channels:
-    #   freq_i = max_period ** (-i / half),  i = 0 .. half-1
+    if freq == "ddpm":
+        if half < 2:
+            raise ValueError(f"dim: DDPM's embedding frequencies need dim >= 4, got {dim}; use freq='adm'")
+        # DDPM's get_timestep_embedding (diffusion_tf/nn.py) divides by half - 1:
+        #   freq_i = max_period ** (-i / (half - 1)),  i = 0 .. half-1  (the last one is exactly 1/max_period)
+        denom = half - 1
+    elif freq == "adm":
+        # ADM (guided-diffusion nn.timestep_embedding) and the Transformer (Vaswani et al. 2017, §3.5):
+        #   freq_i = max_period ** (-i / half),  i = 0 .. half-1
+        denom = half
+    else:
+        raise ValueError(f"freq: unknown {freq!r}; use 'ddpm' or 'adm'")
+    # one frequency per pair of channels:
     #   emb(t) = [sin(t * freq_0), ..., sin(t * freq_{half-1}),
     #             cos(t * freq_0), ..., cos(t * freq_{half-1})]
     # (all sines first, then all cosines, like the DDPM code; frequencies run
     # from 1 down to ~1/max_period, so both fine and coarse timing is encoded)
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / denom)
     args = t.float()[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
     if dim % 2:  # odd dim: pad one zero channel
@@ -80,11 +125,14 @@ def timestep_embedding(t, dim, max_period=10000):
     return emb
 
 
-def normalization(channels):
+def normalization(channels, eps=1e-6):
     """GroupNorm with 32 groups, as in DDPM/ADM. If `channels` is not a multiple
     of 32 (only happens in tiny test configs) fall back to gcd(32, channels)
-    groups so that small models still build."""
-    return nn.GroupNorm(math.gcd(32, channels), channels)
+    groups so that small models still build.
+
+    eps: 1e-6 in DDPM's code (tf.contrib.layers.group_norm's default, diffusion_tf/nn.py),
+    1e-5 in ADM's (torch's nn.GroupNorm default, guided-diffusion nn.GroupNorm32)."""
+    return nn.GroupNorm(math.gcd(32, channels), channels, eps=eps)
 
 
 def zero_module(module):
@@ -131,15 +179,30 @@ class Upsample(nn.Module):
 class Downsample(nn.Module):
     """2x downsampling: a strided 3x3 conv (DDPM), or 2x2 average pooling when
     with_conv=False (used inside the BigGAN-style ResBlocks, where the conv
-    comes right after anyway)."""
+    comes right after anyway).
 
-    def __init__(self, channels, with_conv=True):
+    padding="ddpm" or "adm" places the conv's window (same parameters, same
+    output size, a different function: see below)."""
+
+    def __init__(self, channels, with_conv=True, padding="ddpm"):
         super().__init__()
-        # DDPM pads asymmetrically (0, 1, 0, 1) before a padding-0 conv; ADM uses
-        # padding=1. Same parameters, same output size, we follow ADM.
-        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if with_conv else nn.AvgPool2d(2)
+        self.pad = None
+        if not with_conv:
+            self.op = nn.AvgPool2d(2)
+        elif padding == "ddpm":
+            # DDPM (diffusion_tf/models/unet.py, downsample): a stride-2 conv with TensorFlow's "SAME" padding, which
+            # for an even size pads one row and column, at the bottom and right only: F.pad order (left, right, top,
+            # bottom) = (0, 1, 0, 1). Output pixel (i, j) sees input rows 2i..2i+2 and columns 2j..2j+2.
+            self.pad = (0, 1, 0, 1)
+            self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+        else:
+            # ADM (guided-diffusion unet.py, Downsample): padding=1 on every side. Output pixel (i, j) sees input
+            # rows 2i-1..2i+1: the window sits one pixel up and left of DDPM's.
+            self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
 
     def forward(self, x):
+        if self.pad is not None:
+            x = F.pad(x, self.pad)
         return self.op(x)
 
 
@@ -157,11 +220,12 @@ class ResBlock(nn.Module):
     path are resampled, without a conv of their own.
     """
 
-    def __init__(self, in_ch, out_ch, emb_dim, dropout=0.0, use_scale_shift_norm=False, up=False, down=False):
+    def __init__(self, in_ch, out_ch, emb_dim, dropout=0.0, use_scale_shift_norm=False, up=False, down=False,
+                 norm_eps=1e-6):
         super().__init__()
         assert not (up and down)
         self.use_scale_shift_norm = use_scale_shift_norm
-        self.norm1 = normalization(in_ch)
+        self.norm1 = normalization(in_ch, norm_eps)
         if up:
             self.resample = Upsample(in_ch, with_conv=False)
         elif down:
@@ -171,7 +235,7 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
         # AdaGN needs a scale and a shift per channel, plain DDPM only a bias
         self.emb_proj = nn.Linear(emb_dim, 2 * out_ch if use_scale_shift_norm else out_ch)
-        self.norm2 = normalization(out_ch)
+        self.norm2 = normalization(out_ch, norm_eps)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = zero_module(nn.Conv2d(out_ch, out_ch, 3, padding=1))
         self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
@@ -200,10 +264,10 @@ class AttentionBlock(nn.Module):
     CUDA), which also does the 1/sqrt(d) scaling.
     """
 
-    def __init__(self, channels, num_heads=1, num_head_channels=-1):
+    def __init__(self, channels, num_heads=1, num_head_channels=-1, norm_eps=1e-6):
         super().__init__()
         self.num_heads = resolve_heads(channels, num_heads, num_head_channels)
-        self.norm = normalization(channels)
+        self.norm = normalization(channels, norm_eps)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj = zero_module(nn.Conv2d(channels, channels, 1))
 
@@ -233,7 +297,7 @@ class EmbedSequential(nn.Sequential):
 
 
 def _build_encoder(image_size, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
-                   num_heads, num_head_channels, resblock_updown, use_scale_shift_norm, emb_dim):
+                   num_heads, num_head_channels, resblock_updown, use_scale_shift_norm, emb_dim, downsample, norm_eps):
     """The down path + middle block shared by UNet and EncoderUNet.
 
     Returns (down, middle, skip_channels, ch_out, res_out):
@@ -243,8 +307,8 @@ def _build_encoder(image_size, in_channels, ch, ch_mult, num_res_blocks, attn_re
       ch_out, res_out: channels and spatial size at the bottom
     """
     assert image_size % 2 ** (len(ch_mult) - 1) == 0, "image_size must be divisible by 2**(len(ch_mult)-1)"
-    res_kw = dict(emb_dim=emb_dim, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm)
-    attn_kw = dict(num_heads=num_heads, num_head_channels=num_head_channels)
+    res_kw = dict(emb_dim=emb_dim, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, norm_eps=norm_eps)
+    attn_kw = dict(num_heads=num_heads, num_head_channels=num_head_channels, norm_eps=norm_eps)
 
     down = nn.ModuleList([EmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))])
     skip_channels = [ch]
@@ -261,7 +325,7 @@ def _build_encoder(image_size, in_channels, ch, ch_mult, num_res_blocks, attn_re
             if resblock_updown:
                 down.append(EmbedSequential(ResBlock(cur, cur, down=True, **res_kw)))
             else:
-                down.append(EmbedSequential(Downsample(cur)))
+                down.append(EmbedSequential(Downsample(cur, padding=downsample)))
             skip_channels.append(cur)
             res //= 2
 
@@ -289,22 +353,26 @@ def _config(local_vars, names):
 class UNet(nn.Module):
     """eps_theta(x_t, t[, y]): the noise-prediction U-Net.
 
-    Defaults are the DDPM CIFAR-10 network (35.7M parameters). ADM's
-    improvements: num_heads / num_head_channels, more attn_resolutions,
-    resblock_updown, use_scale_shift_norm. num_classes enables class
-    conditioning (with a null class for classifier-free guidance);
+    Defaults are the DDPM CIFAR-10 network (35.7M parameters), computing the
+    function of DDPM's code. ADM's improvements: num_heads /
+    num_head_channels, more attn_resolutions, resblock_updown,
+    use_scale_shift_norm; ADM's exact function also needs **ADM_CHOICES
+    (downsample="adm", embed_freq="adm", norm_eps=1e-5). num_classes enables
+    class conditioning (with a null class for classifier-free guidance);
     learn_sigma doubles the output channels for iDDPM's learned variance.
     """
 
     def __init__(self, image_size=32, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
                  attn_resolutions=(16,), dropout=0.1, num_heads=1, num_head_channels=-1,
-                 resblock_updown=False, use_scale_shift_norm=False, num_classes=None, learn_sigma=False):
+                 resblock_updown=False, use_scale_shift_norm=False, num_classes=None, learn_sigma=False,
+                 downsample="ddpm", embed_freq="ddpm", norm_eps=1e-6):
         super().__init__()
+        check_choices(ch, downsample, embed_freq, norm_eps)
         self.config = _config(locals(), [
             "image_size", "in_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
             "num_heads", "num_head_channels", "resblock_updown", "use_scale_shift_norm", "num_classes",
-            "learn_sigma"])
-        self.ch = ch
+            "learn_sigma", "downsample", "embed_freq", "norm_eps"])
+        self.ch, self.embed_freq = ch, embed_freq
         self.num_classes = num_classes
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
         emb_dim = 4 * ch
@@ -317,10 +385,10 @@ class UNet(nn.Module):
 
         self.down, self.middle, skip_channels, cur, res = _build_encoder(
             image_size, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
-            num_heads, num_head_channels, resblock_updown, use_scale_shift_norm, emb_dim)
+            num_heads, num_head_channels, resblock_updown, use_scale_shift_norm, emb_dim, downsample, norm_eps)
 
-        res_kw = dict(emb_dim=emb_dim, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm)
-        attn_kw = dict(num_heads=num_heads, num_head_channels=num_head_channels)
+        res_kw = dict(emb_dim=emb_dim, dropout=dropout, use_scale_shift_norm=use_scale_shift_norm, norm_eps=norm_eps)
+        attn_kw = dict(num_heads=num_heads, num_head_channels=num_head_channels, norm_eps=norm_eps)
         self.up = nn.ModuleList()
         for level, mult in reversed(list(enumerate(ch_mult))):
             # one more block than on the way down: it eats the skip from the
@@ -340,7 +408,7 @@ class UNet(nn.Module):
         assert not skip_channels
 
         self.out = nn.Sequential(
-            normalization(cur),
+            normalization(cur, norm_eps),
             nn.SiLU(),
             zero_module(nn.Conv2d(cur, self.out_channels, 3, padding=1)),
         )
@@ -349,7 +417,7 @@ class UNet(nn.Module):
         """Time (+ class) embedding, [N, 4ch]."""
         if t.ndim == 0:  # a single timestep for the whole batch
             t = t.expand(n)
-        emb = self.time_embed(timestep_embedding(t, self.ch).to(dtype))
+        emb = self.time_embed(timestep_embedding(t, self.ch, freq=self.embed_freq).to(dtype))
         if self.num_classes is None:
             if y is not None:
                 raise ValueError("y was given but this UNet is unconditional (num_classes=None)")
@@ -401,34 +469,38 @@ class EncoderUNet(nn.Module):
 
     pool="adaptive": GroupNorm - SiLU - global average pool - Linear.
     pool="attention": GroupNorm - SiLU - AttentionPool2d (what ADM uses).
+    downsample, embed_freq, norm_eps: DDPM's or ADM's details, as in UNet.
     """
 
     def __init__(self, image_size=32, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
                  attn_resolutions=(16,), dropout=0.0, num_heads=1, num_head_channels=-1,
-                 resblock_updown=False, use_scale_shift_norm=False, out_dim=10, pool="adaptive"):
+                 resblock_updown=False, use_scale_shift_norm=False, out_dim=10, pool="adaptive",
+                 downsample="ddpm", embed_freq="ddpm", norm_eps=1e-6):
         super().__init__()
+        check_choices(ch, downsample, embed_freq, norm_eps)
         self.config = _config(locals(), [
             "image_size", "in_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
-            "num_heads", "num_head_channels", "resblock_updown", "use_scale_shift_norm", "out_dim", "pool"])
-        self.ch = ch
+            "num_heads", "num_head_channels", "resblock_updown", "use_scale_shift_norm", "out_dim", "pool",
+            "downsample", "embed_freq", "norm_eps"])
+        self.ch, self.embed_freq = ch, embed_freq
         emb_dim = 4 * ch
         self.time_embed = time_mlp(ch, emb_dim)
         self.down, self.middle, _, cur, res = _build_encoder(
             image_size, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
-            num_heads, num_head_channels, resblock_updown, use_scale_shift_norm, emb_dim)
+            num_heads, num_head_channels, resblock_updown, use_scale_shift_norm, emb_dim, downsample, norm_eps)
         if pool == "adaptive":
             head = [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cur, out_dim)]
         elif pool == "attention":
             head = [AttentionPool2d(res, cur, resolve_heads(cur, num_heads, num_head_channels), out_dim)]
         else:
             raise ValueError(f"unknown pool {pool!r}, expected 'adaptive' or 'attention'")
-        self.out = nn.Sequential(normalization(cur), nn.SiLU(), *head)
+        self.out = nn.Sequential(normalization(cur, norm_eps), nn.SiLU(), *head)
 
     def forward(self, x, t):
         """x: [N, C, H, W] noisy images, t: [N] timesteps -> [N, out_dim] logits."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        emb = self.time_embed(timestep_embedding(t, self.ch).to(self.time_embed[0].weight.dtype))
+        emb = self.time_embed(timestep_embedding(t, self.ch, freq=self.embed_freq).to(self.time_embed[0].weight.dtype))
         h = x
         for block in self.down:
             h = block(h, emb)

@@ -15,7 +15,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from unet import EncoderUNet, UNet, timestep_embedding  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from unet import ADM_CHOICES, Downsample, EncoderUNet, UNet, timestep_embedding  # noqa: E402
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
@@ -56,11 +59,20 @@ def inputs(n=2, c=3, size=16, seed=0):
 
 
 def test_timestep_embedding_hand_computed():
-    # dim=4 -> half=2 frequencies: 10000^(-0/2) = 1 and 10000^(-1/2) = 0.01
-    emb = timestep_embedding(torch.tensor([3]), 4)
+    # ADM / Transformer: dim=4 -> half=2 frequencies 10000^(-i/2): 1 and 0.01
+    emb = timestep_embedding(torch.tensor([3]), 4, freq="adm")
     expected = torch.tensor([[math.sin(3.0), math.sin(0.03), math.cos(3.0), math.cos(0.03)]])
     assert emb.dtype == torch.float32 and emb.shape == (1, 4)
     torch.testing.assert_close(emb, expected)
+    # DDPM (the default; its code divides by half - 1): dim=6 -> half=3 frequencies 10000^(-i/2): 1, 0.01, 1e-4
+    # (ADM's division by half would give 1, 10000^(-1/3), 10000^(-2/3) here). This pinned ADM's numbers until the
+    # default became DDPM's (issue 11); the ADM case above keeps them.
+    emb = timestep_embedding(torch.tensor([3]), 6)
+    args = [3.0, 0.03, 3e-4]
+    expected = torch.tensor([[math.sin(a) for a in args] + [math.cos(a) for a in args]])
+    torch.testing.assert_close(emb, expected)
+    with pytest.raises(ValueError, match="dim >= 4"):  # half - 1 = 0: DDPM's formula divides by zero
+        timestep_embedding(torch.tensor([3]), 3)
 
 
 def test_timestep_embedding_shapes_and_distinct():
@@ -71,6 +83,71 @@ def test_timestep_embedding_shapes_and_distinct():
     # float timesteps give the same result as integer ones
     torch.testing.assert_close(timestep_embedding(t.float(), 128), emb)
     assert timestep_embedding(t, 7).shape == (10, 7)  # odd dim is zero padded
+
+
+# -----------------------------------------------------------------------------
+# DDPM's or ADM's parameter-free details (downsample, embed_freq, norm_eps)
+
+
+@pytest.mark.parametrize("padding", ["ddpm", "adm"])
+def test_downsample_window_placement(padding):
+    # a 3x3 kernel that only reads its top-left tap, one channel: output (i, j) is the input at the window's corner
+    down = Downsample(1, padding=padding)
+    with torch.no_grad():
+        down.op.weight.zero_()
+        down.op.weight[0, 0, 0, 0] = 1.0
+        down.op.bias.zero_()
+    x = torch.arange(64.0).reshape(1, 1, 8, 8) + 1
+    out = down(x)
+    assert out.shape == (1, 1, 4, 4)
+    if padding == "ddpm":
+        # TF "SAME" pads only bottom/right: window (i, j) starts at input (2i, 2j)
+        torch.testing.assert_close(out, x[:, :, ::2, ::2])
+    else:
+        # padding=1: window (i, j) starts at input (2i - 1, 2j - 1), the zero padding for i = 0 or j = 0
+        expected = torch.zeros(1, 1, 4, 4)
+        expected[:, :, 1:, 1:] = x[:, :, 1:-1:2, 1:-1:2]
+        torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("cls", [UNet, EncoderUNet])
+def test_norm_eps_reaches_every_groupnorm(cls):
+    for kw, eps in [({}, 1e-6), (ADM_CHOICES, 1e-5)]:
+        model = cls(**TINY, resblock_updown=True, **kw)
+        norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
+        assert len(norms) > 5 and all(m.eps == eps for m in norms), (kw, [m.eps for m in norms])
+        # the (non-ResBlock) downsamplers follow `downsample` as well
+        model = cls(**TINY, **kw)
+        pads = [m.pad for m in model.modules() if isinstance(m, Downsample)]
+        assert pads == [(0, 1, 0, 1) if not kw else None]
+
+
+@pytest.mark.parametrize("cls", [UNet, EncoderUNet])
+@pytest.mark.parametrize("name", sorted(ADM_CHOICES))
+def test_each_adm_choice_changes_the_function_not_the_parameters(cls, name):
+    # each of the three alone must reach the forward pass (the DDPM-vs-diffusers test in test_pretrained.py then
+    # shows that the defaults are DDPM's)
+    ddpm = randomize(cls(**TINY)).eval()
+    adm = cls(**TINY, **{name: ADM_CHOICES[name]}).eval()
+    adm.load_state_dict(ddpm.state_dict())  # same names and shapes
+    x, t = inputs()
+    with torch.no_grad():
+        a, b = ddpm(x, t), adm(x, t)
+    # (eps 1e-6 vs 1e-5 moves GroupNorm's output by ~ (1e-5 - 1e-6) / (2 var) relative: small but far above round-off)
+    assert (a - b).abs().max() > 1e-6, (a - b).abs().max()
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(downsample="same"), "downsample"),
+    (dict(embed_freq="tf"), "embed_freq"),
+    (dict(norm_eps=0), "norm_eps"),
+    (dict(norm_eps="1e-6"), "norm_eps"),
+    (dict(ch=2, ch_mult=(1,), attn_resolutions=()), "ch >= 4"),
+])
+def test_bad_choices_raise(kw, match):
+    for cls in (UNet, EncoderUNet):
+        with pytest.raises(ValueError, match=match):
+            cls(**{**TINY, **kw})
 
 
 # -----------------------------------------------------------------------------
@@ -201,7 +278,9 @@ def test_different_timesteps_give_different_outputs():
 
 @pytest.mark.parametrize("cls, kw", [
     (UNet, dict(num_classes=4, learn_sigma=True, resblock_updown=True, use_scale_shift_norm=True)),
+    (UNet, ADM_CHOICES),
     (EncoderUNet, dict(pool="attention", out_dim=5, num_head_channels=16)),
+    (EncoderUNet, ADM_CHOICES),
 ])
 def test_config_and_state_dict_round_trip(cls, kw):
     model = randomize(cls(**TINY, **kw)).eval()
@@ -223,6 +302,7 @@ def test_config_and_state_dict_round_trip(cls, kw):
 def test_default_config_rebuilds():
     config = UNet(**TINY).config
     assert config["ch_mult"] == [1, 2] and config["num_classes"] is None
+    assert (config["downsample"], config["embed_freq"], config["norm_eps"]) == ("ddpm", "ddpm", 1e-6)
     assert n_params(UNet(**config)) == n_params(UNet(**TINY))
 
 
