@@ -42,18 +42,20 @@ Two more options serve other papers:
     conditional and the unconditional (null) predictions.
 
 DDPM's code or ADM's code? Three parameter-free details differ between the two
-and change the function a given set of weights computes (max |difference| 5.65
-on the default net with random weights). By default this file follows DDPM's
+and change the function a given set of weights computes (default net, diffusers'
+random init: outputs of size ~1.6 move by up to 0.7; with DDPM's three, ours
+equals diffusers' port of DDPM to 3e-6). By default this file follows DDPM's
 TensorFlow code (diffusion_tf), so that DDPM's released weights (pretrained.py)
 compute what they computed for the paper; each is a constructor argument:
                       DDPM (default)                       ADM (guided-diffusion)
   downsample          pad (0,1,0,1) ("SAME"), conv pad 0   conv padding=1       "ddpm" | "adm"
   embed_freq          10000^(-i / (half - 1))              10000^(-i / half)    "ddpm" | "adm"
   norm_eps            GroupNorm eps 1e-6 (TF default)      1e-5 (torch default) a float
-ADM_CHOICES holds ADM's three: UNet(..., **ADM_CHOICES) is ADM's exact function,
-which is what the ADM options above should be combined with to load ADM's
-weights, and what every checkpoint this repository wrote before the DDPM
-choices became the default was trained with.
+ADM_CHOICES holds ADM's three. UNet(..., **ADM_CHOICES) is the function every
+checkpoint this repository wrote before the DDPM choices became the default
+was trained with, and ADM's function when combined with the ADM options above
+(guided-diffusion also puts the cosines before the sines in the embedding: a
+permutation of time_embed.0's input columns, to apply when loading its weights).
 
 Finally EncoderUNet is the down half of the same network with a pooling head:
 the noise-aware classifier p_phi(y | x_t, t) of classifier guidance (ADM §4).
@@ -356,8 +358,9 @@ class UNet(nn.Module):
     Defaults are the DDPM CIFAR-10 network (35.7M parameters), computing the
     function of DDPM's code. ADM's improvements: num_heads /
     num_head_channels, more attn_resolutions, resblock_updown,
-    use_scale_shift_norm; ADM's exact function also needs **ADM_CHOICES
-    (downsample="adm", embed_freq="adm", norm_eps=1e-5). num_classes enables
+    use_scale_shift_norm; ADM's function also needs **ADM_CHOICES
+    (downsample="adm", embed_freq="adm", norm_eps=1e-5), which are also what
+    checkpoints from before issue 11 were trained with. num_classes enables
     class conditioning (with a null class for classifier-free guidance);
     learn_sigma doubles the output channels for iDDPM's learned variance.
     """
