@@ -326,3 +326,38 @@ def test_gradient_reaches_every_parameter(make):
         assert p.grad is not None, f"{name} got no gradient"
         assert torch.isfinite(p.grad).all(), name
         assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+
+
+# -----------------------------------------------------------------------------
+# checkpoints written before DDPM's choices became the default (issue 11)
+
+# The TINY net's output as unet.py computed it before issue 11 (git f4f9d73), every 191st element, for the weights
+# and inputs below: torch.manual_seed(0), UNet(**TINY), randomize(), inputs(). (DDPM's choices move these by up to
+# 0.5; norm_eps alone by up to 3.5e-5.)
+PRE_ISSUE_11 = [0.0037863969, -0.020637898, -0.36979294, 0.16200072, 0.050543815, 0.37875572, 0.0071804156,
+                -0.09010794, -0.1188966]
+
+
+def test_adm_choices_reproduce_the_function_before_issue_11():
+    torch.manual_seed(0)
+    model = randomize(UNet(**TINY, **ADM_CHOICES)).eval()
+    x, t = inputs()
+    with torch.no_grad():
+        out = model(x, t).flatten()[::191]
+    torch.testing.assert_close(out, torch.tensor(PRE_ISSUE_11), rtol=0, atol=2e-6)
+
+
+def test_old_format_checkpoint_loads_with_adm_choices(tmp_path):
+    import checkpoint  # (checkpoint.upgrade: a checkpoint of train.py before format 2)
+
+    torch.manual_seed(0)
+    old = randomize(UNet(**TINY, **ADM_CHOICES)).eval()
+    config = dict(image_size=16, ch=32, ch_mult="1,2", num_res_blocks=1, attn="8", dropout=0.0, num_heads=1,
+                  num_head_channels=-1, resblock_updown=False, scale_shift_norm=False, schedule="linear",
+                  diffusion_steps=1000, loss="mse", num_classes=10, class_cond=False, task="diffusion")
+    torch.save({"model": old.state_dict(), "ema": old.state_dict(), "step": 1, "config": config}, tmp_path / "ckpt.pt")
+    ckpt = checkpoint.load(tmp_path / "ckpt.pt")
+    assert {k: ckpt["model_args"][k] for k in ADM_CHOICES} == ADM_CHOICES
+    x, t = inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(checkpoint.build_network(ckpt)(x, t), old(x, t), rtol=0, atol=0)
