@@ -18,11 +18,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import checkpoint
 import pretrained
+from cli import UsageError
 from ddim import ddim_sample_loop
-from ddpm import GaussianDiffusion
-from schedules import get_named_beta_schedule
-from unet import UNet
 
 diffusers = pytest.importorskip("diffusers", reason="diffusers is a test-only requirement: requirements-test.txt")
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DModel  # noqa: E402
@@ -95,21 +94,10 @@ def write_folder(root, config, scheduler=SCHEDULER, layout="repo", fmt="safetens
     return unet, sched
 
 
-def our_model(ckpt):
-    model = UNet(**ckpt["model_args"]).eval()
-    model.load_state_dict(ckpt["ema"])  # strict: every name, every shape
-    return model
-
-
-def our_diffusion(args):
-    """The diffusion a format-2 reader builds from diffusion_args: explicit betas win over the named schedule."""
-    betas = (torch.tensor(args["betas"], dtype=torch.float64) if "betas" in args
-             else get_named_beta_schedule(args["schedule"], args["timesteps"]))
-    return GaussianDiffusion(betas, args["var_type"], args["loss_type"])
-
-
-def diffusers_eps(unet):
-    return lambda x, t: unet(x, t).sample
+# what every reader of a format-2 checkpoint does (checkpoint.py): UNet(**model_args) with the EMA weights, strict;
+# the GaussianDiffusion of diffusion_args, its explicit betas winning over the named schedule
+our_model = checkpoint.build_network
+our_diffusion = checkpoint.build_diffusion
 
 
 # -----------------------------------------------------------------------------
@@ -350,6 +338,17 @@ def test_unsupported_scheduler(folder):
     one_line_error(folder, "prediction_type='v_prediction'")
     path.write_text(json.dumps({**config, "variance_type": "learned"}))
     one_line_error(folder, "variance_type='learned'")
+
+
+def test_checkpoint_load_reads_diffusers_folders(folder):
+    # checkpoint.load (what sample.py / figures.py call) hands folders and hf: names to load_diffusers ...
+    ckpt, direct = checkpoint.load(folder), pretrained.load_diffusers(folder)
+    assert ckpt["model_args"] == direct["model_args"] and ckpt["diffusion_args"] == direct["diffusion_args"]
+    assert all(torch.equal(ckpt["ema"][k], direct["ema"][k]) for k in direct["ema"])
+    # ... and turns its ValueError into the scripts' one-line usage error
+    os.remove(folder / "unet" / "diffusion_pytorch_model.safetensors")
+    with pytest.raises(UsageError, match="--checkpoint: path: no diffusion_pytorch_model"):
+        checkpoint.load(folder)
 
 
 # -----------------------------------------------------------------------------
