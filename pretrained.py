@@ -32,7 +32,8 @@ NAMES (ours <- diffusers'), for every level l, block i, in forward order:
   out.0 / out.2                          <- conv_norm_out / conv_out
   ResBlock: norm1, conv1, emb_proj, norm2, conv2, skip <- norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut
   Attn:     norm <- group_norm;  qkv <- [to_q; to_k; to_v];  proj <- to_out.0
-            (diffusers before 0.15 named them query, key, value, proj_attn; both load)
+            (older diffusers releases, and the files converted then, name them query, key, value, proj_attn;
+            both load)
 """
 
 import json
@@ -46,7 +47,8 @@ from unet import UNet
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
 # UNet2DModel's constructor defaults (diffusers 0.42): a key missing from config.json means this value, exactly as
-# it does for diffusers. Every option is listed; one not listed here is refused rather than silently ignored.
+# it does for diffusers (so a config without attention_head_dim gets heads of 8 channels; the DDPM configs say null:
+# one head, DDPM's). Every option is listed; one not listed here is refused rather than silently ignored.
 UNET2D_DEFAULTS = {
     "sample_size": None, "in_channels": 3, "out_channels": 3, "center_input_sample": False,
     "time_embedding_type": "positional", "time_embedding_dim": None, "freq_shift": 0, "flip_sin_to_cos": True,
@@ -94,7 +96,7 @@ def load_diffusers(path):
         {"format": 2, "kind": "diffusion",
          "model_args": {...},      UNet(**model_args) rebuilds the network
          "diffusion_args": {...},  schedule, timesteps, var_type, loss_type (+ "betas" when not a named schedule)
-         "ema": state_dict,        the converted weights (DDPM's released weights are its EMA weights)
+         "ema": state_dict,        the converted weights (readers sample from "ema")
          "step": None, "source": path}
 
     Anything that does not match (layout, missing file, an option our UNet lacks, a weight's name or shape) raises a

@@ -1,8 +1,8 @@
 """Tests for pretrained.py: DDPM's released weights in diffusers' format, proven equal to diffusers offline.
 
 No download: each test builds a diffusers UNet2DModel in one of the supported configurations with tiny channel
-counts and random weights, saves it with save_pretrained (safetensors or .bin; the attention names of diffusers
->= 0.15 or, renamed in the saved file, the older ones) next to a DDPMScheduler config, loads the folder with
+counts and random weights, saves it with save_pretrained (safetensors or .bin; today's attention names or,
+renamed in the saved file, the older ones) next to a DDPMScheduler config, loads the folder with
 pretrained.load_diffusers, and compares
   * the networks' outputs at several t (to float32 round-off),
   * DDIM-50 and DDPM samples from the same x_T (and, for DDPM, the same noise generator) against diffusers'
