@@ -680,11 +680,11 @@ def what_now(run):
                           evaluate=args.task == "classifier" and step % args.eval_every == 0)
     if run.world_size == 1 or step % args.log_every == 0:
         now = time.perf_counter()
-        until_next_check = t.step_s * (1 if run.world_size == 1 else args.log_every)
-        flags = [args.max_minutes > 0 and now + until_next_check + t.save_s >= t.deadline,  # going on would overrun
-                 args.save_minutes > 0 and now - t.saved >= 60 * args.save_minutes,
-                 args.sample_minutes > 0 and now - t.sampled >= 60 * args.sample_minutes,
-                 STOP["signum"]]
+        save_due = args.save_minutes > 0 and now - t.saved >= 60 * args.save_minutes
+        # out of time: going on to the next check, with the save due now (if any) and the final one, would overrun
+        reserve = t.step_s * (1 if run.world_size == 1 else args.log_every) + t.save_s * (1 + (due.save or save_due))
+        flags = [args.max_minutes > 0 and now + reserve >= t.deadline, save_due,
+                 args.sample_minutes > 0 and now - t.sampled >= 60 * args.sample_minutes, STOP["signum"]]
         if run.world_size > 1:
             flags = torch.tensor([int(f) for f in flags], device=run.device)
             dist.all_reduce(flags, op=dist.ReduceOp.MAX)
