@@ -9,11 +9,13 @@ diffusers' port of the same network and lucidrains' denoising_diffusion_pytorch 
 
 WHAT IS MEASURED
   train    images/s of one training step at batch 128 (--batch-size), median of --repeats timed runs of
-           --steps-per-repeat steps each, after --warmup untimed steps. "One step" is exactly train.py's loop body:
-           draw a batch from the device-resident data (data.Batches, random flips), bf16 autocast forward, loss,
-           zero_grad, backward, gradient clipping at norm 1, fused AdamW, the LR warm-up scheduler, the EMA update
-           (train.make_ema / train.ema_update) and the on-device loss sum. Rows:
-             this repo (eager)          train.build_model + ddpm.GaussianDiffusion.training_losses (L_simple)
+           --steps-per-repeat steps each, after --warmup untimed steps. For this repository "one step" is train.py's
+           own `train_step` (the function its loop calls): after a batch drawn from the device-resident data
+           (data.Batches, random flips), the warm-up learning rate, bf16 autocast forward, loss, zero_grad, backward,
+           gradient clipping at norm 1, fused AdamW, the EMA update (train.EMA), and the on-device loss sum. The
+           peers run the same harness in `peer_training_step` (the same optimizer, clipping and EMA, built by
+           train.make_optimizer / train.EMA), around their own network and loss. Rows:
+             this repo (eager)          UNet(**model_args) of train.py's defaults + train.train_step (L_simple)
              this repo (torch.compile)  the same with torch.compile(model), as `train.py --compile`
              diffusers                  UNet2DModel configured as google/ddpm-cifar10-32 (the DDPM CIFAR-10 network
                                         ported to diffusers), dropout 0.1, noised by DDPMScheduler.add_noise,
@@ -80,8 +82,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
+import checkpoint
+import cli
 import data
 import train
+from cli import UsageError
 from ddim import ddim_sample_loop
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -94,7 +99,7 @@ DEFAULTS = dict(batch_size=128, repeats=5, steps_per_repeat=20, warmup=5, sample
 TINY_DEFAULTS = dict(batch_size=4, repeats=2, steps_per_repeat=2, warmup=1, sample_n=8, sample_batch=4,
                      sample_steps=5)
 # the tiny network (all three implementations get its analogue): 16x16 images, two levels, attention at 8x8
-TINY_ARCH = dict(image_size=16, ch=32, ch_mult="1,2", num_res_blocks=1, attn="8")
+TINY_ARCH = ["--image-size", "16", "--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn", "8"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -102,7 +107,7 @@ TINY_ARCH = dict(image_size=16, ch=32, ch_mult="1,2", num_res_blocks=1, attn="8"
 # ----------------------------------------------------------------------------------------------------------------
 
 def build_parser():
-    p = train.Parser(description="Training and sampling throughput of this repo's U-Net against diffusers and "
+    p = cli.Parser(description="Training and sampling throughput of this repo's U-Net against diffusers and "
                                  "denoising_diffusion_pytorch (see the module docstring).")
     p.add_argument("--tiny", action="store_true", help="a tiny U-Net and tiny counts: the script's own test, seconds "
                    "on a CPU (defaults: " + ", ".join(f"{k} {v}" for k, v in TINY_DEFAULTS.items()) + ")")
@@ -131,16 +136,16 @@ def resolve_args(args):
             setattr(args, key, value)
     for flag in ("batch_size", "repeats", "steps_per_repeat", "sample_batch", "sample_steps"):
         if getattr(args, flag) < 1:
-            raise train.UsageError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
     for flag in ("warmup", "sample_n"):
         if getattr(args, flag) < 0:
-            raise train.UsageError(f"--{flag.replace('_', '-')}: must be >= 0, got {getattr(args, flag)}")
+            raise UsageError(f"--{flag.replace('_', '-')}: must be >= 0, got {getattr(args, flag)}")
     if args.sample_steps > 1000:
-        raise train.UsageError(f"--sample-steps: must be at most the 1000 diffusion steps, got {args.sample_steps}")
+        raise UsageError(f"--sample-steps: must be at most the 1000 diffusion steps, got {args.sample_steps}")
     if args.json:
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder):
-            raise train.UsageError(f"--json: folder {folder} does not exist; create it or pick another path")
+            raise UsageError(f"--json: folder {folder} does not exist; create it or pick another path")
     return args
 
 
@@ -149,23 +154,24 @@ def resolve_args(args):
 # ----------------------------------------------------------------------------------------------------------------
 
 def our_config(tiny):
-    """The run config train.py would write for the defaults (DDPM CIFAR-10), or for the tiny network."""
-    args = train.build_parser().parse_args([])
-    if tiny:
-        for key, value in TINY_ARCH.items():
-            setattr(args, key, value)
-    return train.config_of(args, num_classes=10, n_train=50_000, channels=3)
+    """train.py's flags at their defaults (the DDPM CIFAR-10 recipe), or for the tiny network, with the network they
+    build: cfg.model_args (UNet(**cfg.model_args)) and cfg.diffusion_args."""
+    cfg = train.build_parser().parse_args(TINY_ARCH if tiny else [])
+    cfg.num_classes = 10
+    _, cfg.model_args = train.build_model_args(cfg, num_classes=10, channels=3)
+    cfg.diffusion_args = dict(schedule=cfg.schedule, timesteps=cfg.diffusion_steps)
+    return cfg
 
 
 def arch_of(cfg):
     """(image size, channels per level, res blocks, resolutions with attention, dropout) of a config."""
-    mult = train.parse_ints(cfg["ch_mult"], "--ch-mult")
-    return (cfg["image_size"], [cfg["ch"] * m for m in mult], cfg["num_res_blocks"],
-            set(train.parse_ints(cfg["attn"], "--attn")), cfg["dropout"])
+    m = cfg.model_args
+    return (m["image_size"], [m["ch"] * k for k in m["ch_mult"]], m["num_res_blocks"], set(m["attn_resolutions"]),
+            m["dropout"])
 
 
 def build_ours(cfg):
-    return train.build_model(cfg, cfg["num_classes"])
+    return checkpoint.KINDS["diffusion"](**cfg.model_args)
 
 
 def import_diffusers():
@@ -199,16 +205,16 @@ def build_lucidrains_unet(cfg):
     """lucidrains' Unet with our width and multipliers (its own block layout; see the module docstring)."""
     Unet = import_lucidrains()[1]
     _, _, _, _, dropout = arch_of(cfg)
-    mult = tuple(train.parse_ints(cfg["ch_mult"], "--ch-mult"))
+    mult = tuple(cfg.model_args["ch_mult"])
     with contextlib.redirect_stdout(sys.stderr):  # it prints which attention kernel it picked: keep stdout the table
-        return Unet(dim=cfg["ch"], dim_mults=mult, dropout=dropout, flash_attn=True)
+        return Unet(dim=cfg.model_args["ch"], dim_mults=mult, dropout=dropout, flash_attn=True)
 
 
 def lucidrains_diffusion(unet, cfg, sampling_steps=None):
     GaussianDiffusion = import_lucidrains()[2]
     # pred_noise + linear betas: the DDPM recipe (its defaults are pred_v and a sigmoid schedule); the data are
     # already in [-1, 1], so no normalisation inside
-    return GaussianDiffusion(unet, image_size=cfg["image_size"], timesteps=cfg["diffusion_steps"],
+    return GaussianDiffusion(unet, image_size=cfg.image_size, timesteps=cfg.diffusion_steps,
                              sampling_timesteps=sampling_steps, objective="pred_noise", beta_schedule="linear",
                              auto_normalize=False)
 
@@ -260,9 +266,9 @@ def network_flops(name, cfg):
     """model_flops on meta tensors, or with a real batch of one on the CPU where a library breaks on meta."""
     build, forward = (lambda: BUILD[name](cfg)), FORWARD[name]
     try:
-        return model_flops(build, forward, cfg["image_size"])
+        return model_flops(build, forward, cfg.image_size)
     except Exception:
-        return model_flops(build, forward, cfg["image_size"], device="cpu")
+        return model_flops(build, forward, cfg.image_size, device="cpu")
 
 
 def matmul_peak(device, dtype, n, iters, repeats=3):
@@ -342,60 +348,78 @@ def peak_memory_gib(device):
 # One training step, the same harness for every network
 # ----------------------------------------------------------------------------------------------------------------
 
-def training_step(model, loss_of, cfg, args, device):
-    """train.py's loop body around `model` and `loss_of(x0) -> 0-dim loss`: a function that runs one step."""
-    cuda = device.type == "cuda"
-    n = max(64, 8 * args.batch_size)  # a device-resident uint8 "dataset" of random images
+def random_batches(cfg, args, device):
+    """A device-resident uint8 "dataset" of random images, drawn by data.Batches as train.py draws CIFAR-10."""
+    n = max(64, 8 * args.batch_size)
     g = torch.Generator().manual_seed(args.seed)
-    x = torch.randint(0, 256, (n, 3, cfg["image_size"], cfg["image_size"]), dtype=torch.uint8, generator=g)
-    batches = data.Batches(x, torch.zeros(n, dtype=torch.long), args.batch_size, device, seed=args.seed, flip=True,
-                           channels_last=cuda)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"], fused=cuda)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, cfg["warmup"])))
-    ema = train.make_ema(model, cfg["ema"])
-    amp = train.autocast(device, "auto")
-    loss_sum = torch.zeros((), device=device)
+    x = torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g)
+    return data.Batches(x, torch.zeros(n, dtype=torch.long), args.batch_size, device, seed=args.seed, flip=True,
+                        channels_last=device.type == "cuda")
+
+
+def our_training_step(cfg, args, device, compiled=False):
+    """A function running one step of train.py exactly: its `train_step` on its network, optimizer and EMA."""
+    torch.manual_seed(0)
+    model = dezero(build_ours(cfg)).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    net = torch.compile(model) if compiled else model
+    diffusion = checkpoint.build_diffusion(cfg.diffusion_args)
+    batches = random_batches(cfg, args, device)
+    optimizer, ema = train.make_optimizer(model, cfg), train.EMA(model, cfg.ema)
+    state = {"step": 0, "loss_sum": torch.zeros((), device=device)}
     model.train()
 
     def step():
-        nonlocal loss_sum
-        x0, _ = batches.next()
-        with amp:
-            loss = loss_of(x0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg["grad_clip"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-        optimizer.step()
-        scheduler.step()
-        train.ema_update(ema, model)
-        loss_sum += loss.detach()
+        x0, y = batches.next()
+        state["loss_sum"] += train.train_step(state["step"], x0, y, model, net, diffusion, optimizer, ema, cfg)
+        state["step"] += 1
 
-    step.loss_sum = lambda: loss_sum
+    step.loss_sum = lambda: state["loss_sum"]
+    step.model = model
     return step
 
 
-def train_setup(impl, cfg, device, compiled=False):
-    """(model whose parameters train, loss_of(x0)) for one implementation."""
+def peer_training_step(model, loss_of, cfg, args, device):
+    """train.train_step's harness around a peer's `model` and `loss_of(x0) -> 0-dim loss`: the same data, warm-up
+    learning rate, autocast, clipping, AdamW and EMA (built by train.py's own make_optimizer and EMA)."""
+    batches = random_batches(cfg, args, device)
+    optimizer, ema = train.make_optimizer(model, cfg), train.EMA(model, cfg.ema)
+    state = {"step": 0, "loss_sum": torch.zeros((), device=device)}
+    model.train()
+
+    def step():
+        x0, _ = batches.next()
+        for group in optimizer.param_groups:
+            group["lr"] = train.get_lr(state["step"], cfg)
+        with cli.autocast(device, cfg.precision):
+            loss = loss_of(x0)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+        optimizer.step()
+        ema.update()
+        state["loss_sum"] += loss.detach()
+        state["step"] += 1
+
+    step.loss_sum = lambda: state["loss_sum"]
+    step.model, step.optimizer, step.ema = model, optimizer, ema
+    return step
+
+
+def peer_setup(impl, cfg, device):
+    """(model whose parameters train, loss_of(x0)) for a peer implementation."""
     cuda = device.type == "cuda"
     torch.manual_seed(0)
-    if impl == "ours":
-        model = dezero(build_ours(cfg)).to(device)
-        diffusion = train.build_diffusion(cfg)
-        net = model
-        if cuda:
-            model = net = model.to(memory_format=torch.channels_last)
-        if compiled:
-            net = torch.compile(model)
-        return model, lambda x0: diffusion.training_losses(net, x0)["loss"].mean()
     if impl == "diffusers":
         DDPMScheduler = import_diffusers()[2]
         model = dezero(build_diffusers_unet(cfg)).to(device)
         if cuda:
             model = model.to(memory_format=torch.channels_last)
-        scheduler = DDPMScheduler(num_train_timesteps=cfg["diffusion_steps"], beta_schedule="linear",
+        scheduler = DDPMScheduler(num_train_timesteps=cfg.diffusion_steps, beta_schedule="linear",
                                   beta_start=1e-4, beta_end=0.02)
-        T = cfg["diffusion_steps"]
+        T = cfg.diffusion_steps
 
         def loss_of(x0):
             noise = torch.randn_like(x0)
@@ -419,15 +443,15 @@ def sample_setup(impl, cfg, args, device):
     draw.params is the network's parameter count.
     """
     cuda = device.type == "cuda"
-    amp = train.autocast(device, "auto")
-    size = cfg["image_size"]
+    amp = cli.autocast(device, "auto")
+    size = cfg.image_size
     torch.manual_seed(0)
     if impl == "ours":
         # what sample.py does with a run's EMA weights: eval, no grad, channels_last; DDIM under bf16 autocast
         model = dezero(build_ours(cfg)).to(device).eval().requires_grad_(False)
         if cuda:
             model = model.to(memory_format=torch.channels_last)
-        diffusion = train.build_diffusion(cfg)
+        diffusion = checkpoint.build_diffusion(cfg.diffusion_args)
 
         def draw(n):
             with amp:
@@ -440,7 +464,7 @@ def sample_setup(impl, cfg, args, device):
         unet = dezero(build_diffusers_unet(cfg)).to(device).eval().requires_grad_(False)
         if cuda:
             unet = unet.to(memory_format=torch.channels_last)
-        scheduler = DDIMScheduler(num_train_timesteps=cfg["diffusion_steps"], beta_schedule="linear",
+        scheduler = DDIMScheduler(num_train_timesteps=cfg.diffusion_steps, beta_schedule="linear",
                                   beta_start=1e-4, beta_end=0.02, clip_sample=True)
         pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
         pipe.set_progress_bar_config(disable=True)
@@ -480,18 +504,20 @@ def label_of(impl, version=None, compiled=False):
 
 
 def run_train_row(impl, cfg, args, device, flops, compiled=False):
-    model, loss_of = train_setup(impl, cfg, device, compiled)
-    step = training_step(model, loss_of, cfg, args, device)
+    if impl == "ours":
+        step = our_training_step(cfg, args, device, compiled)
+    else:
+        step = peer_training_step(*peer_setup(impl, cfg, device), cfg, args, device)
     times = timed_repeats(step, device, args.warmup, args.repeats, args.steps_per_repeat)
     syncs = count_syncs(step, device)
     loss = float(step.loss_sum())  # read once, after timing: the steps really ran and produced numbers
     if not math.isfinite(loss):
         raise RuntimeError(f"the loss is {loss}")
     img_s = args.batch_size * args.steps_per_repeat / statistics.median(times)
-    params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    params = sum(p.numel() for p in step.model.parameters() if p.requires_grad)
     row = {"img_per_s": img_s, "times_s": times, "params": params, "syncs": syncs,
            "flop_per_img": flops[1] if flops else None, "peak_mem_gib": peak_memory_gib(device)}
-    del model, loss_of, step
+    del step
     if compiled:
         torch._dynamo.reset()
     return row
@@ -507,7 +533,7 @@ def run_sample_row(impl, cfg, args, device, flops):
         return out
 
     out = draw(sizes[0])  # warm-up (and a check that it draws images of the right shape)
-    if tuple(out.shape[1:]) != (3, cfg["image_size"], cfg["image_size"]):
+    if tuple(out.shape[1:]) != (3, cfg.image_size, cfg.image_size):
         raise RuntimeError(f"drew images of shape {tuple(out.shape)}")
     times = timed_repeats(all_images, device, 0, args.repeats, 1)
     syncs = count_syncs(lambda: draw(sizes[0]), device)
@@ -640,7 +666,7 @@ def log(msg):
 
 
 def benchmark(args):
-    device = train.resolve_device(args.device)
+    device = cli.resolve_device(args.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
@@ -695,7 +721,7 @@ def benchmark(args):
         "meta": {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": device_name(device),
                  "commit": args.commit or git_commit(), "python": platform.python_version(),
                  "precision": "bf16" if cuda else "fp32", "channels_last": cuda, "peak_tflops": peak / 1e12,
-                 "args": vars(args), "config": cfg},
+                 "args": vars(args), "model_args": cfg.model_args},
         "flops": {k: {"forward": v[0], "train_step": v[1]} for k, v in flops.items()},
         "rows": rows,
     }
@@ -712,7 +738,7 @@ def main(argv=None):
     try:
         resolve_args(args)
         results = benchmark(args)
-    except train.UsageError as e:
+    except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(markdown(results), flush=True)

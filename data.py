@@ -58,6 +58,11 @@ _NPZ_HELP = ("pass --data-dir DIR holding train_*.npz/test.npz (or a single .npz
              "or run online so torchvision can download it")
 
 
+# What the last load_dataset call actually read (the files found, or the source), in words: the scripts announce it,
+# so a user sees which of the searched places held the data.
+last_loaded = None
+
+
 class DataError(ValueError):
     """A user-facing data problem. The message is one line naming the flag and the fix."""
 
@@ -152,6 +157,8 @@ def _npz_files(directory, split):
 
 
 def _load_npz_files(files):
+    global last_loaded
+    last_loaded = str(files[0]) if len(files) == 1 else f"{files[0].parent}/{{{', '.join(f.name for f in files)}}}"
     xs, ys = zip(*(_read_npz(f) for f in files))
     x = xs[0] if len(xs) == 1 else np.concatenate(xs)
     y = ys[0] if len(ys) == 1 else np.concatenate(ys)
@@ -161,7 +168,9 @@ def _load_npz_files(files):
 def _load_torchvision(root, split, download):
     import torchvision.datasets
 
+    global last_loaded
     ds = torchvision.datasets.CIFAR10(root, train=(split == "train"), download=download)
+    last_loaded = f"{Path(root) / 'cifar-10-batches-py'} (torchvision{', downloaded' if download else ''})"
     return _hwc_to_tensors(ds.data, ds.targets)
 
 
@@ -256,6 +265,8 @@ def load_folder(data_dir, image_size):
                             f"remove it or {fix}") from None
         im = TF.resize(im, image_size, interpolation=InterpolationMode.BICUBIC, antialias=True)
         x[i] = np.asarray(TF.center_crop(im, image_size))
+    global last_loaded
+    last_loaded = f"{root} ({len(files)} images, {max(len(classes), 1)} classes)"
     return _hwc_to_tensors(x, [label for _, label in files])
 
 
@@ -298,11 +309,11 @@ def synthetic_dataset(n=256, image_size=16, channels=3, num_classes=2, seed=0):
 # -----------------------------------------------------------------------------
 # dispatch
 
-def load_dataset(name, data_dir=None, image_size=32, split="train"):
+def load_dataset(name, data_dir=None, image_size=32, split="train", synthetic_n=256):
     """(x uint8 [N, C, S, S], y int64 [N]) for --dataset name in DATASETS.
 
     cifar10: see load_cifar10 (image_size must be 32). folder: see load_folder (split is ignored:
-    the folder is the data). synthetic: 256 images of image_size; split="test" draws a different
+    the folder is the data). synthetic: synthetic_n images of image_size; split="test" draws a different
     seed, so it is held-out data of the same distribution. Number of classes: int(y.max()) + 1
     (10 for CIFAR-10).
     """
@@ -314,7 +325,9 @@ def load_dataset(name, data_dir=None, image_size=32, split="train"):
     if name == "folder":
         return load_folder(data_dir, image_size)
     if name == "synthetic":
-        return synthetic_dataset(image_size=image_size, seed=0 if split == "train" else 1)
+        global last_loaded
+        last_loaded = f"synthetic ({synthetic_n} generated images, seed {0 if split == 'train' else 1})"
+        return synthetic_dataset(n=synthetic_n, image_size=image_size, seed=0 if split == "train" else 1)
     raise DataError(f"--dataset: unknown dataset {name!r}; pass one of {', '.join(DATASETS)}")
 
 

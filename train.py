@@ -7,59 +7,83 @@ with torchrun, or slowly on a CPU.
     python train.py --dataset cifar10 --class-cond --p-uncond 0.1         # for classifier-free guidance (G5)
     python train.py --dataset cifar10 --task classifier    # the noisy classifier of classifier guidance (G4)
     torchrun --nproc_per_node=8 train.py --dataset cifar10 # DistributedDataParallel, global batch 128
+    python train.py --out runs/cifar10 --resume            # continue exactly where the checkpoint stopped
+    python train.py --out runs/cifar10 --resume --lr 1e-4  # ... with a new learning rate (kept in config.json)
 
-Algorithm 1, one step:  x_0 ~ data, t ~ U{1..T}, eps ~ N(0, I),  gradient step on || eps - eps_theta(x_t, t) ||^2.
-ddpm.GaussianDiffusion.training_losses does the math; this file is the loop around it: the data resident on the
-device (data.Batches), AdamW with warm-up and gradient clipping, an exponential moving average of the weights
-(the model every sample is drawn from), checkpoints, logs and sample grids.
+DDPM's Algorithm 1 (Training):
+    1: repeat
+    2:   x_0 ~ q(x_0)
+    3:   t ~ Uniform({1, ..., T})
+    4:   eps ~ N(0, I)
+    5:   take a gradient descent step on  grad_theta || eps - eps_theta(sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, t) ||^2
+    6: until converged
+ddpm.GaussianDiffusion.training_losses computes the loss of lines 3-5; `train_step` below is line 5's gradient step
+(AdamW with warm-up and gradient clipping, then the exponential moving average of the weights that samples are drawn
+from); the loop in `train` is lines 1, 2 and 6, plus what a real run needs: logs, checkpoints, pictures, a time
+budget and a clean stop. Everything else in this file is setup, read top to bottom.
 
-A run lives in --out (default runs/<dataset>): ckpt.pt (the latest checkpoint, replaced atomically: written to a
-temporary file, then renamed, so a kill at any moment leaves the previous one intact), metrics.jsonl (one line per
---log-every steps), samples.png (the EMA model's latest grid) and config.json. `--resume` continues exactly where
-the checkpoint stopped: same weights, optimizer, EMA, data order and random state.
+THE RUN FOLDER (--out, default runs/<dataset>):
+    ckpt.pt            the latest checkpoint (checkpoint.py's format 2: it describes its own network), replaced
+                       atomically, so a kill at any moment leaves the previous one intact
+    metrics.jsonl      one line per --log-every steps: step, loss, lr, img/s, elapsed seconds (and accuracy)
+    samples.png        the EMA model's latest grid (DDIM, 50 steps), also kept as samples_<step>.png
+    loss.png           the loss against the step on a log scale with its moving average, redrawn at every save
+    config.json        the run's flags, and the history of every start and resume with the flags it changed
+    train.lock         held (flock) by the process training into the folder; a second one is refused
 
-Fast path on CUDA: bf16 autocast, channels_last, fused AdamW, optional torch.compile (--compile), TF32 matmuls,
-and no host synchronisation inside the loop: the loss is accumulated on the device and read every --log-every
-steps. The CPU path is the same code in fp32.
+NEVER LOSE WORK, NEVER KEEP BAD WORK:
+  * every save is checked first: a non-finite loss or weight, or weights whose loss on a fixed probe batch has
+    exploded (a diverging step can leave finite but useless weights), stop the run (exit 1) without saving; the
+    message names the last good checkpoint and the command that resumes it with a lower learning rate;
+  * SIGINT (Ctrl-C) and SIGTERM finish the current step, save, and print the command that resumes (exit 130 / 143);
+    a second Ctrl-C stops at once;
+  * a failed save (a full disk) removes its partial file and stops with one line (exit 1), the previous checkpoint
+    intact; temporary files of dead writers are removed when a run starts;
+  * --resume continues bit for bit (weights, optimizer, EMA, data order, random state); metrics.jsonl is cut back to
+    the checkpoint's step. Optimisation flags may change on --resume (said, and kept in config.json); flags that would
+    change the network, the data or the random stream are refused.
+
+Fast path on CUDA: bf16 autocast, channels_last, fused AdamW, optional torch.compile (--compile), TF32 matmuls, and
+no host synchronisation inside the loop: the loss is summed on the device and read every --log-every steps. The CPU
+path is the same code in fp32.
 """
 
 import argparse
+import copy
+import fcntl
 import json
 import math
 import os
+import shlex
+import signal
 import sys
 import time
-import warnings
-from contextlib import nullcontext
+from datetime import datetime
+from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from torch.optim.swa_utils import AveragedModel
-from tqdm.auto import tqdm
 
+import checkpoint
+import cli
 import data
+from cli import UsageError, say
 from ddim import ddim_sample_loop
-from ddpm import GaussianDiffusion, ImportanceSampler
+from ddpm import ImportanceSampler
 from guidance import classifier_accuracy_at, noisy_classifier_loss
-from schedules import SCHEDULES, get_named_beta_schedule
-from unet import EncoderUNet, UNet
+from schedules import SCHEDULES
 
-CHECKPOINT = "ckpt.pt"
-# the flags that define the network and the diffusion: a run cannot be resumed with different values
-ARCH_KEYS = ("task", "dataset", "image_size", "ch", "ch_mult", "num_res_blocks", "attn", "dropout", "num_heads",
-             "num_head_channels", "resblock_updown", "scale_shift_norm", "class_cond", "schedule",
-             "diffusion_steps", "loss", "pool")
+GRID_STEPS = 50          # the sample grid: DDIM with 50 steps (DDIM §5: close to 1000-step DDPM quality)
+EXTRA_MIN_SECONDS = 20   # a grid or an accuracy check may take max(this, 5% of the run so far), shrunk to fit
+RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "samples.png", "loss.png")
 
-
-class UsageError(Exception):
-    """A problem the user fixes on the command line: printed as one line, exit code 2, no traceback."""
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag gets one line (the flag and what to do), not the whole usage text."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+# On --resume these flags may change: the run goes on with the new value and config.json records the change.
+CHANGEABLE = ("steps", "lr", "warmup", "weight_decay", "grad_clip", "ema", "p_uncond", "max_minutes", "log_every",
+              "save_every", "save_minutes", "sample_every", "sample_minutes", "n_sample", "eval_every", "precision",
+              "compile")
+# These belong to one process, not to the run (never saved, never compared).
+RUNTIME = ("out", "resume", "device", "no_progress")
+# Every other flag defines the network, the diffusion, the data or the random stream: --resume refuses a change.
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -67,232 +91,353 @@ class Parser(argparse.ArgumentParser):
 # ----------------------------------------------------------------------------------------------------------------
 
 def build_parser():
-    p = Parser(description="Train a DDPM/iDDPM diffusion model or a noisy classifier.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cli.Parser(description="Train a DDPM/iDDPM diffusion model (DDPM Algorithm 1) or a noisy classifier for "
+                               "classifier guidance (ADM §4).")
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="cifar10", choices=data.DATASETS)
-    g.add_argument("--data-dir", default=None, help="CIFAR-10 .npz file or folder of shards; the image folder for "
+    g.add_argument("--dataset", default="cifar10", choices=data.DATASETS,
+                   help="x_0 ~ q(x_0): CIFAR-10, a folder of images (--data-dir), or a small generated set")
+    g.add_argument("--data-dir", default=None, help="CIFAR-10 .npz file or folder of shards, or the image folder of "
                    "--dataset folder (default for cifar10: ./data/cifar10, then ../shared/data/cifar10, then download)")
-    g.add_argument("--image-size", type=int, default=32)
+    g.add_argument("--image-size", type=int, default=32, help="image side in pixels (CIFAR-10: 32)")
     g.add_argument("--synthetic-n", type=int, default=256, help="images in --dataset synthetic")
     g = p.add_argument_group("what to train")
-    g.add_argument("--task", default="diffusion", choices=("diffusion", "classifier"))
-    g.add_argument("--class-cond", action="store_true", help="condition on the class (for classifier-free guidance)")
-    g.add_argument("--p-uncond", type=float, default=0.1, help="with --class-cond: probability of the null label")
+    g.add_argument("--task", default="diffusion", choices=("diffusion", "classifier"),
+                   help="diffusion: the eps-model eps_theta(x_t, t); classifier: p_phi(y | x_t, t) for guidance (G4)")
+    g.add_argument("--class-cond", action="store_true",
+                   help="condition eps_theta on the class label y (for classifier-free guidance, G5)")
+    g.add_argument("--p-uncond", type=float, default=0.1, help="with --class-cond: probability of replacing y by the "
+                   "null label, so one network also learns the unconditional model (CFG: 0.1 to 0.2)")
     g = p.add_argument_group("diffusion")
-    g.add_argument("--schedule", default="linear", choices=SCHEDULES)
-    g.add_argument("--diffusion-steps", type=int, default=1000, help="T")
-    g.add_argument("--loss", default="mse", choices=("mse", "hybrid", "kl"),
-                   help="mse = L_simple (DDPM); hybrid = L_simple + 0.001 L_vlb with learned variance (iDDPM); kl = the bound")
+    g.add_argument("--schedule", default="linear", choices=SCHEDULES,
+                   help="the variances beta_t: linear 1e-4..0.02 (DDPM §4) or cosine (iDDPM eq. 17)")
+    g.add_argument("--diffusion-steps", type=int, default=1000, help="T, the number of forward-process steps (DDPM: 1000)")
+    g.add_argument("--loss", default="mse", choices=("mse", "hybrid", "kl"), help="mse: L_simple (DDPM eq. 14); "
+                   "hybrid: L_simple + 0.001 L_vlb with learned variances (iDDPM eq. 16); kl: the bound L_vlb")
     g.add_argument("--t-sampler", default="uniform", choices=("uniform", "importance"),
-                   help="importance: p_t ∝ sqrt(E[L_t^2]) (iDDPM §3.3)")
+                   help="how t is drawn: uniformly (Algorithm 1 line 3) or p_t ∝ sqrt(E[L_t^2]) (iDDPM §3.3)")
     g = p.add_argument_group("network (defaults: the DDPM CIFAR-10 U-Net, 35.7M parameters)")
-    g.add_argument("--ch", type=int, default=128)
-    g.add_argument("--ch-mult", default="1,2,2,2")
-    g.add_argument("--num-res-blocks", type=int, default=2)
-    g.add_argument("--attn", default="16", help="resolutions with self-attention, comma separated ('' for none)")
-    g.add_argument("--dropout", type=float, default=0.1)
-    g.add_argument("--num-heads", type=int, default=1)
-    g.add_argument("--num-head-channels", type=int, default=-1, help="if > 0, overrides --num-heads")
-    g.add_argument("--resblock-updown", action="store_true", help="BigGAN-style residual up/down sampling (ADM)")
-    g.add_argument("--scale-shift-norm", action="store_true", help="AdaGN (ADM)")
-    g.add_argument("--pool", default="attention", choices=("adaptive", "attention"), help="classifier head")
+    g.add_argument("--ch", type=int, default=128, help="base channel count of the U-Net (DDPM: 128)")
+    g.add_argument("--ch-mult", default="1,2,2,2", help="channel multiplier per resolution (DDPM CIFAR-10: 1,2,2,2)")
+    g.add_argument("--num-res-blocks", type=int, default=2, help="residual blocks per resolution (DDPM: 2)")
+    g.add_argument("--attn", default="16", help="resolutions with self-attention, comma separated, '' for none "
+                   "(DDPM: 16; ADM: 32,16,8)")
+    g.add_argument("--dropout", type=float, default=0.1, help="dropout in the residual blocks (DDPM CIFAR-10: 0.1)")
+    g.add_argument("--num-heads", type=int, default=1, help="attention heads (DDPM: 1; ADM: 4)")
+    g.add_argument("--num-head-channels", type=int, default=-1,
+                   help="channels per attention head, overriding --num-heads when > 0 (ADM: 64); -1: off")
+    g.add_argument("--resblock-updown", action="store_true", help="BigGAN residual blocks for up/downsampling (ADM)")
+    g.add_argument("--scale-shift-norm", action="store_true", help="AdaGN: GroupNorm(h)(1 + s) + b from the "
+                   "timestep embedding (ADM)")
+    g.add_argument("--pool", default="attention", choices=("adaptive", "attention"),
+                   help="classifier head: average pooling, or ADM's attention pooling")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=800_000, help="training steps (DDPM: 800k on CIFAR-10)")
-    g.add_argument("--batch-size", type=int, default=128, help="global batch size, split over processes")
-    g.add_argument("--lr", type=float, default=2e-4)
-    g.add_argument("--warmup", type=int, default=5000, help="linear learning-rate warm-up steps")
-    g.add_argument("--weight-decay", type=float, default=0.0)
-    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: off)")
-    g.add_argument("--ema", type=float, default=0.9999, help="EMA decay, warmed up as min(decay, (1+n)/(10+n))")
-    g.add_argument("--max-minutes", type=float, default=0.0, help="stop (and save) after this wall-clock time (0: off; "
-                   "checked at log steps under torchrun)")
+    g.add_argument("--batch-size", type=int, default=128, help="global batch size, split over processes (DDPM: 128)")
+    g.add_argument("--lr", type=float, default=2e-4, help="Adam learning rate (DDPM CIFAR-10: 2e-4)")
+    g.add_argument("--warmup", type=int, default=5000, help="linear learning-rate warm-up steps (DDPM: 5000)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (DDPM: none)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="clip the global gradient norm to this (DDPM: 1); 0: off")
+    g.add_argument("--ema", type=float, default=0.9999, help="decay of the exponential moving average of the weights "
+                   "that samples are drawn from (DDPM: 0.9999), warmed up as min(decay, (1+n)/(10+n))")
+    g.add_argument("--max-minutes", type=float, default=0.0, help="time budget: stop (and save) so the whole run, "
+                   "end-of-run grid and checkpoint included, ends within it (checked every step; at log steps under "
+                   "torchrun); 0: no budget")
     g = p.add_argument_group("run")
-    g.add_argument("--out", default=None, help="run directory (default runs/<dataset>, runs/<dataset>-classifier)")
-    g.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
-    g.add_argument("--compile", action="store_true", help="torch.compile the model (CUDA)")
-    g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"), help="auto: bf16 on CUDA, fp32 on CPU")
-    g.add_argument("--log-every", type=int, default=100, help="read the loss from the device every K steps")
+    g.add_argument("--out", default=None, help="run folder (default: runs/<dataset>, runs/<dataset>-classifier)")
+    g.add_argument("--resume", action="store_true", help="continue the checkpoint in --out exactly; optimisation "
+                   "flags given with it apply from here on")
+    g.add_argument("--seed", type=int, default=0, help="initial weights, t, eps and the data order")
+    g.add_argument("--device", default="auto", help="auto (cuda if there is one), cpu, cuda or cuda:N")
+    g.add_argument("--compile", action="store_true", help="torch.compile the network (CUDA)")
+    g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 autocast on CUDA, fp32 on a CPU")
+    g.add_argument("--log-every", type=int, default=100, help="read the loss from the device and log it every N steps")
     g.add_argument("--save-every", type=int, default=5000, help="checkpoint every N steps ...")
     g.add_argument("--save-minutes", type=float, default=10.0, help="... and after this many minutes without one "
-                   "(so slow CPU runs checkpoint too; checked at log steps under torchrun; 0: off)")
-    g.add_argument("--sample-every", type=int, default=10000, help="EMA sample grid every M steps (0: off)")
-    g.add_argument("--n-sample", type=int, default=64, help="images in the sample grid")
-    g.add_argument("--eval-every", type=int, default=5000, help="classifier: test accuracy every K steps")
-    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+                   "(checked at log steps under torchrun); 0: off")
+    g.add_argument("--sample-every", type=int, default=10000, help="EMA sample grid (samples.png) every N steps, "
+                   "besides the one at the first checkpoint and at the end; 0: off")
+    g.add_argument("--sample-minutes", type=float, default=30.0, help="... and after this many minutes without one; 0: off")
+    g.add_argument("--n-sample", type=int, default=64, help="images in the sample grid (fewer when time is short); "
+                   "0: no grids at all")
+    g.add_argument("--eval-every", type=int, default=5000, help="classifier: test accuracy at 4 noise levels every N steps")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar; a log line per --log-every instead")
     return p
 
 
-def parse_ints(text, flag):
-    try:
-        return [int(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"{flag}: expected comma-separated integers, got {text!r}")
+def given_flags(parser, argv):
+    """The flags the user typed (their dest names): argparse fills a default only where the namespace has nothing,
+    so a namespace pre-filled with a sentinel keeps exactly the typed ones."""
+    unset = object()
+    dests = vars(parser.parse_args(argv)).keys()
+    ns = parser.parse_args(argv, argparse.Namespace(**{d: unset for d in dests}))
+    return {d for d in dests if getattr(ns, d) is not unset}
 
 
-def check_args(args, world_size):
-    positive = {"--batch-size": args.batch_size, "--steps": args.steps, "--diffusion-steps": args.diffusion_steps,
-                "--ch": args.ch, "--num-res-blocks": args.num_res_blocks, "--image-size": args.image_size,
-                "--log-every": args.log_every, "--save-every": args.save_every, "--n-sample": args.n_sample}
-    for flag, value in positive.items():
-        if value < 1:
-            raise UsageError(f"{flag}: must be >= 1, got {value}")
-    if args.batch_size % world_size:
-        raise UsageError(f"--batch-size: {args.batch_size} is not divisible by the {world_size} processes; "
-                         f"use a multiple of {world_size}")
-    if not 0 <= args.p_uncond < 1:
-        raise UsageError(f"--p-uncond: must be in [0, 1), got {args.p_uncond}")
-    if not 0 <= args.ema < 1:
-        raise UsageError(f"--ema: must be in [0, 1), got {args.ema}")
-    if args.lr <= 0:
-        raise UsageError(f"--lr: must be > 0, got {args.lr}")
-    if min(args.warmup, args.sample_every, args.grad_clip, args.max_minutes, args.save_minutes) < 0:
-        raise UsageError("--warmup, --sample-every, --grad-clip, --max-minutes and --save-minutes must be >= 0")
-    mult = parse_ints(args.ch_mult, "--ch-mult")
+def check_args(args):
+    """Every number and combination a flag can get wrong: one line naming the flag, before any work."""
+    num = cli.check_number
+    num("--lr", args.lr, 0, lo_open=True)
+    num("--dropout", args.dropout, 0, 1, hi_open=True)
+    num("--p-uncond", args.p_uncond, 0, 1, hi_open=True)
+    num("--ema", args.ema, 0, 1, hi_open=True)
+    for flag in ("--weight-decay", "--grad-clip", "--max-minutes", "--save-minutes", "--sample-minutes", "--warmup",
+                 "--sample-every", "--n-sample"):
+        num(flag, getattr(args, flag[2:].replace("-", "_")), 0)
+    for flag in ("--steps", "--batch-size", "--diffusion-steps", "--ch", "--num-res-blocks", "--image-size",
+                 "--log-every", "--save-every", "--eval-every", "--synthetic-n", "--num-heads"):
+        num(flag, getattr(args, flag[2:].replace("-", "_")), 1)
+    mult = cli.parse_ints(args.ch_mult, "--ch-mult")
     if not mult or min(mult) < 1:
         raise UsageError(f"--ch-mult: expected positive integers like 1,2,2,2, got {args.ch_mult!r}")
     if args.image_size % 2 ** (len(mult) - 1):
-        raise UsageError(f"--image-size: {args.image_size} must be divisible by 2^{len(mult) - 1} for --ch-mult {args.ch_mult}")
-    parse_ints(args.attn, "--attn")
-    if args.task == "classifier" and args.class_cond:
-        raise UsageError("--class-cond: applies to --task diffusion only")
+        raise UsageError(f"--image-size: {args.image_size} must be divisible by 2^{len(mult) - 1} for --ch-mult "
+                         f"{args.ch_mult}; pick a multiple of {2 ** (len(mult) - 1)}")
+    resolutions = [args.image_size // 2 ** i for i in range(len(mult))]
+    attn = cli.parse_ints(args.attn, "--attn")
+    for r in attn:
+        if r not in resolutions:
+            raise UsageError(f"--attn: {r} is not a resolution of this network ({', '.join(map(str, resolutions))}); "
+                             f"pick among them or pass --attn ''")
+    # attention runs at the --attn levels and always in the middle block (at the lowest resolution)
+    widths = sorted({args.ch * m for m, r in zip(mult, resolutions) if r in attn} | {args.ch * mult[-1]})
+    if args.num_head_channels == -1:
+        if any(w % args.num_heads for w in widths):
+            raise UsageError(f"--num-heads: {args.num_heads} heads do not divide the attention widths "
+                             f"{widths}; pick a divisor of {math.gcd(*widths)}")
+    elif args.num_head_channels < 1 or any(w % args.num_head_channels for w in widths):
+        raise UsageError(f"--num-head-channels: {args.num_head_channels} does not divide the attention widths "
+                         f"{widths}; pick a divisor of {math.gcd(*widths)} or -1 (use --num-heads)")
+    if args.task == "classifier":
+        for flag, value, default in (("--class-cond", args.class_cond, False), ("--loss", args.loss, "mse"),
+                                     ("--t-sampler", args.t_sampler, "uniform")):
+            if value != default:
+                raise UsageError(f"{flag}: applies to --task diffusion only; drop it for a classifier")
+    if args.dataset == "synthetic" and args.data_dir is not None:
+        raise UsageError("--data-dir: --dataset synthetic generates its images; drop --data-dir")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Building the pieces from a config (shared with sample.py and evaluate.py)
+# The network, the optimiser, the EMA and the one training step (bench.py times `train_step` itself)
 # ----------------------------------------------------------------------------------------------------------------
 
-def model_kwargs_from_config(cfg, num_classes):
-    """UNet / EncoderUNet keyword arguments from a run's config dict."""
-    kw = dict(image_size=cfg["image_size"], in_channels=cfg.get("channels", 3), ch=cfg["ch"],
-              ch_mult=tuple(parse_ints(cfg["ch_mult"], "--ch-mult")), num_res_blocks=cfg["num_res_blocks"],
-              attn_resolutions=tuple(parse_ints(cfg["attn"], "--attn")), dropout=cfg["dropout"],
-              num_heads=cfg["num_heads"], num_head_channels=cfg["num_head_channels"],
-              resblock_updown=cfg["resblock_updown"], use_scale_shift_norm=cfg["scale_shift_norm"])
-    if cfg["task"] == "classifier":
-        return dict(kw, out_dim=num_classes, pool=cfg["pool"])
-    return dict(kw, num_classes=num_classes if cfg["class_cond"] else None, learn_sigma=cfg["loss"] != "mse")
+def build_model_args(args, num_classes, channels):
+    """(kind, keyword arguments) of the network the flags describe: checkpoint.KINDS[kind](**kwargs) builds it."""
+    kw = dict(image_size=args.image_size, in_channels=channels, ch=args.ch,
+              ch_mult=tuple(cli.parse_ints(args.ch_mult, "--ch-mult")), num_res_blocks=args.num_res_blocks,
+              attn_resolutions=tuple(cli.parse_ints(args.attn, "--attn")), dropout=args.dropout,
+              num_heads=args.num_heads, num_head_channels=args.num_head_channels,
+              resblock_updown=args.resblock_updown, use_scale_shift_norm=args.scale_shift_norm)
+    if args.task == "classifier":
+        return "classifier", dict(kw, out_dim=num_classes, pool=args.pool)
+    # --class-cond: K classes plus the null label of classifier-free guidance; learned variances double the output
+    return "diffusion", dict(kw, num_classes=num_classes if args.class_cond else None, learn_sigma=args.loss != "mse")
 
 
-def build_model(cfg, num_classes):
-    kw = model_kwargs_from_config(cfg, num_classes)
-    return EncoderUNet(**kw) if cfg["task"] == "classifier" else UNet(**kw)
+def diffusion_args_of(args):
+    """The diffusion's own settings, as a checkpoint stores them: L_simple samples with sigma_t^2 = beta_t
+    (DDPM's CIFAR-10 choice); the hybrid and kl losses learn the variance (iDDPM eq. 15)."""
+    return dict(schedule=args.schedule, timesteps=args.diffusion_steps,
+                var_type="fixed_large" if args.loss == "mse" else "learned_range", loss_type=args.loss)
 
 
-def build_diffusion(cfg, var_type=None):
-    """The GaussianDiffusion of a run: fixed_large for L_simple (DDPM's CIFAR-10 choice), learned_range otherwise."""
-    betas = get_named_beta_schedule(cfg["schedule"], cfg["diffusion_steps"])
-    if cfg["loss"] == "mse":
-        return GaussianDiffusion(betas, var_type or "fixed_large", "mse")
-    return GaussianDiffusion(betas, "learned_range", cfg["loss"])
+def make_optimizer(model, args):
+    """AdamW (fused into one kernel per step on CUDA); the learning rate is set every step by `get_lr`."""
+    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
+                             fused=next(model.parameters()).is_cuda)
 
 
-def resolve_device(name):
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise UsageError(f"--device: unknown device {name!r}; use auto, cpu, cuda or cuda:N")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device: CUDA is not available on this machine; use --device cpu")
-    return device
+def get_lr(step, args):
+    """The learning rate of step `step` (0-based): linear warm-up over --warmup steps (DDPM: 5000), then constant."""
+    return args.lr * min(1.0, (step + 1) / max(1, args.warmup))
 
 
-def autocast(device, precision):
-    """bf16 autocast on CUDA (the fast path), nothing on the CPU unless asked for."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return nullcontext()
+class EMA:
+    """The exponential moving average of the weights; every sample is drawn from it (DDPM §4: decay 0.9999).
 
+        theta_ema <- d theta_ema + (1 - d) theta,     d = min(decay, (1 + n) / (10 + n)) at update n
 
-def atomic_save(obj, path):
-    """torch.save to a temporary file in the same directory, then rename: the old file survives any kill."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path, flag="--checkpoint"):
-    """A checkpoint as a dict, loaded with weights_only=True (tensors and plain containers only)."""
-    try:
-        with warnings.catch_warnings():  # a corrupt file makes torch warn before it raises: one line is enough
-            warnings.simplefilter("ignore")
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UsageError(f"{flag}: {path} does not exist")
-    except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
-        raise UsageError(f"{flag}: {path} is not a readable checkpoint ({type(e).__name__}); "
-                         "pick another file or run directory") from None
-
-
-def find_checkpoint(path, flag="--checkpoint"):
-    """A checkpoint file from a file or run-directory path (`flag` names the option it came from, for errors)."""
-    if os.path.isdir(path):
-        path = os.path.join(path, CHECKPOINT)
-    if not os.path.isfile(path):
-        raise UsageError(f"{flag}: no checkpoint at {path}; train one with `python train.py` or pass "
-                         f"{flag} PATH (a ckpt.pt or a run directory)")
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# EMA (torch's AveragedModel, with DDPM's decay and a warm-up so short runs are usable)
-# ----------------------------------------------------------------------------------------------------------------
-
-def make_ema(model, decay):
-    """AveragedModel with decay_n = min(decay, (1 + n) / (10 + n)) at update n (call `ema_update`).
-
-    The warm-up lets the average follow the fast-changing early weights; with a constant 0.9999 the EMA of a
-    10k-step run would still be 37% random initialisation. The update count n is kept on the host (no sync).
+    The warm-up (d = 0.1, 0.18, 0.25, ... for the first updates) lets the average follow the fast-changing early
+    weights; with a constant 0.9999 the EMA of a 10k-step run would still be 37% random initialisation. One fused
+    _foreach_lerp_ over parameter lists built once; the count n lives on the host, so an update never waits.
     """
-    ema = AveragedModel(model, use_buffers=False)
-    ema.decay, ema.updates = decay, 0
 
-    def lerp(averaged, current, num_averaged):
-        d = min(ema.decay, (1 + ema.updates) / (10 + ema.updates))
-        # theta_ema <- d theta_ema + (1 - d) theta
-        torch._foreach_lerp_(averaged, current, 1.0 - d)
+    def __init__(self, model, decay):
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+        self.averaged = [p.detach() for p in self.module.parameters()]
+        self.current = [p.detach() for p in model.parameters()]
+        self.buffers = list(zip(self.module.buffers(), model.buffers()))  # none in this U-Net; copied if any
 
-    ema.multi_avg_fn = lerp
-    ema.requires_grad_(False)
-    return ema
+    @torch.no_grad()
+    def update(self):
+        d = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.averaged, self.current, 1.0 - d)  # theta_ema + (1 - d) (theta - theta_ema)
+        for b_ema, b in self.buffers:
+            b_ema.copy_(b)
+        self.updates += 1
 
+    def state_dict(self):
+        """The averaged weights (what a checkpoint's "ema" holds); `updates` is saved beside them."""
+        return self.module.state_dict()
 
-def ema_update(ema, model):
-    """AveragedModel.update_parameters without its per-call n_averaged.to(device), a blocking copy that would be
-    one host sync per step: the same update, with the counter kept on the host."""
-    current = [p.detach() for p in model.parameters()]
-    averaged = [p.detach() for p in ema.module.parameters()]
-    if ema.n_averaged == 0:  # a CPU tensor: no device sync
-        torch._foreach_copy_(averaged, current)
-    else:
-        ema.multi_avg_fn(averaged, current, None)
-    for b_ema, b in zip(ema.module.buffers(), model.buffers()):
-        b_ema.detach().copy_(b.detach())
-    ema.n_averaged += 1
-    ema.updates += 1
+    def load_state_dict(self, state, updates):
+        self.module.load_state_dict(state)  # copies into the same tensors: the lists above stay valid
+        self.updates = int(updates)
 
 
-def load_ema(ema, state, updates):
-    ema.module.load_state_dict(state)
-    ema.updates = updates
-    ema.n_averaged.fill_(max(1, updates))  # > 0: AveragedModel must average from here on, not copy
+def gather_all(t, losses):
+    """Every rank's (t, loss) pairs, so every rank's importance sampler keeps the same history."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t, losses
+    n = dist.get_world_size()
+    ts, ls = [torch.empty_like(t) for _ in range(n)], [torch.empty_like(losses) for _ in range(n)]
+    dist.all_gather(ts, t)
+    dist.all_gather(ls, losses)
+    return torch.cat(ts), torch.cat(ls)
+
+
+def loss_of(net, diffusion, x0, y, args, t_sampler=None):
+    """The minibatch loss (0-dim) that line 5 of Algorithm 1 descends, or G4's cross-entropy for the classifier."""
+    if args.task == "classifier":
+        # G4 (ADM §4): -log p_phi(y | x_t, t) at x_t = q_sample(x_0, t), t ~ Uniform({1, ..., T})
+        return noisy_classifier_loss(diffusion, net, x0, y)["loss"].mean()
+    kwargs = {}
+    if args.class_cond:
+        # G5 (CFG): with probability p_uncond the label becomes the null class (index K), so the same network
+        # learns eps_theta(x_t, t) and eps_theta(x_t, t, y)
+        drop = torch.rand(y.shape, device=y.device) < args.p_uncond
+        kwargs["y"] = torch.where(drop, torch.full_like(y, args.num_classes), y)
+    if t_sampler is None:
+        # lines 3-5: t ~ Uniform, eps ~ N(0, I), || eps - eps_theta(x_t, t) ||^2 (DDPM eq. 14; or iDDPM's hybrid)
+        return diffusion.training_losses(net, x0, model_kwargs=kwargs)["loss"].mean()
+    # I3 (iDDPM §3.3): t ~ p_t ∝ sqrt(E[L_t^2]), each term weighted by 1 / (T p_t): an unbiased estimate of the
+    # uniform-t loss with less variance
+    t, weights = t_sampler.sample(x0.shape[0])
+    terms = diffusion.training_losses(net, x0, t, model_kwargs=kwargs)
+    t_sampler.update(*gather_all(t, terms.get("vb", terms["loss"]).detach()))
+    return (terms["loss"] * weights).mean()
+
+
+def train_step(step, x0, y, model, net, diffusion, optimizer, ema, args, t_sampler=None):
+    """One gradient step of Algorithm 1 (line 5) on the batch (x0, y); returns its loss, left on the device.
+
+    model: the network whose parameters train (clipped, averaged); net: what runs the forward (model itself, or model
+    wrapped by DistributedDataParallel and/or torch.compile). Nothing here waits for the device.
+    """
+    # the learning rate of this step (warm-up, then constant)
+    lr = get_lr(step, args)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # forward: the loss (bf16 autocast on CUDA)
+    with cli.autocast(x0.device, args.precision):
+        loss = loss_of(net, diffusion, x0, y, args, t_sampler)
+    # backward, clip the global gradient norm (DDPM: 1), AdamW update
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if args.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+    optimizer.step()
+    # the moving average the samples come from
+    ema.update()
+    return loss.detach()
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The loop
+# The run folder: one writer at a time, never another run's files, the history of every start in config.json
+# ----------------------------------------------------------------------------------------------------------------
+
+def lock_run_folder(out):
+    """Hold an exclusive lock on out/train.lock for as long as this process trains (the OS drops it if we die)."""
+    f = open(os.path.join(out, "train.lock"), "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        holder = f.read().strip() or "?"
+        f.close()
+        raise UsageError(f"--out: {out} is in use by another train.py (pid {holder}); wait for it to finish, stop it, "
+                         f"or choose another --out") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    return f
+
+
+def trim_metrics(path, step):
+    """Cut metrics.jsonl back to the checkpoint's step: steps redone after a resume must not appear twice."""
+    if not os.path.isfile(path):
+        return
+    keep = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line if line.endswith("\n") else line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass  # a line cut short by a kill
+    with open(path + ".tmp", "w") as f:
+        f.writelines(keep)
+    os.replace(path + ".tmp", path)
+
+
+def write_config(run, event, changed):
+    """config.json: the run's flags now, and its history (each start/resume: step, time, processes, flags changed)."""
+    path = os.path.join(run.out, "config.json")
+    history = []
+    if event == "resume" and os.path.isfile(path):
+        try:
+            with open(path) as f:
+                history = json.load(f).get("history", [])
+        except (OSError, ValueError, AttributeError):
+            pass
+    entry = {"event": event, "step": run.step, "time": datetime.now().isoformat(timespec="seconds"),
+             "processes": run.world_size}
+    if changed:
+        entry["changed"] = {k: {"from": a, "to": b} for k, (a, b) in changed.items()}
+    with open(path + ".tmp", "w") as f:
+        json.dump(dict(run.cfg, history=history + [entry]), f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def apply_resume_flags(args, given, saved, out):
+    """Take the checkpoint's flags, with the changeable ones the user typed; refuse a typed change of any other.
+    Returns {flag: (old, new)} for what changed."""
+    changed = {}
+    for key, old in saved.items():
+        if not hasattr(args, key) or key in RUNTIME:
+            continue
+        new = getattr(args, key)
+        if key not in given or new == old:
+            setattr(args, key, old)
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key not in CHANGEABLE:
+            raise UsageError(f"{flag}: the run in {out} was trained with {flag} {old}, and {new} would change its "
+                             f"network, data or random stream; drop {flag} to resume, or start a new run in another --out")
+        changed[key] = (old, new)
+    return changed
+
+
+def resume_command(run):
+    """The exact command that continues this run."""
+    launcher = f"torchrun --nproc_per_node={run.world_size} train.py" if run.world_size > 1 else "python train.py"
+    device = f" --device {run.args.device}" if "device" in run.given else ""
+    return f"{launcher} --resume --out {shlex.quote(run.out)}{device}"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Setup: every check that can fail on the user's input runs here, before any work
 # ----------------------------------------------------------------------------------------------------------------
 
 def setup_distributed(args):
     """(rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = cli.resolve_device(args.device)
     if world_size == 1:
-        return 0, 1, resolve_device(args.device)
+        return 0, 1, device
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(args.device)
     if device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
@@ -300,289 +445,587 @@ def setup_distributed(args):
     return rank, world_size, device
 
 
-def prepare_out(args, rank):
+def setup(argv):
+    """Parse and check the command line, lock the run folder, load the data, build (or resume) everything."""
+    t_start = time.perf_counter()
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = given_flags(parser, argv)
+    check_args(args)
     out = args.out or os.path.join("runs", args.dataset + ("-classifier" if args.task == "classifier" else ""))
-    ckpt = os.path.join(out, CHECKPOINT)
-    if args.resume and not os.path.isfile(ckpt):
-        raise UsageError(f"--resume: no checkpoint at {ckpt}; start without --resume or point --out at the run")
-    if not args.resume and os.path.isfile(ckpt):
-        raise UsageError(f"--out: {out} already holds a checkpoint; pass --resume to continue it or choose another --out")
-    if rank == 0:
-        try:
-            os.makedirs(out, exist_ok=True)
-            probe = os.path.join(out, f".write-test{os.getpid()}")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as e:
-            raise UsageError(f"--out: cannot write to {out} ({e.strerror}); choose a writable directory") from None
-    return out, ckpt
-
-
-def config_of(args, num_classes, n_train, channels):
-    cfg = {k: v for k, v in vars(args).items() if k not in ("resume", "device", "no_progress")}
-    cfg.update(num_classes=num_classes, n_train=n_train, channels=channels)
-    return cfg
-
-
-def check_resume_config(saved, cfg):
-    for key in ARCH_KEYS:
-        if saved.get(key) != cfg.get(key):
-            flag = "--" + key.replace("_", "-")
-            raise UsageError(f"--resume: the checkpoint was trained with {flag} {saved.get(key)!r}, not "
-                             f"{cfg.get(key)!r}; use the same flags or another --out")
-
-
-def rng_state(device):
-    state = {"cpu": torch.get_rng_state()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def set_rng_state(state, device):
-    torch.set_rng_state(state["cpu"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def train(args):
+    ckpt_path = os.path.join(out, checkpoint.FILENAME)
     rank, world_size, device = setup_distributed(args)
-    check_args(args, world_size)
-    is_main = rank == 0
-    out, ckpt_path = prepare_out(args, rank)
+    run = SimpleNamespace(args=args, given=given, out=out, ckpt_path=ckpt_path, rank=rank, world_size=world_size,
+                          is_main=rank == 0, device=device, step=0, saved_step=None, lock=None, metrics=None,
+                          grids=0, last_loss=None)
+    try:
+        setup_run(run, t_start)
+    except BaseException:
+        close(run)
+        raise
+    return run
 
-    # -- data: the whole uint8 set on the device -------------------------------------------------------------------
-    if args.dataset == "synthetic":
-        x, y = data.synthetic_dataset(n=args.synthetic_n, image_size=args.image_size, seed=args.seed)
+
+def setup_run(run, t_start):
+    args, device = run.args, run.device
+    if run.is_main:
+        cli.check_writable_dir(run.out, "--out")
+        run.lock = lock_run_folder(run.out)  # before anything in the folder is read or written
+        found = [f for f in RUN_FILES if os.path.exists(os.path.join(run.out, f))]
+        if found and not args.resume:  # a new run never appends to or overwrites another run's files
+            raise UsageError(f"--out: {run.out} already holds another run's {', '.join(found)}; pass --resume to "
+                             f"continue it (with its ckpt.pt) or choose another --out")
+        for tmp in checkpoint.remove_stale_temporaries(run.out):
+            say(f"removed {tmp} (a temporary checkpoint left by a process that died while saving)")
+    if args.resume and not os.path.isfile(run.ckpt_path):
+        raise UsageError(f"--resume: no checkpoint at {run.ckpt_path}; start without --resume or point --out at "
+                         f"the run")
+
+    # -- resume: the checkpoint's flags, with the optimisation flags typed now -------------------------------------
+    ckpt, changed = None, {}
+    if args.resume:
+        ckpt = checkpoint.load(run.ckpt_path, "--resume")
+        changed = apply_resume_flags(args, run.given, ckpt["config"], run.out)
+        check_args(args)
+        run.step = run.saved_step = ckpt["step"]
+        if args.steps <= run.step:
+            raise UsageError(f"--steps: the run in {run.out} is already at step {run.step}; pass --steps above "
+                             f"{run.step} to train on")
+    if args.batch_size % run.world_size:
+        raise UsageError(f"--batch-size: {args.batch_size} is not divisible by the {run.world_size} processes; "
+                         f"use a multiple of {run.world_size}")
+
+    # -- data: the whole uint8 set on the device, batches drawn there (data.Batches) ---------------------------------
+    if run.is_main:
+        say(f"run folder: {run.out} ({f'resuming step {run.step:,}' if args.resume else 'new run'})")
+        say(f"loading the {args.dataset} training images ...")
+    x, y = data.load_dataset(args.dataset, args.data_dir, args.image_size, split="train", synthetic_n=args.synthetic_n)
+    run.source = data.last_loaded  # the path actually found, announced below
+    args.num_classes = ckpt["config"]["num_classes"] if ckpt else int(y.max()) + 1
+    run.batches = data.Batches(x, y, args.batch_size // run.world_size, device, seed=args.seed, rank=run.rank,
+                               world_size=run.world_size, flip=True, channels_last=device.type == "cuda")
+    run.cfg = {k: v for k, v in vars(args).items() if k not in RUNTIME}
+    run.cfg.update(n_train=int(x.shape[0]), channels=int(x.shape[1]))
+
+    # -- the network (the same initial weights on every rank), the diffusion, AdamW, the EMA -----------------------
+    torch.manual_seed(args.seed)
+    if ckpt:  # the network the checkpoint describes, not what today's defaults would build
+        run.kind, model_args = ckpt["kind"], ckpt["model_args"]
     else:
-        x, y = data.load_dataset(args.dataset, args.data_dir, args.image_size, split="train")
-    num_classes = int(y.max()) + 1
-    cfg = config_of(args, num_classes, int(x.shape[0]), int(x.shape[1]))
-    batches = data.Batches(x, y, args.batch_size // world_size, device, seed=args.seed, rank=rank,
-                           world_size=world_size, flip=True, channels_last=device.type == "cuda")
-
-    # -- model, diffusion, optimiser, EMA ------------------------------------------------------------------------
-    torch.manual_seed(args.seed)  # the same initial weights on every rank
-    model = build_model(cfg, num_classes).to(device)
+        run.kind, model_args = build_model_args(args, args.num_classes, int(x.shape[1]))
+    model = checkpoint.KINDS[run.kind](**model_args).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    diffusion = build_diffusion(cfg)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=device.type == "cuda")
-    # linear warm-up of the learning rate to --lr over --warmup steps (DDPM: 5000), constant afterwards
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / max(1, args.warmup)))
-    ema = make_ema(model, args.ema)
-    t_sampler = ImportanceSampler(diffusion.num_timesteps, device=device) if args.t_sampler == "importance" else None
-
-    step = 0
-    if args.resume:
-        ckpt = load_checkpoint(ckpt_path)
-        check_resume_config(ckpt["config"], cfg)
-        model.load_state_dict(ckpt["model"])
-        load_ema(ema, ckpt["ema"], ckpt["ema_updates"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        batches.load_state_dict(ckpt["batches"])
-        if t_sampler is not None:
-            t_sampler.load_state_dict(ckpt["t_sampler"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"][rank] if rank < len(ckpt["rng"]) else ckpt["rng"][0], device)
-        if is_main:
-            print(f"resumed {ckpt_path} at step {step}")
+    run.diffusion_args = diffusion_args_of(args)
+    run.diffusion = checkpoint.build_diffusion(run.diffusion_args)
+    run.optimizer = make_optimizer(model, args)
+    run.ema = EMA(model, args.ema)
+    run.t_sampler = (ImportanceSampler(run.diffusion.num_timesteps, device=device)
+                     if args.t_sampler == "importance" else None)
+    if ckpt:
+        resume_state(run, model, ckpt)
     else:
-        torch.manual_seed(args.seed + 1000 * rank)  # different t and noise on every rank
-    if is_main:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=1)
-        n_params = sum(p.numel() for p in model.parameters())
-        print(f"{args.task}: {n_params / 1e6:.2f}M parameters, {x.shape[0]} images, device {device}, "
-              f"{world_size} process(es), batch {args.batch_size}")
-
-    net = model
-    if world_size > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        torch.manual_seed(args.seed + 1000 * run.rank)  # different t and eps on every rank
+    run.model, run.net = model, model
+    if run.world_size > 1:
+        run.net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
+                                                            else None)
     if args.compile:
-        net = torch.compile(net)
-    amp = autocast(device, args.precision)
+        run.net = torch.compile(run.net)
+    run.probe = make_probe(run, x, y)
+    run.probe_ref = probe_loss(run)  # the loss of the starting weights on the probe: what "exploded" compares with
+    run.good_lr = ckpt["config"]["lr"] if ckpt else None
 
-    def loss_fn(x0, y):
-        """One minibatch's loss (a 0-dim tensor) and the per-example terms for logging."""
-        if args.task == "classifier":
-            terms = noisy_classifier_loss(diffusion, net, x0, y)
-            return terms["loss"].mean(), terms
-        kwargs = {}
-        if args.class_cond:
-            # G5 (CFG): drop the label to the null class (index num_classes) with probability p_uncond
-            drop = torch.rand(y.shape, device=device) < args.p_uncond
-            kwargs["y"] = torch.where(drop, torch.full_like(y, num_classes), y)
-        if t_sampler is None:
-            terms = diffusion.training_losses(net, x0, model_kwargs=kwargs)
-            return terms["loss"].mean(), terms
-        # I3: t ~ p_t, loss weighted by 1 / (T p_t) (an unbiased estimate of the uniform-t loss)
-        t, weights = t_sampler.sample(x0.shape[0])
-        terms = diffusion.training_losses(net, x0, t, model_kwargs=kwargs)
-        t_sampler.update(*gather_all(t, terms.get("vb", terms["loss"]).detach(), world_size))
-        return (terms["loss"] * weights).mean(), terms
+    # -- the clock: the budget counts from the start of setup ------------------------------------------------------
+    now = time.perf_counter()
+    run.times = SimpleNamespace(start=t_start, saved=now, sampled=now, step_s=0.0,
+                                save_s=estimate_save_seconds(model), deadline=t_start + 60 * args.max_minutes
+                                if args.max_minutes else math.inf)
+    if run.is_main:
+        if args.resume:
+            trim_metrics(os.path.join(run.out, "metrics.jsonl"), run.step)
+        write_config(run, "resume" if args.resume else "start", changed)
+        run.metrics = open(os.path.join(run.out, "metrics.jsonl"), "a")
+        announce(run, x, changed, ckpt)
+    run.test_set = load_test_set(run) if args.task == "classifier" and run.is_main else None
 
-    def save():
-        rng = [rng_state(device)]
-        if world_size > 1:  # every rank's random state, so a resumed run draws exactly the same t and noise
-            rng = [None] * world_size
-            dist.all_gather_object(rng, rng_state(device))  # a collective: every rank takes part
-        if not is_main:
-            return
-        atomic_save({"model": model.state_dict(), "ema": ema.module.state_dict(), "ema_updates": ema.updates,
-                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "batches": batches.state_dict(), "step": step, "rng": rng, "config": cfg,
-                     "t_sampler": t_sampler.state_dict() if t_sampler is not None else None}, ckpt_path)
 
-    def sample_grid():
-        if not is_main or args.task != "diffusion":
-            return
-        g = torch.Generator(device).manual_seed(args.seed)
-        kwargs = {"y": torch.arange(args.n_sample, device=device) % num_classes} if args.class_cond else {}
-        ema.module.eval()
-        with amp:
-            imgs = ddim_sample_loop(diffusion.respace(min(50, diffusion.num_timesteps)), ema.module,
-                                    (args.n_sample, x.shape[1], args.image_size, args.image_size), generator=g, model_kwargs=kwargs, device=device)
-        data.save_grid(imgs.float(), os.path.join(out, "samples.png"))
-        data.save_grid(imgs.float(), os.path.join(out, f"samples_{step:07d}.png"))
+def resume_state(run, model, ckpt):
+    """Everything an uninterrupted run would hold at the checkpoint's step: weights, EMA, optimizer, data order,
+    importance-sampler history and every rank's random state."""
+    args = run.args
+    model.load_state_dict(ckpt["model"])
+    run.ema.load_state_dict(ckpt["ema"], ckpt["ema_updates"])
+    run.optimizer.load_state_dict(ckpt["optimizer"])
+    for group in run.optimizer.param_groups:  # --weight-decay may have changed; the lr is set every step
+        group["weight_decay"] = args.weight_decay
+    state = ckpt["batches"]
+    if state["world_size"] != run.world_size:
+        # another number of processes: the same epoch and the same fraction of it, split the new way
+        state = dict(state, world_size=run.world_size,
+                     pos=state["pos"] * (state["n"] // run.world_size) // (state["n"] // state["world_size"]))
+        if run.is_main:
+            say(f"resuming on {run.world_size} process(es), saved on {ckpt['batches']['world_size']}: training "
+                f"continues, but the data order and noise are no longer those of the uninterrupted run")
+    run.batches.load_state_dict(state)
+    if run.t_sampler is not None:
+        run.t_sampler.load_state_dict(ckpt["t_sampler"])
+    rngs = ckpt["rng"]
+    if run.rank < len(rngs) and len(rngs) == run.world_size:
+        torch.set_rng_state(rngs[run.rank]["cpu"])
+        if run.device.type == "cuda" and "cuda" in rngs[run.rank]:
+            torch.cuda.set_rng_state(rngs[run.rank]["cuda"], run.device)
+    else:
+        torch.manual_seed(args.seed + 1000 * run.rank + run.step)
 
-    def evaluate_classifier():
-        if not is_main or args.task != "classifier":
-            return {}
-        xt, yt = test_set
-        ema.module.eval()
-        with amp:
-            acc = classifier_accuracy_at(diffusion, ema.module, xt, yt, generator=torch.Generator(device).manual_seed(0))
-        return {f"acc_t{t}": round(float(a), 4) for t, a in acc.items()}
 
-    if args.task == "classifier" and is_main:
-        if args.dataset == "synthetic":
-            xt, yt = data.synthetic_dataset(n=args.synthetic_n, image_size=args.image_size, seed=args.seed + 1)
-        else:
-            xt, yt = data.load_dataset(args.dataset, args.data_dir, args.image_size, split="test")
-        stride = max(1, xt.shape[0] // 2000)  # 2,000 test images, every class (the files are grouped by class)
-        test_set = (data.to_float(xt[::stride]).to(device), yt[::stride].to(device))
+def load_test_set(run):
+    """Held-out images for the classifier's accuracy: 2,000 test images with every class (the files are grouped by
+    class, hence a stride)."""
+    args = run.args
+    say(f"loading the {args.dataset} test images for the classifier's accuracy ...")
+    x, y = data.load_dataset(args.dataset, args.data_dir, args.image_size, split="test", synthetic_n=args.synthetic_n)
+    stride = max(1, x.shape[0] // 2000)
+    return data.to_float(x[::stride]).to(run.device), y[::stride].to(run.device)
 
-    # -- Algorithm 1 --------------------------------------------------------------------------------------------------
+
+def make_probe(run, x, y):
+    """A fixed batch (16 training images, 16 spread t, fixed eps) on which `save` measures the loss of the weights it
+    is about to write: comparable from save to save, and drawn from its own generator (the training stream is
+    untouched, so saves never change what the run computes)."""
+    n, T = min(16, x.shape[0]), run.diffusion.num_timesteps
+    g = torch.Generator().manual_seed(0)
+    return SimpleNamespace(x0=data.to_float(x[:n]).to(run.device), y=y[:n].to(run.device),
+                           t=torch.linspace(0, T - 1, n).long().to(run.device),
+                           noise=torch.randn((n, *x.shape[1:]), generator=g).to(run.device))
+
+
+@torch.no_grad()
+def probe_loss(run):
+    """The loss of the current weights on the probe batch, in eval mode (no dropout) and fp32: the check that what a
+    checkpoint holds still computes a sane loss (a diverging step can leave finite but useless weights)."""
+    p, model = run.probe, run.model
+    model.eval()
+    if run.args.task == "classifier":
+        loss = noisy_classifier_loss(run.diffusion, model, p.x0, p.y, p.t, torch.Generator(run.device).manual_seed(0))
+    else:
+        kwargs = {"y": p.y} if run.args.class_cond else {}
+        loss = run.diffusion.training_losses(model, p.x0, p.t, noise=p.noise, model_kwargs=kwargs)
     model.train()
-    loss_sum = torch.zeros((), device=device)
-    n_since, t_log, t_start = 0, time.perf_counter(), time.perf_counter()
-    t_saved = t_start
-    metrics = open(os.path.join(out, "metrics.jsonl"), "a") if is_main else None
-    bar = tqdm(total=args.steps, initial=step, disable=not is_main or args.no_progress, dynamic_ncols=True)
-    stop_reason = None
-    while step < args.steps:
-        x0, y0 = batches.next()
-        with amp:
-            loss, terms = loss_fn(x0, y0)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        ema_update(ema, model)
-        loss_sum += loss.detach()
-        step += 1
-        n_since += 1
+    return loss["loss"].mean().item()
 
-        last = step == args.steps
-        save_now = step % args.save_every == 0 or last
-        over_time = False
-        if world_size == 1 or step % args.log_every == 0:
-            # wall-clock decisions: every step in one process (no sync: host clock only); with several processes
-            # made on rank 0 at log steps and broadcast, so every rank agrees
-            now = time.perf_counter()
-            flags = torch.tensor([args.max_minutes > 0 and now - t_start > 60 * args.max_minutes,
-                                  args.save_minutes > 0 and now - t_saved > 60 * args.save_minutes],
-                                 device=device if world_size > 1 else "cpu")
-            if world_size > 1:
-                dist.broadcast(flags, 0)
-                flags = flags.cpu()
-            over_time, save_now = bool(flags[0]), save_now or bool(flags[1]) or bool(flags[0])
-        if step % args.log_every == 0 or save_now:
-            # the one host sync: every --log-every steps (and before every save)
-            if world_size > 1:
-                dist.all_reduce(loss_sum)
-                loss_sum /= world_size
-            mean_loss = (loss_sum / n_since).item()
-            if not math.isfinite(mean_loss):
-                stop_reason = (f"loss is {mean_loss} at step {step}: training stopped; the last good checkpoint "
-                               f"{ckpt_path} is intact (lower --lr or check the data, then --resume)")
-                break
-            now = time.perf_counter()
-            img_s = n_since * args.batch_size / (now - t_log)
-            record = {"step": step, "loss": round(mean_loss, 6), "lr": scheduler.get_last_lr()[0],
-                      "img_per_s": round(img_s, 1), "elapsed_s": round(now - t_start, 1)}
-            if device.type == "cuda":
-                record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
-            if args.task == "classifier" and (step % args.eval_every == 0 or last or over_time):
-                accuracy = evaluate_classifier()
-                record.update(accuracy)
-                if is_main:
-                    tqdm.write(f"step {step}: test accuracy at noise level " +
-                               ", ".join(f"t={k[5:]}: {v:.3f}" for k, v in accuracy.items()))
-                model.train()
-            if is_main:
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                bar.set_postfix(loss=f"{mean_loss:.4f}", img_s=f"{img_s:.0f}")
-            loss_sum.zero_()
-            n_since, t_log = 0, time.perf_counter()
-        if save_now:
-            save()
-            t_saved = time.perf_counter()
-            if world_size > 1:
-                dist.barrier()
-        if args.sample_every and (step % args.sample_every == 0 or last or over_time):
-            sample_grid()
-            model.train()
-        bar.update(1)
-        if over_time:
-            stop_reason = None
-            if is_main:
-                print(f"\n--max-minutes {args.max_minutes} reached at step {step}; checkpoint saved")
-            break
-    bar.close()
-    if metrics:
-        metrics.close()
-    if world_size > 1:
+
+def estimate_save_seconds(model):
+    """A first guess of a save's time before one is measured: model + EMA + AdamW's two moments at ~200 MB/s, and
+    a second or so to draw loss.png (matplotlib's import included)."""
+    return 1.5 + 16 * sum(p.numel() for p in model.parameters()) / 200e6
+
+
+def announce(run, x, changed, ckpt):
+    """What the user needs to know before the first step: data, device, model, and when outputs will appear."""
+    args = run.args
+    say(f"data: {run.source}: {x.shape[0]:,} images {x.shape[1]}x{x.shape[2]}x{x.shape[3]}, "
+        f"{args.num_classes} classes")
+    threads = f" ({torch.get_num_threads()} threads)" if run.device.type == "cpu" else ""
+    say(f"device: {run.device}{threads}, precision: {cli.precision_name(run.device, args.precision)}, "
+        f"{run.world_size} process(es), batch {args.batch_size} ({args.batch_size // run.world_size} per process)")
+    params = sum(p.numel() for p in run.model.parameters())
+    what = (f"{args.loss} loss, {args.schedule} schedule, T={args.diffusion_steps}" if args.task == "diffusion"
+            else f"noisy classifier over {args.num_classes} classes, T={args.diffusion_steps}")
+    say(f"model: {type(run.model).__name__}, {params / 1e6:.2f}M parameters; {what}")
+    if changed:
+        say("resume: " + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items())
+            + " (applied from here on; recorded in config.json)")
+    minutes = f" or after {args.save_minutes:g} min, whichever comes first" if args.save_minutes else ""
+    first = min(args.steps, (run.step // args.save_every + 1) * args.save_every)
+    grid = ", with a sample grid (samples.png)" if args.task == "diffusion" and args.n_sample else ""
+    say(f"first checkpoint: step {first:,}{minutes}{grid}; then every {args.save_every:,} steps; loss.png is "
+        f"redrawn at every save" + (f"; the run stops within --max-minutes {args.max_minutes:g}" if args.max_minutes
+                                    else ""))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# What a step ends with: saves, grids, stops (the one place that reads the wall clock and signals)
+# ----------------------------------------------------------------------------------------------------------------
+
+STOP = {"signum": 0, "at": 0.0, "second": 0, "window": 0.0, "quiet": False}
+
+
+def on_signal(signum, frame):
+    """SIGINT / SIGTERM: the first one finishes the step and saves; a second one stops at once (no save)."""
+    now = time.monotonic()
+    if STOP["signum"]:
+        if now - STOP["at"] < STOP["window"]:
+            return  # under torchrun a Ctrl-C reaches each worker twice (the terminal's and torchrun's): one request
+        STOP["second"] = signum
+        raise KeyboardInterrupt
+    STOP["signum"], STOP["at"] = signum, now
+    if not STOP["quiet"]:  # a raw write: safe even if the signal interrupted a print
+        os.write(2, f"\n{signal.Signals(signum).name}: finishing this step, then saving a checkpoint (Ctrl-C again "
+                    f"to stop at once, without saving)\n".encode())
+
+
+def what_now(run):
+    """What the step just done ends with: save? sample? evaluate? stop (and why)?
+
+    The step cadences are plain arithmetic. The wall clock (--max-minutes, --save-minutes, --sample-minutes) and the
+    stop signal are read every step in one process (host only, no device sync); under torchrun they are read at log
+    steps and combined over the ranks in one all_reduce(MAX), so every rank takes the same decision at the same step.
+    """
+    args, step, t = run.args, run.step, run.times
+    grids = args.task == "diffusion" and args.n_sample > 0
+    due = SimpleNamespace(save=step % args.save_every == 0, stop=None,
+                          sample=grids and args.sample_every > 0 and step % args.sample_every == 0,
+                          evaluate=args.task == "classifier" and step % args.eval_every == 0)
+    if run.world_size == 1 or step % args.log_every == 0:
+        now = time.perf_counter()
+        save_due = args.save_minutes > 0 and now - t.saved >= 60 * args.save_minutes
+        # out of time: going on to the next check, with the save due now (if any) and the final one, would overrun
+        reserve = t.step_s * (1 if run.world_size == 1 else args.log_every) + t.save_s * (1 + (due.save or save_due))
+        flags = [args.max_minutes > 0 and now + reserve >= t.deadline, save_due,
+                 args.sample_minutes > 0 and now - t.sampled >= 60 * args.sample_minutes, STOP["signum"]]
+        if run.world_size > 1:
+            flags = torch.tensor([int(f) for f in flags], device=run.device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            flags = flags.tolist()
+        out_of_time, save_due, sample_due, signum = flags
+        due.save |= bool(save_due)
+        due.sample |= bool(sample_due) and grids
+        if signum:
+            due.stop = signal.Signals(signum)
+        elif out_of_time:
+            due.stop = "time"
+    if due.stop is None and step >= args.steps:
+        due.stop = "steps"
+    if due.stop:
+        # the end: always a checkpoint; a final grid / accuracy unless a signal asked to stop
+        due.save = True
+        due.sample = grids and not isinstance(due.stop, signal.Signals)
+        due.evaluate = args.task == "classifier" and not isinstance(due.stop, signal.Signals)
+    due.sample |= due.save and run.grids == 0 and grids  # a first grid with the first checkpoint
+    return due
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The loop: Algorithm 1
+# ----------------------------------------------------------------------------------------------------------------
+
+class RunFailed(Exception):
+    """The run cannot go on (it diverged, or a save failed): one line, exit 1."""
+
+
+def train(run):
+    """Algorithm 1 until --steps, the time budget, a signal or a failure. Returns why it stopped."""
+    args, model = run.args, run.model
+    loss_sum = torch.zeros((), device=run.device)  # summed on the device, read every --log-every steps
+    n_since, t_log = 0, time.perf_counter()
+    bar = cli.progress(args.steps, "train", unit="step", disable=not run.is_main or args.no_progress,
+                       initial=run.step)
+    STOP.update(signum=0, second=0, window=2.0 if run.world_size > 1 else 0.0, quiet=not run.is_main)
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    model.train()
+    try:
+        while True:
+            # -- lines 2-5: x_0 ~ q(x_0) (drawn on the device) and one gradient step
+            x0, y = run.batches.next()
+            loss_sum += train_step(run.step, x0, y, model, run.net, run.diffusion, run.optimizer, run.ema, args,
+                                   run.t_sampler)
+            run.step += 1
+            n_since += 1
+            bar.update(1)
+
+            # -- what this step ends with: cadences, wall clock and signals, agreed by every rank
+            due = what_now(run)
+
+            # -- the classifier's accuracy on held-out images at 4 noise levels (G4), for the log line
+            t0, accuracy = time.perf_counter(), {}
+            if due.evaluate and run.is_main:
+                accuracy = evaluate_classifier(run, final=bool(due.stop))
+            t_log += time.perf_counter() - t0  # img/s counts training only
+
+            # -- log: the one host-device sync, every --log-every steps and before every save
+            if run.step % args.log_every == 0 or due.save or due.evaluate:
+                if run.world_size > 1:
+                    dist.all_reduce(loss_sum)
+                    loss_sum /= run.world_size
+                now = time.perf_counter()
+                mean_loss, run.times.step_s = (loss_sum / n_since).item(), (now - t_log) / n_since
+                if not math.isfinite(mean_loss):
+                    raise RunFailed(diverged(run, f"the loss is {mean_loss}"))
+                run.last_loss = mean_loss
+                log(run, bar, mean_loss, n_since * args.batch_size / (now - t_log), accuracy)
+                loss_sum.zero_()
+                n_since, t_log = 0, time.perf_counter()
+
+            # -- checkpoint (never a bad one) and the loss curve; a sample grid from the EMA weights (shrunk or
+            #    skipped when time is short)
+            t0 = time.perf_counter()
+            if due.save:
+                save(run)
+            if due.sample and run.is_main:
+                sample_grid(run, final=bool(due.stop))
+            t_log += time.perf_counter() - t0
+
+            if due.stop:
+                return due.stop
+    except KeyboardInterrupt:
+        return "interrupted"
+    finally:
+        bar.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def log(run, bar, loss, img_s, accuracy):
+    """One line of metrics.jsonl, and the bar's postfix (or a printed line with --no-progress)."""
+    args = run.args
+    if not run.is_main:
+        return
+    elapsed = time.perf_counter() - run.times.start
+    record = {"step": run.step, "loss": round(loss, 6), "lr": get_lr(run.step - 1, args), "img_per_s": round(img_s, 1),
+              "elapsed_s": round(elapsed, 1), **accuracy}
+    if run.device.type == "cuda":
+        record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2 ** 30, 2)
+    run.metrics.write(json.dumps(record) + "\n")
+    run.metrics.flush()
+    bar.set_postfix_str(f"loss {loss:.4f}, {img_s:,.0f} img/s", refresh=False)
+    if args.no_progress:
+        eta = cli.human_time((args.steps - run.step) * run.times.step_s)
+        say(f"step {run.step:,}/{args.steps:,} | loss {loss:.4f} | {img_s:,.0f} img/s | ETA {eta}")
+
+
+def diverged(run, what):
+    """The one-line story of a diverged run: what, where, and how to go on from the last good checkpoint."""
+    # a tenth of the current learning rate, or the one the last good checkpoint was trained with if that is lower
+    lr = f"{min(run.args.lr / 10, run.good_lr or math.inf):.3g}"
+    if run.saved_step is not None and os.path.isfile(run.ckpt_path):
+        advice = (f"the last good checkpoint is {run.ckpt_path} (step {run.saved_step:,}); resume it with a lower "
+                  f"learning rate: {resume_command(run)} --lr {lr}")
+    else:
+        advice = f"no checkpoint was saved before it; start again with a lower learning rate (e.g. --lr {lr})"
+    return f"{what} at step {run.step:,}: the run diverged, and nothing from it was saved; {advice}"
+
+
+def save(run):
+    """Write the checkpoint (rank 0; every rank's random state is gathered first), then redraw loss.png."""
+    t0 = time.perf_counter()
+    # never keep bad work: the weights about to be saved must be finite and still compute a sane loss on the probe
+    # batch (not 10x above the last good checkpoint's). The weights are identical on every rank: each rank checks,
+    # all stop alike. (The loss of the steps that produced them was checked by the log just before.)
+    bad = checkpoint.non_finite_count(run.model.state_dict()) + checkpoint.non_finite_count(run.ema.state_dict())
+    if bad:
+        raise RunFailed(diverged(run, f"{bad:,} weights are not finite (the last logged loss was {run.last_loss})"))
+    probe = probe_loss(run)
+    if not math.isfinite(probe) or probe > 10 * run.probe_ref + 10:
+        raise RunFailed(diverged(run, f"the new weights give a loss of {probe:.4g} on a fixed batch ({run.probe_ref:.4g} "
+                                      f"at the last good checkpoint)"))
+    rng = {"cpu": torch.get_rng_state()}
+    if run.device.type == "cuda":
+        rng["cuda"] = torch.cuda.get_rng_state(run.device)
+    rngs = [rng]
+    if run.world_size > 1:  # every rank's random state, so a resumed run draws exactly the same t and noise
+        rngs = [None] * run.world_size
+        dist.all_gather_object(rngs, rng)
+    if run.is_main:
+        ckpt = {"format": checkpoint.FORMAT, "kind": run.kind, "model_args": run.model.config,
+                "diffusion_args": run.diffusion_args, "model": run.model.state_dict(), "ema": run.ema.state_dict(),
+                "step": run.step, "config": run.cfg,
+                # train.py's own state, for an exact --resume
+                "ema_updates": run.ema.updates, "optimizer": run.optimizer.state_dict(),
+                "batches": run.batches.state_dict(), "rng": rngs,
+                "t_sampler": run.t_sampler.state_dict() if run.t_sampler is not None else None}
+        try:
+            checkpoint.save(ckpt, run.ckpt_path)
+        except checkpoint.NonFiniteError as e:  # the check above already caught it; this is the library's guard
+            raise RunFailed(diverged(run, str(e))) from None
+        except OSError as e:
+            before = (f"the previous checkpoint (step {run.saved_step:,}) is intact; free some space, then resume: "
+                      f"{resume_command(run)}" if run.saved_step is not None else
+                      "no checkpoint exists yet; free some space and start again")
+            raise RunFailed(f"could not write {run.ckpt_path} at step {run.step:,} ({e.strerror or e}): the partial "
+                            f"file was removed and {before}") from None
+        cli.wrote(run.ckpt_path, f"step {run.step:,}")
+        plot_loss(os.path.join(run.out, "metrics.jsonl"), os.path.join(run.out, "loss.png"))
+    run.saved_step, run.probe_ref, run.good_lr = run.step, probe, run.args.lr
+    run.times.saved = time.perf_counter()
+    run.times.save_s = run.times.saved - t0
+
+
+def extra_budget(run, final):
+    """Seconds a grid or an accuracy check may take now: 5% of the run so far (at least EXTRA_MIN_SECONDS), and
+    never past the --max-minutes deadline (with room for one more save, unless this is the end)."""
+    now = time.perf_counter()
+    budget = max(EXTRA_MIN_SECONDS, 0.05 * (now - run.times.start))
+    return min(budget, run.times.deadline - now - (0 if final else run.times.save_s + run.times.step_s))
+
+
+def sample_grid(run, final):
+    """samples.png (and samples_<step>.png): DDIM from the EMA weights, fixed noise so grids compare across steps.
+    The number of images fits the time budget, estimated from the measured step time (a training step costs about
+    3 forwards per image, one DDIM step 1)."""
+    args = run.args
+    run.grids += 1
+    run.times.sampled = time.perf_counter()
+    steps = min(GRID_STEPS, run.diffusion.num_timesteps)
+    per_image = steps * run.times.step_s / (3 * (args.batch_size // run.world_size))
+    budget = extra_budget(run, final)
+    n = min(args.n_sample, int(budget / per_image) if per_image > 0 else args.n_sample)
+    if n < min(4, args.n_sample):
+        least = min(4, args.n_sample)
+        say(f"step {run.step:,}: sample grid skipped: {least} images would take ~{cli.human_time(least * per_image)} "
+            f"(DDIM {steps} steps), and {'the time left' if final else 'a grid'} allows {cli.human_time(max(budget, 0))}")
+        return
+    if n < args.n_sample:
+        n = max(4, math.isqrt(n) ** 2)  # a full square grid
+    if n * per_image > 2:
+        shrunk = f" (of --n-sample {args.n_sample}: the time left allows {n})" if n < args.n_sample else ""
+        say(f"step {run.step:,}: sampling {n} images{shrunk} with DDIM {steps} steps from the EMA weights, "
+            f"~{cli.human_time(n * per_image)} ...")
+    g = torch.Generator(run.device).manual_seed(args.seed)
+    kwargs = {"y": torch.arange(n, device=run.device) % args.num_classes} if args.class_cond else {}
+    shape = (n, run.cfg["channels"], args.image_size, args.image_size)
+    with cli.autocast(run.device, args.precision):
+        imgs = ddim_sample_loop(run.diffusion.respace(steps), run.ema.module, shape, generator=g, model_kwargs=kwargs,
+                                device=run.device)
+    try:
+        data.save_grid(imgs.float(), os.path.join(run.out, f"samples_{run.step:07d}.png"))
+        data.save_grid(imgs.float(), os.path.join(run.out, "samples.png"))
+    except OSError as e:
+        say(f"warning: could not write samples.png ({e.strerror or e})")
+        return
+    cli.wrote(os.path.join(run.out, "samples.png"), f"{n} EMA samples at step {run.step:,}")
+
+
+def evaluate_classifier(run, final):
+    """{acc_t<t>: accuracy} of the EMA classifier on held-out images noised to t = 0, T/4, T/2, 3T/4 (G4), on as
+    many of the 2,000 test images as the time budget allows."""
+    xt, yt = run.test_set
+    per_image = 4 * run.times.step_s / (3 * (run.args.batch_size // run.world_size))
+    budget = extra_budget(run, final)
+    n = min(xt.shape[0], int(budget / per_image) if per_image > 0 else xt.shape[0])
+    if n < min(50, xt.shape[0]):
+        say(f"step {run.step:,}: classifier accuracy skipped: {min(50, xt.shape[0])} test images would take "
+            f"~{cli.human_time(min(50, xt.shape[0]) * per_image)}")
+        return {}
+    if n * per_image > 2:
+        say(f"step {run.step:,}: classifier accuracy on {n:,} test images at 4 noise levels, "
+            f"~{cli.human_time(n * per_image)} ...")
+    stride = xt.shape[0] // n
+    with cli.autocast(run.device, run.args.precision):
+        acc = classifier_accuracy_at(run.diffusion, run.ema.module, xt[::stride][:n], yt[::stride][:n],
+                                     generator=torch.Generator(run.device).manual_seed(0))
+    say(f"step {run.step:,}: test accuracy at noise level " + ", ".join(f"t={t}: {a:.3f}" for t, a in acc.items()))
+    return {f"acc_t{t}": round(float(a), 4) for t, a in acc.items()}
+
+
+def plot_loss(metrics_path, png_path):
+    """loss.png: the logged loss against the step on a log scale, and its exponential moving average (the trend)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (~1 s to import: only when saving)
+    from matplotlib.figure import Figure  # noqa: PLC0415
+
+    steps, losses = [], []
+    with open(metrics_path) as f:
+        for line in f:
+            r = json.loads(line)
+            steps.append(r["step"])
+            losses.append(max(r["loss"], 1e-12))
+    if not losses:
+        return
+    # the trend: an exponential moving average in log space (the loss spans decades), bias-corrected so it starts at
+    # the first point, averaging over about 1/20 of the points so far
+    beta, avg, smooth = 1 - 1 / (1 + len(losses) / 20), 0.0, []
+    for k, v in enumerate(losses, 1):
+        avg = beta * avg + (1 - beta) * math.log(v)
+        smooth.append(math.exp(avg / (1 - beta ** k)))
+    fig = Figure(figsize=(7, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss (mean over each log interval)")
+    ax.plot(steps, smooth, color="tab:blue", linewidth=2, label="moving average")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    tmp = f"{png_path}.tmp{os.getpid()}"
+    try:
+        fig.savefig(tmp, format="png")
+        os.replace(tmp, png_path)
+    except OSError as e:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        say(f"warning: could not write {png_path} ({e.strerror or e})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The end: what was written, and what to run next
+# ----------------------------------------------------------------------------------------------------------------
+
+def finish(run, outcome):
+    """Print what happened and the next command; returns the exit code (0, or 128 + signal)."""
+    args, out = run.args, run.out
+    if outcome == "interrupted":  # a second signal during a step or a save: stop now, nothing more written
+        code = 128 + (STOP["second"] or signal.SIGINT)
+        if run.is_main:
+            last = (f"the last checkpoint is {run.ckpt_path} (step {run.saved_step:,})" if run.saved_step is not None
+                    else "no checkpoint was saved")
+            say(f"stopped at once at step {run.step:,} by a second signal: nothing saved since; {last}")
+        return code
+    if not run.is_main:
+        return 128 + outcome if isinstance(outcome, signal.Signals) else 0
+    elapsed = cli.human_time(time.perf_counter() - run.times.start)
+    files = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
+    if args.task == "diffusion":
+        nxt = f"python sample.py --checkpoint {shlex.quote(out)} --sampler ddim --steps 50"
+    else:  # a classifier guides a diffusion run of the same data
+        nxt = (f"python sample.py --checkpoint runs/{args.dataset} --classifier {shlex.quote(out)} --classifier-scale 4 "
+               f"--class {min(3, args.num_classes - 1)}")
+    if isinstance(outcome, signal.Signals):
+        say(f"stopped by {outcome.name} at step {run.step:,} after {elapsed}: saved {run.ckpt_path}")
+        say(f"resume with: {resume_command(run)}")
+        return 128 + outcome
+    why = f"--max-minutes {args.max_minutes:g} reached" if outcome == "time" else "done"
+    say(f"{why}: step {run.step:,}/{args.steps:,} in {elapsed}; wrote in {out}: {', '.join(files)}")
+    if outcome == "time":
+        say(f"resume with: {resume_command(run)}")
+    say(f"next: {nxt}")
+    return 0
+
+
+def close(run):
+    """Release what the process holds: the metrics file, the run folder's lock, the process group."""
+    if run.metrics is not None:
+        run.metrics.close()
+        run.metrics = None
+    if run.lock is not None:
+        run.lock.close()  # closing the file drops the flock
+        run.lock = None
+    if run.world_size > 1 and dist.is_initialized():
         dist.destroy_process_group()
-    if stop_reason:
-        raise TrainingDiverged(stop_reason)
-    if is_main:
-        print(f"done: step {step}, run in {out}")
-    return {"step": step, "model": model, "ema": ema.module, "out": out}
-
-
-class TrainingDiverged(Exception):
-    pass
-
-
-def gather_all(t, losses, world_size):
-    """All ranks' (t, loss) pairs, so every rank's importance sampler sees the same history."""
-    if world_size == 1:
-        return t, losses
-    ts, ls = [torch.empty_like(t) for _ in range(world_size)], [torch.empty_like(losses) for _ in range(world_size)]
-    dist.all_gather(ts, t)
-    dist.all_gather(ls, losses)
-    return torch.cat(ts), torch.cat(ls)
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    """python train.py ...: exit 0 when done; 2 on bad input (one line, before any work); 1 when the run diverged
+    or a save failed (one line); 130 / 143 after a SIGINT / SIGTERM (checkpoint saved)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        train(args)
-    except (UsageError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    except TrainingDiverged as e:
+        run = cli.main_guard(setup, argv)
+    except KeyboardInterrupt:
+        print("interrupted before training started: nothing was written", file=sys.stderr)
+        sys.exit(130)
+    try:
+        outcome = train(run)
+    except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(1)
+    finally:
+        close(run)
+    code = finish(run, outcome)
+    if code:
+        sys.exit(code)
+    return run
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Run by tests/test_train.py under torchrun: trains, then every rank saves its own weights for comparison."""
+"""Run by tests/test_train.py under torchrun: trains until stopped, then every rank saves its own weights, the step it
+stopped at and why, for the test to compare."""
 import os
 import sys
 
@@ -9,6 +10,13 @@ import torch  # noqa: E402
 import train  # noqa: E402
 
 torch.set_num_threads(1)
-args = train.build_parser().parse_args(sys.argv[1:])
-result = train.train(args)
-torch.save(result["model"].state_dict(), os.path.join(args.out, f"rank{os.environ['RANK']}.pt"))
+run = train.setup(sys.argv[1:])
+with open(os.path.join(run.out, f"pid{run.rank}"), "w") as f:  # for the test to signal one rank alone
+    f.write(str(os.getpid()))
+try:
+    outcome = train.train(run)
+finally:
+    train.close(run)
+torch.save({"model": run.model.state_dict(), "step": run.step, "outcome": getattr(outcome, "name", outcome)},
+           os.path.join(run.out, f"rank{run.rank}.pt"))
+sys.exit(train.finish(run, outcome))

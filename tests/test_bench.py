@@ -144,3 +144,32 @@ def test_tiny_run_with_the_peers():
     # diffusers configured as google/ddpm-cifar10-32 is the same network as ours: same size, same FLOPs
     ours, diff = results["flops"]["ours"], results["flops"]["diffusers"]
     assert ours == diff
+
+
+def test_our_training_row_times_train_py_own_step(monkeypatch):
+    """The benchmark measures the real step: train.train_step, called once per timed step (not a copy of it)."""
+    import train
+    calls = []
+    real = train.train_step
+    monkeypatch.setattr(train, "train_step", lambda *a, **k: (calls.append(a[0]), real(*a, **k))[1])
+    results = bench.main(TINY + ["--peers", "none", "--sample-n", "0", "--repeats", "1", "--steps-per-repeat", "2",
+                                 "--warmup", "1"])
+    assert rows_by(results, "train")[0]["status"] == "ok"
+    assert calls == [0, 1, 2]  # 1 warm-up step, then 1 repeat of 2 timed steps, numbered as train.py numbers them
+
+
+def test_the_peer_harness_trains_with_train_pys_optimizer_and_ema():
+    """peer_training_step (the loop the peers run in) on a stand-in network: it steps AdamW at train.py's warm-up
+    learning rate and keeps train.py's EMA."""
+    import train
+    cfg = bench.our_config(tiny=True)
+    args = bench.resolve_args(bench.build_parser().parse_args(TINY))
+    model = nn.Conv2d(3, 3, 1)
+    before = model.weight.detach().clone()
+    step = bench.peer_training_step(model, lambda x0: (model(x0) - x0).square().mean(), cfg, args,
+                                    torch.device("cpu"))
+    for _ in range(3):
+        step()
+    assert not torch.equal(model.weight, before) and math.isfinite(float(step.loss_sum()))
+    assert step.optimizer.param_groups[0]["lr"] == train.get_lr(2, cfg) and step.ema.updates == 3
+    assert not torch.equal(step.ema.module.weight, model.weight)  # an average, not a copy
