@@ -207,3 +207,19 @@ def wrote(path, what=""):
     size = os.path.getsize(path) if os.path.isfile(path) else 0
     unit = f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.0f} kB"
     say(f"wrote {path} ({unit}{', ' + what if what else ''})")
+
+
+def check_appendable(path, flag):
+    """A file that results are appended to (results.jsonl): an existing file must be writable, a new one creatable;
+    checked before the work, not after it."""
+    if os.path.isdir(path):
+        raise UsageError(f"{flag}: {path} is a directory; give a file name")
+    if os.path.exists(path):
+        try:
+            with open(path, "a"):
+                pass
+        except OSError as e:
+            raise UsageError(f"{flag}: cannot append to {path} ({e.strerror or e}); choose a writable file") from None
+        return path
+    check_writable_dir(os.path.dirname(os.path.abspath(path)), flag)
+    return path

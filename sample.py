@@ -1,307 +1,253 @@
 """
 Draw samples from a trained run: DDPM ancestral sampling (Algorithm 2), DDIM (any eta, skipped steps), annealed
 Langevin and predictor-corrector (the score view), with classifier or classifier-free guidance; DDIM's latent
-interpolation and inversion experiments.
+interpolation and inversion experiments. The samplers, guidance and batching are sampling.py's menu; this file is the
+command line around it.
 
-    python sample.py --sampler ddim --steps 50          # latest run, EMA weights: grid PNG + .npz of uint8 images
+    python sample.py --sampler ddim --steps 50          # newest run, EMA weights: a grid PNG + an .npz of uint8 images
     python sample.py --sampler ddpm                     # all T steps of Algorithm 2
     python sample.py --sampler ddpm --steps 100 --var small          # respaced ancestral sampling
     python sample.py --sampler ddim --eta 1 --skip quad
     python sample.py --interpolate                      # slerp between latents, decoded by DDIM (DDIM §5.3)
-    python sample.py --invert picture.png               # DDIM inversion x_0 -> x_T, then back (DDIM §4.3)
+    python sample.py --invert cifar10:7                 # DDIM inversion x_0 -> x_T and back (DDIM §4.3), test image 7
+    python sample.py --invert picture.png               # ... or any picture (center-cropped to a square, resized)
     python sample.py --classifier runs/cifar10-classifier --classifier-scale 4 --class 3   # classifier guidance
     python sample.py --checkpoint runs/cifar10-cond --cfg-scale 3 --class 3               # classifier-free guidance
 
-The .npz holds `x`: uint8 [N, H, W, 3], the format FID tools (and evaluate.py) read. Same --seed, same images.
+OUTPUTS. Each command writes NAME.png (a grid) and NAME.npz (`x`: uint8 [N, H, W, 3], `y`: the labels of a
+conditional run: what evaluate.py reads) into <run>/samples/, where NAME says what made them: the sampler and its
+steps, every setting that differs from its default, and the seed, e.g.
+
+    runs/cifar10/samples/ddim50_seed0.png                 python sample.py
+    runs/cifar10/samples/ddim50_eta1_quad_cg4_class3_seed0.png
+    runs/cifar10/samples/interpolate_ddim50_seed0.png     python sample.py --interpolate
+    runs/cifar10/samples/invert_cifar10-7_ddim50.png      python sample.py --invert cifar10:7
+
+An existing file is never replaced without --force. The same --seed and --batch-size give the same images.
 """
 
 import glob
-from argparse import ArgumentDefaultsHelpFormatter
 import math
 import os
-import sys
+import re
 
-import numpy as np
 import torch
-from tqdm.auto import tqdm
 
+import checkpoint
 import data
-from ddim import ddim_invert, ddim_sample_loop, slerp
-from train import Parser, UsageError, autocast, build_diffusion, build_model, find_checkpoint, load_checkpoint, resolve_device
+import sampling
+from cli import (Parser, UsageError, check_number, main_guard, precision_name, resolve_device, say, wrote)
+from ddim import ddim_invert, slerp
 
-SAMPLERS = ("ddpm", "ddim", "langevin", "pc")
+FRAMES = 8  # --interpolate: images per row, alpha = 0, 1/7, ..., 1 (DDIM Figure 6)
 
 
 def build_parser():
-    p = Parser(description="Sample from a trained diffusion run.",
-                                formatter_class=ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", default=None, help="a ckpt.pt or a run directory (default: runs/cifar10, "
-                   "else the most recently written runs/*/ckpt.pt)")
-    p.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA")
-    p.add_argument("--sampler", default="ddim", choices=SAMPLERS)
-    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: 50 for ddim, all T for "
-                   "ddpm, 100 noise levels for langevin/pc); ddpm with fewer steps uses the respaced schedule")
-    p.add_argument("--eta", type=float, default=0.0, help="ddim: 0 deterministic, 1 DDPM-like (DDIM eq. 16)")
-    p.add_argument("--skip", default="uniform", choices=("uniform", "quad"), help="which steps to keep (DDIM §4.2)")
-    p.add_argument("--var", default=None, choices=("large", "small"), help="ddpm with a fixed-variance model: "
-                   "sigma^2 = beta (large, the run's default) or beta~ (small)")
-    p.add_argument("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]")
-    p.add_argument("--langevin-steps", type=int, default=2, help="langevin: inner steps per noise level")
-    p.add_argument("--delta", type=float, default=None, help="langevin: step size at the smallest noise level")
-    p.add_argument("--corrector-steps", type=int, default=1, help="pc: Langevin corrector steps per level")
-    p.add_argument("--snr", type=float, default=0.16, help="pc: signal-to-noise ratio of the corrector step")
-    p.add_argument("--predictor", default="ddpm", choices=("ddpm", "ddim"), help="pc: the predictor step (ddim uses --eta)")
-    p.add_argument("--n", type=int, default=64, help="number of images")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=None, help="output path without extension (default: <run>/samples_<sampler><steps>)")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"))
-    p.add_argument("--interpolate", action="store_true", help="8 rows of slerp between two latents (DDIM §5.3)")
-    p.add_argument("--invert", default=None, metavar="IMAGE", help="DDIM-invert an image, then reconstruct it")
-    p.add_argument("--class", dest="label", type=int, default=None, help="class to sample (class-conditional "
-                   "model or classifier guidance); omitted: a label per image")
-    p.add_argument("--classifier", default=None, help="noisy classifier run or ckpt.pt for classifier guidance")
-    p.add_argument("--classifier-scale", type=float, default=None, help="s in s * grad log p(y | x_t) (default 1 "
-                   "with --classifier)")
-    p.add_argument("--cfg-scale", type=float, default=None, help="w of classifier-free guidance (class-conditional run)")
-    p.add_argument("--progress", action="store_true", help="progress bar for every sampling loop")
+    p = Parser(description="Sample from a trained diffusion run (DDPM, DDIM, Langevin, predictor-corrector; "
+                           "classifier and classifier-free guidance; DDIM interpolation and inversion).")
+    p.add_argument("--checkpoint", default=None, help="a ckpt.pt, a run folder or a diffusers model folder "
+                   "(default: runs/cifar10, else the newest diffusion run under runs/)")
+    sampling.add_arguments(p)
+    p.add_argument("--n", type=int, default=64, help="number of images (--interpolate: whole rows of 8)")
+    p.add_argument("--batch-size", type=int, default=256, help="images sampled at once")
+    p.add_argument("--seed", type=int, default=0, help="batch i is drawn from the generator seeded by (seed, i)")
+    p.add_argument("--out", default=None, help="output path without extension, for OUT.png and OUT.npz "
+                   "(default: <run>/samples/<sampler><steps>_<settings>_seed<seed>)")
+    p.add_argument("--force", action="store_true", help="replace existing output files")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--interpolate", action="store_true",
+                   help="rows of 8 images decoded by DDIM from slerp(z0, z1, alpha), alpha = 0 .. 1 (DDIM §5.3)")
+    p.add_argument("--invert", default=None, metavar="IMAGE",
+                   help="encode IMAGE to x_T with the reversed eta = 0 DDIM update, then decode it (DDIM §4.3); "
+                        "IMAGE is a picture file or cifar10:N, the N-th CIFAR-10 test image")
+    p.add_argument("--data-dir", default=None, help="--invert cifar10:N: the CIFAR-10 folder "
+                   "(default: data/cifar10, then ../shared/data/cifar10)")
     return p
 
 
+def check_args(args):
+    """What can be checked before loading anything."""
+    check_number("--n", args.n, lo=1, integer=True)
+    check_number("--batch-size", args.batch_size, lo=1, integer=True)
+    if args.interpolate and args.invert:
+        raise UsageError("--interpolate: choose one experiment; drop --interpolate or --invert")
+    if (args.interpolate or args.invert) and args.sampler != "ddim":
+        raise UsageError("--sampler: --interpolate and --invert are DDIM experiments (DDIM §4.3, §5.3); "
+                         "use --sampler ddim")
+    if args.interpolate and args.n < 2:
+        raise UsageError("--n: --interpolate needs at least 2 images (its two end points)")
+    if args.invert and (args.eta != 0 or args.classifier or args.cfg_scale is not None):
+        raise UsageError("--invert: inversion runs the unguided eta = 0 ODE (DDIM §4.3); drop --eta, --classifier "
+                         "and --cfg-scale")
+
+
 def default_checkpoint():
-    if os.path.isdir(os.path.join("runs", "cifar10")) and os.path.isfile(os.path.join("runs", "cifar10", "ckpt.pt")):
+    """runs/cifar10, else the newest run under runs/ that holds a diffusion model."""
+    if os.path.isfile(os.path.join("runs", "cifar10", checkpoint.FILENAME)):
         return os.path.join("runs", "cifar10")
-    found = [p for p in glob.glob(os.path.join("runs", "*", "ckpt.pt"))
-             if load_checkpoint(p)["config"].get("task", "diffusion") == "diffusion"]
-    if not found:
-        raise UsageError("--checkpoint: no run found under runs/; train one with `python train.py --dataset cifar10` "
-                         "or pass --checkpoint PATH")
-    return os.path.dirname(max(found, key=os.path.getmtime))
+    for path in sorted(glob.glob(os.path.join("runs", "*", checkpoint.FILENAME)), key=os.path.getmtime, reverse=True):
+        try:
+            if checkpoint.load(path)["kind"] == "diffusion":
+                say(f"using {os.path.dirname(path)}, the newest diffusion run under runs/ (choose with --checkpoint)")
+                return os.path.dirname(path)
+        except UsageError:
+            continue
+    raise UsageError("--checkpoint: no run found under runs/; train one with `python train.py --dataset cifar10` "
+                     "or pass --checkpoint PATH")
 
 
-def load_run(path, use_ema=True, device="cpu", task="diffusion"):
-    """(model in eval mode on device, its config, its step) from a checkpoint file or run directory."""
-    flag = "--classifier" if task == "classifier" else "--checkpoint"
-    ckpt_path = find_checkpoint(path, flag)
-    ckpt = load_checkpoint(ckpt_path, flag)
-    cfg = ckpt.get("config")
-    if not isinstance(cfg, dict) or "ema" not in ckpt:
-        raise UsageError(f"{flag}: {ckpt_path} is not a checkpoint written by train.py")
-    if cfg.get("task", "diffusion") != task:
-        raise UsageError(f"{flag}: {ckpt_path} holds a {cfg.get('task')} run, not a {task}")
-    model = build_model(cfg, cfg["num_classes"])
-    model.load_state_dict(ckpt["ema"] if use_ema else ckpt["model"])
-    model.to(device).eval().requires_grad_(False)
-    if torch.device(device).type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    return model, cfg, ckpt["step"]
+def samples_dir(ckpt):
+    """<run>/samples for a run's ckpt.pt; samples/<model> for a diffusers folder or hf:NAME (not ours to write in)."""
+    path = ckpt["path"]
+    if os.path.isfile(path):
+        return os.path.join(os.path.dirname(path), "samples")
+    return os.path.join("samples", re.sub(r"[^A-Za-z0-9._-]+", "_", path.strip("/")) or "model")
 
 
-def check_args(args, cfg, T):
-    if args.steps is not None and not 1 <= args.steps <= T:
-        raise UsageError(f"--steps: must be in 1..{T} (the run's diffusion steps), got {args.steps}")
-    if args.eta < 0:
-        raise UsageError(f"--eta: must be >= 0 (0 = deterministic DDIM), got {args.eta}")
-    if args.n < 1 or args.batch_size < 1:
-        raise UsageError("--n and --batch-size: must be >= 1")
-    if args.var is not None and cfg["loss"] != "mse":
-        raise UsageError("--var: this run learned its variance (--loss hybrid/kl); drop --var")
-    if args.label is not None and not 0 <= args.label < cfg["num_classes"]:
-        raise UsageError(f"--class: must be in 0..{cfg['num_classes'] - 1}, got {args.label}")
-    if args.classifier_scale is not None:
-        if args.classifier is None:
-            raise UsageError("--classifier-scale: classifier guidance needs --classifier RUN (a run trained with "
-                             "--task classifier)")
-        if args.classifier_scale < 0:
-            raise UsageError(f"--classifier-scale: must be >= 0, got {args.classifier_scale}")
-    if args.cfg_scale is not None:
-        if args.cfg_scale < 0:
-            raise UsageError(f"--cfg-scale: must be >= 0, got {args.cfg_scale}")
-        if not cfg["class_cond"]:
-            raise UsageError("--cfg-scale: this run is unconditional; classifier-free guidance needs a run trained "
-                             "with --class-cond")
-    if args.label is not None and not cfg["class_cond"] and args.classifier is None:
-        raise UsageError("--class: this run is unconditional; add --classifier RUN for classifier guidance or use a "
-                         "--class-cond run")
-    if args.sampler in ("langevin", "pc") and (args.langevin_steps < 1 or args.corrector_steps < 1 or args.snr <= 0
-                                               or (args.delta is not None and args.delta <= 0)):
-        raise UsageError("--langevin-steps/--corrector-steps: must be >= 1; --snr, --delta: must be > 0")
+# ----------------------------------------------------------------------------------------------------------------
+# The experiments
+# ----------------------------------------------------------------------------------------------------------------
+
+def read_image(spec, size, channels, data_dir=None):
+    """The image to invert as floats [1, C, size, size] in [-1, 1], its label (or None) and a name for files.
+
+    `spec` is a picture file, or cifar10:N for the N-th CIFAR-10 test image (read by data.py). A non-square picture
+    is cut to its central square (said in one line, never squashed); then it is resized to the network's size.
+    """
+    import torchvision.transforms.functional as TF
+    from PIL import Image
+    m = re.fullmatch(r"cifar10:(\d+)", spec)
+    if m:
+        x, y = data.load_cifar10(data_dir, split="test")
+        i = int(m.group(1))
+        if i >= x.shape[0]:
+            raise UsageError(f"--invert: cifar10:N takes N in 0..{x.shape[0] - 1} (the test set), got {i}")
+        img, label, name = TF.to_pil_image(x[i]), int(y[i]), f"cifar10-{i}"
+    else:
+        if spec.startswith("cifar10"):
+            raise UsageError(f"--invert: expected cifar10:N with N a test-set index, got {spec!r}")
+        try:
+            with Image.open(spec) as im:
+                img = im.convert("RGB")
+        except (OSError, ValueError):
+            raise UsageError(f"--invert: cannot read an image from {spec}; pass a picture file or cifar10:N "
+                             "(a CIFAR-10 test image)") from None
+        label, name = None, re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(spec))[0])
+    w, h = img.size
+    if w != h:
+        side = min(w, h)
+        say(f"note: --invert: {spec} is {w}x{h}; using its central {side}x{side} square"
+            + (f", resized to {size}x{size}" if side != size else ""))
+        img = TF.center_crop(img, [side, side])
+    elif w != size:
+        say(f"note: --invert: {spec} is {w}x{h}; resized to the network's {size}x{size}")
+    if img.size[0] != size:
+        img = TF.resize(img, [size, size], antialias=True)
+    if channels == 1:
+        img = img.convert("L")
+    return data.to_float(TF.pil_to_tensor(img)[None]), label, name
 
 
-class IgnoreLabels(torch.nn.Module):
-    """An unconditional model under classifier guidance: the labels in model_kwargs are the cond_fn's, not its."""
-
-    def __init__(self, model):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x, t, y=None, **kwargs):
-        return self.model(x, t, **kwargs)
+def interpolation_grid(n):
+    """--interpolate draws whole rows of FRAMES images (one row of n when n < FRAMES): (rows, frames)."""
+    frames = min(FRAMES, n)
+    rows = n // frames
+    if rows * frames != n:
+        say(f"note: --interpolate draws whole rows of {frames}: {rows * frames} images for --n {n}")
+    return rows, frames
 
 
-class Sampler:
-    """Everything needed to turn latents into images for one run: the model (maybe wrapped for guidance),
-    the diffusion, the sampler's settings and the labels. Used by sample.py and evaluate.py."""
-
-    def __init__(self, model, cfg, device, sampler="ddim", steps=None, eta=0.0, skip="uniform", var=None,
-                 clip=True, precision="auto", classifier=None, classifier_scale=1.0, cfg_scale=None, label=None,
-                 langevin_steps=2, delta=None, corrector_steps=1, snr=0.16, predictor="ddpm", progress=False):
-        self.cfg, self.device, self.sampler, self.eta, self.skip, self.clip = cfg, device, sampler, eta, skip, clip
-        var_type = {"large": "fixed_large", "small": "fixed_small", None: None}[var]
-        self.diffusion = build_diffusion(cfg, var_type)
-        T = self.diffusion.num_timesteps
-        self.steps = steps or {"ddim": min(50, T), "ddpm": T}.get(sampler, min(100, T))
-        # D4: the sampler runs on every step of this respaced diffusion
-        self.spaced = self.diffusion if self.steps == T else self.diffusion.respace(self.steps, skip)
-        self.amp = autocast(torch.device(device), precision)
-        self.num_classes, self.label, self.progress = cfg["num_classes"], label, progress
-        self.langevin = dict(langevin_steps=langevin_steps, delta=delta, corrector_steps=corrector_steps, snr=snr,
-                             predictor=predictor)
-        self.model, self.cond_fn = model, None
-        self.conditional = cfg["class_cond"] or classifier is not None
-        if cfg_scale is not None:
-            from guidance import ClassifierFreeGuidance
-            self.model = ClassifierFreeGuidance(model, cfg_scale, null_class=cfg["num_classes"])
-        if classifier is not None:
-            from guidance import classifier_cond_fn
-            self.cond_fn = classifier_cond_fn(classifier, classifier_scale)
-            if not cfg["class_cond"]:
-                self.model = IgnoreLabels(model)  # y is for the classifier only
-
-    def labels(self, n, generator):
-        """The class of each image: --class, or uniform labels sorted so the grid is laid out by class."""
-        if not self.conditional:
-            return None
-        if self.label is not None:
-            return torch.full((n,), self.label, dtype=torch.long, device=self.device)
-        y = torch.randint(0, self.num_classes, (n,), generator=generator, device=generator.device)
-        return y.sort().values.to(self.device)
-
-    def decode(self, x_T, y=None, generator=None):
-        """Run the chosen sampler from the latent x_T; returns floats in [-1, 1]."""
-        kwargs = {"y": y} if y is not None else {}
-        common = dict(noise=x_T, cond_fn=self.cond_fn, model_kwargs=kwargs, generator=generator, progress=self.progress)
-        with self.amp:
-            if self.sampler == "ddim":
-                return ddim_sample_loop(self.spaced, self.model, x_T.shape, self.eta,
-                                        clip_denoised=self.clip, **common).float()
-            if self.sampler == "ddpm":
-                return self.spaced.p_sample_loop(self.model, x_T.shape, clip_denoised=self.clip, **common).float()
-            import score
-            lv = self.langevin
-            if self.sampler == "langevin":
-                delta = {} if lv["delta"] is None else {"delta": lv["delta"]}
-                return score.langevin_sample_loop(self.spaced, self.model, x_T.shape,
-                                                  langevin_steps=lv["langevin_steps"],
-                                                  clip_denoised=self.clip, **delta, **common).float()
-            return score.pc_sample_loop(self.spaced, self.model, x_T.shape,
-                                        corrector_steps=lv["corrector_steps"], snr=lv["snr"], predictor=lv["predictor"],
-                                        eta=self.eta, clip_denoised=self.clip, **common).float()
-
-    def shape(self, n):
-        return (n, self.cfg.get("channels", 3), self.cfg["image_size"], self.cfg["image_size"])
-
-    def generate(self, n, batch_size=256, seed=0):
-        """n images as uint8 [n, H, W, C] and their labels (or None). Batch i is drawn from seed (seed, i)."""
-        images, labels = [], []
-        for i, start in enumerate(tqdm(range(0, n, batch_size), desc="batches", disable=n <= batch_size, leave=False)):
-            g = torch.Generator(self.device).manual_seed(seed * 1_000_003 + i)
-            m = min(batch_size, n - start)
-            x_T = torch.randn(self.shape(m), generator=g, device=self.device)
-            y = self.labels(m, g)
-            images.append(data.to_uint8_images(self.decode(x_T, y, g)))
-            if y is not None:
-                labels.append(y.cpu().numpy())
-        return np.concatenate(images), (np.concatenate(labels) if labels else None)
-
-
-def save_outputs(images_uint8, labels, out, nrow=None):
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2)
-    data.save_grid(data.to_float(x), out + ".png", nrow=nrow)
-    arrays = {"x": images_uint8} if labels is None else {"x": images_uint8, "y": labels}
-    tmp = out + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, out + ".npz")
-
-
-def interpolate(s, seed, rows=8, frames=8):
-    """DDIM §5.3: decode slerp(z0, z1, alpha) for alpha in [0, 1]; rows of `frames` images."""
+def interpolation_latents(s, rows, frames, seed):
+    """DDIM §5.3: rows of slerp(z0, z1, alpha), alpha = 0 .. 1, as latents (and labels) for s.generate."""
     g = torch.Generator(s.device).manual_seed(seed)
-    z0 = torch.randn(s.shape(rows), generator=g, device=s.device)
-    z1 = torch.randn(s.shape(rows), generator=g, device=s.device)
+    z0 = torch.randn((rows, *s.image_shape), generator=g, device=s.device)
+    z1 = torch.randn((rows, *s.image_shape), generator=g, device=s.device)
     alphas = torch.linspace(0, 1, frames, device=s.device)
-    # D5: x_T(alpha) = slerp(z0, z1, alpha), every (row, alpha) pair decoded in one batch
+    # D5: x_T(alpha) = slerp(z0, z1, alpha) for every (row, alpha) pair
     z = slerp(z0.repeat_interleave(frames, 0), z1.repeat_interleave(frames, 0), alphas.repeat(rows))
     y = s.labels(rows, g)
-    y = y.repeat_interleave(frames) if y is not None else None
-    return data.to_uint8_images(s.decode(z, y, g)), frames
+    return z, (None if y is None else y.repeat_interleave(frames))
 
 
-def invert(s, image_path):
+def invert(s, x0, label, show_progress):
     """DDIM §4.3: x_0 -> x_T by the reversed eta = 0 update, then x_T -> x_0 again. Returns [original, recon]."""
-    from PIL import Image
-    try:
-        img = Image.open(image_path).convert("RGB" if s.cfg.get("channels", 3) == 3 else "L")
-    except (OSError, ValueError):
-        raise UsageError(f"--invert: cannot read an image from {image_path}")
-    size = s.cfg["image_size"]
-    import torchvision.transforms.functional as TF
-    img = TF.center_crop(TF.resize(img, size, antialias=True), size)
-    x0 = data.to_float(TF.pil_to_tensor(img)[None]).to(s.device)
+    x0 = x0.to(s.device)
+    y = None
+    if s.conditional:
+        y = torch.full((1,), label, dtype=torch.long, device=s.device)
+    say(f"inverting x_0 -> x_T on {s.steps} DDIM steps (D5: eq. 12 reversed, 2 fixed-point refinements per step)")
     with s.amp:
-        x_T = ddim_invert(s.spaced, s.model, x0, refine=2).float()
-    recon = s.decode(x_T)
-    mse = ((recon - x0) ** 2).mean().item()
-    # PSNR over the [-1, 1] range (peak-to-peak 2)
-    print(f"inversion: latent std {x_T.std().item():.3f}, reconstruction MSE {mse:.5f}, PSNR {10 * math.log10(4 / max(mse, 1e-12)):.2f} dB")
-    return data.to_uint8_images(torch.cat([x0, recon])), 2
+        x_T = ddim_invert(s.diffusion, s.model, x0, {} if y is None else {"y": y}, refine=2,
+                          progress=show_progress).float()
+    if not torch.isfinite(x_T).all():
+        raise UsageError("--checkpoint: the inversion produced non-finite latents; try more --steps")
+    recon, _ = s.generate(1, latents=x_T, labels=y, show_progress=show_progress, desc="decoding")
+    original = data.to_uint8_images(x0)
+    mse = ((data.to_float(torch.from_numpy(recon)) - data.to_float(torch.from_numpy(original))) ** 2).mean().item()
+    # PSNR over the [-1, 1] range (peak-to-peak 2), of the 8-bit images written
+    psnr = 10 * math.log10(4 / max(mse, 1e-12))
+    say(f"inversion: latent std {x_T.std().item():.3f} (N(0, I) has 1), reconstruction MSE {mse:.5f}, "
+        f"PSNR {psnr:.2f} dB")
+    return torch.cat([torch.from_numpy(original), torch.from_numpy(recon)]).numpy()
 
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------------------------
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-        run = args.checkpoint or default_checkpoint()
-        model, cfg, step = load_run(run, use_ema=not args.no_ema, device=device)
-        check_args(args, cfg, cfg["diffusion_steps"])
-        classifier = None
-        if args.classifier is not None:
-            classifier, clf_cfg, _ = load_run(args.classifier, device=device, task="classifier")
-            if clf_cfg["num_classes"] != cfg["num_classes"] or clf_cfg["image_size"] != cfg["image_size"]:
-                raise UsageError("--classifier: trained on other classes or image size than the diffusion run")
-        if args.sampler != "ddim" and (args.interpolate or args.invert):
-            raise UsageError("--interpolate/--invert: these are DDIM experiments; use --sampler ddim")
-        s = Sampler(model, cfg, device, args.sampler, args.steps, args.eta, args.skip, args.var, not args.no_clip,
-                    args.precision, classifier, 1.0 if args.classifier_scale is None else args.classifier_scale,
-                    args.cfg_scale, args.label,
-                    args.langevin_steps, args.delta, args.corrector_steps, args.snr, args.predictor, args.progress)
-        run_dir = os.path.dirname(find_checkpoint(run))
-        if args.out is not None:  # fail before sampling, not after
-            try:
-                os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-            except OSError as e:
-                raise UsageError(f"--out: cannot create the folder of {args.out} ({e.strerror}); choose a writable path") from None
-        if args.interpolate:
-            images, nrow = interpolate(s, args.seed)
-            labels, name = None, "interpolate"
-        elif args.invert:
-            images, nrow = invert(s, args.invert)
-            labels, name = None, "invert"
-        else:
-            images, labels = s.generate(args.n, args.batch_size, args.seed)
-            nrow, name = None, f"samples_{args.sampler}{s.steps}"
-        out = args.out or os.path.join(run_dir, name)
-        try:
-            save_outputs(images, labels, out, nrow)
-        except OSError as e:
-            raise UsageError(f"--out: cannot write {out}.png/.npz ({e.strerror}); choose a writable path") from None
-        print(f"{len(images)} images from step {step} of {run_dir} ({args.sampler}, {s.steps} steps) -> {out}.png, {out}.npz")
-    except (UsageError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    check_args(args)
+    device = resolve_device(args.device)
+    show = not args.no_progress
+    settings = sampling.settings_from_args(args)
+
+    # what to sample from, checked and built before any work (checkpoint.py: every problem is one line)
+    ckpt = checkpoint.load(args.checkpoint or default_checkpoint())
+    clf = checkpoint.load(args.classifier, flag="--classifier") if args.classifier else None
+    s = sampling.from_checkpoint(ckpt, settings, device, args.precision, clf)
+    size, channels = s.image_shape[1], s.image_shape[0]
+
+    # where the outputs go, checked before the work
+    if args.invert:
+        x0, label, source = read_image(args.invert, size, channels, args.data_dir)
+        if s.conditional and label is None and settings.label is None:
+            raise UsageError("--class: this run is class-conditional; say which class the picture shows")
+        label = settings.label if settings.label is not None else label
+        name = s.name(prefix=f"invert_{source}")
+    elif args.interpolate:
+        rows, frames = interpolation_grid(args.n)
+        name = s.name(args.seed, rows * frames, prefix="interpolate")
+    else:
+        name = s.name(args.seed, args.n, batch_size=args.batch_size)
+    out = args.out or os.path.join(samples_dir(ckpt), name)
+    out = out[:-4] if out.endswith((".png", ".npz")) else out
+    sampling.check_outputs(out, args.force)
+
+    params = sum(p.numel() for p in s.model.parameters())
+    say(f"checkpoint {ckpt['path']}: step {ckpt.get('step', '?')}, {params / 1e6:.1f}M parameters, "
+        f"{'EMA' if settings.ema else 'raw'} weights; {device.type}, {precision_name(device, args.precision)}")
+
+    if args.invert:
+        say(f"inverting {args.invert}" + (f" ({data.CIFAR10_CLASSES[label]})" if source.startswith("cifar10") else ""))
+        images, nrow = invert(s, x0, label, show), 2
+        labels = None
+    elif args.interpolate:
+        z, y = interpolation_latents(s, rows, frames, args.seed)
+        nrow = frames
+        say(f"decoding {z.shape[0]} interpolated latents: {s.describe()}")
+        images, labels = s.generate(z.shape[0], args.batch_size, args.seed, show, latents=z, labels=y)
+    else:
+        say(f"sampling {args.n} images: {s.describe()}, seed {args.seed}")
+        images, labels = s.generate(args.n, args.batch_size, args.seed, show)
+        nrow = None
+    png, npz = sampling.save_samples(images, labels, out, nrow)
+    wrote(png, f"grid of {len(images)} images")
+    wrote(npz, f"x: uint8 {list(images.shape)}" + ("" if labels is None else ", y: labels"))
+    if not (args.invert or args.interpolate):
+        say(f"next: python evaluate.py fid --samples {npz}")
 
 
 if __name__ == "__main__":
-    main()
+    main_guard(main)

@@ -1,8 +1,9 @@
 """
 A laptop playground: every sampler of this repository on 2-D toy data, trained in well under a minute on a CPU.
 
-    python toy2d.py --data moons                 # -> assets/toy2d_moons.png
+    python toy2d.py --data moons                 # -> runs/toy2d/toy2d_moons.png
     python toy2d.py --data gaussians8 --cond     # + classifier-free and classifier guidance for one class
+    python toy2d.py --data moons --out assets/toy2d_moons.png --force     # the README's picture
 
 Only the model and the data differ from the image pipeline: a small MLP predicts eps from (x_t, t[, y]) with the same
 sinusoidal timestep embedding as the U-Net (unet.timestep_embedding, DDPM App. B), it is trained with
@@ -35,10 +36,8 @@ sees both fine and coarse differences. The energy distance (Szekely & Rizzo 2013
 - 1/2 E||y - y'|| (half of the usual 2 E||x - y|| - ... form), is reported too: it has no bandwidth at all.
 """
 
-import argparse
 import math
 import os
-import sys
 import time
 
 import torch
@@ -47,6 +46,7 @@ import torch.nn.functional as F
 
 import ddim
 import score
+from cli import Parser, UsageError, check_new_file, check_number, main_guard, progress, say, wrote
 from ddpm import GaussianDiffusion, randn
 from schedules import SCHEDULES, get_named_beta_schedule
 from unet import timestep_embedding
@@ -178,8 +178,8 @@ def make_diffusion(schedule="cosine", T=1000):
 
 
 def train_eps_model(model, diffusion, data, steps=3000, batch_size=512, lr=5e-3, p_uncond=0.0, generator=None,
-                    log_every=0):
-    """Fit eps_theta with L_simple on fresh draws of `data` (DDPM Algorithm 1); returns the final loss.
+                    log_every=0, show_progress=False, desc="training"):
+    """Fit eps_theta with L_simple on fresh draws of `data` (DDPM Algorithm 1); returns the final (smoothed) loss.
 
     p_uncond > 0 (classifier-free guidance, CFG §3.2): each label is replaced by the null label with that probability,
     so the same network also learns the unconditional eps.
@@ -189,6 +189,7 @@ def train_eps_model(model, diffusion, data, steps=3000, batch_size=512, lr=5e-3,
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=lr * 0.05)
     model.train()
     running = 0.0
+    bar = progress(steps, desc, unit="step", disable=not show_progress)
     for step in range(steps):
         # Algorithm 1, line 2: x_0 ~ q(x_0)
         x0, y = make_data(data, batch_size, generator, with_labels=True)
@@ -206,21 +207,29 @@ def train_eps_model(model, diffusion, data, steps=3000, batch_size=512, lr=5e-3,
         running = loss.item() if step == 0 else 0.98 * running + 0.02 * loss.item()
         if log_every and (step + 1) % log_every == 0:
             print(f"  step {step + 1:5d}  loss {running:.4f}", flush=True)
+        bar.update(1)
+        if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix_str(f"loss {running:.4f}", refresh=False)
+    bar.close()
     model.eval()
     return running
 
 
-def train_classifier(classifier, diffusion, data, steps=1000, batch_size=512, lr=5e-3, generator=None):
+def train_classifier(classifier, diffusion, data, steps=1000, batch_size=512, lr=5e-3, generator=None,
+                     show_progress=False):
     """The noisy classifier p_phi(y | x_t, t) of classifier guidance: cross-entropy on x_t = q_sample(x_0, t) (G4)."""
     from guidance import noisy_classifier_loss
     opt = torch.optim.AdamW(classifier.parameters(), lr=lr, weight_decay=0.0)
     classifier.train()
+    bar = progress(steps, "training the noisy classifier", unit="step", disable=not show_progress)
     for _ in range(steps):
         x0, y = make_data(data, batch_size, generator, with_labels=True)
         loss = noisy_classifier_loss(diffusion, classifier, x0, y, generator=generator)["loss"].mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        bar.update(1)
+    bar.close()
     classifier.eval()
     return classifier
 
@@ -347,56 +356,56 @@ def save_figure(panels, path, nrow):
 # The command line
 # ----------------------------------------------------------------------------------------------------------------
 
-class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors: 'error: <what> (see --help)', exit code 2, no usage dump, no traceback."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
-
-
 def parse_args(argv=None):
     p = Parser(description="Train a tiny diffusion model on 2-D data and draw every sampler's samples.")
-    p.add_argument("--data", default="moons", choices=DATASETS, help="the 2-D dataset (default: moons)")
-    p.add_argument("--cond", action="store_true", help="class-conditional model + classifier-free and classifier guidance")
-    p.add_argument("--steps", type=int, default=3000, help="training steps (default: 3000)")
-    p.add_argument("--batch-size", type=int, default=512, help="training batch size (default: 512)")
-    p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate, cosine-decayed (default: 5e-3)")
-    p.add_argument("--hidden", type=int, default=64, help="MLP width (default: 64)")
-    p.add_argument("--depth", type=int, default=3, help="residual MLP blocks (default: 3)")
-    p.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="beta schedule (default: cosine)")
-    p.add_argument("--diffusion-steps", type=int, default=1000, help="T (default: 1000)")
-    p.add_argument("--n-samples", type=int, default=2000, help="samples per sampler (default: 2000)")
-    p.add_argument("--p-uncond", type=float, default=0.1, help="--cond: label dropout for CFG (default: 0.1)")
-    p.add_argument("--guide-class", type=int, default=0, help="--cond: the class to guide towards (default: 0)")
-    p.add_argument("--cfg-scales", default="0,1,4", help="--cond: CFG weights w, comma-separated (default: 0,1,4)")
-    p.add_argument("--classifier-scales", default="1,4", help="--cond: classifier scales s (default: 1,4)")
-    p.add_argument("--classifier-steps", type=int, default=1500, help="--cond: classifier training steps (default: 1500)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: 1, see the module docstring)")
-    p.add_argument("--out", default=None, help="PNG path (default: assets/toy2d_<data>[_cond].png)")
+    p.add_argument("--data", default="moons", choices=DATASETS, help="the 2-D dataset")
+    p.add_argument("--cond", action="store_true",
+                   help="also a class-conditional model: classifier-free (CFG eq. 6) and classifier guidance (ADM §4)")
+    p.add_argument("--steps", type=int, default=3000, help="training steps (DDPM Algorithm 1)")
+    p.add_argument("--batch-size", type=int, default=512, help="training batch size")
+    p.add_argument("--lr", type=float, default=5e-3, help="AdamW learning rate, cosine-decayed")
+    p.add_argument("--hidden", type=int, default=64, help="MLP width")
+    p.add_argument("--depth", type=int, default=3, help="residual MLP blocks")
+    p.add_argument("--schedule", default="cosine", choices=SCHEDULES, help="beta schedule")
+    p.add_argument("--diffusion-steps", type=int, default=1000, help="T, the number of diffusion steps")
+    p.add_argument("--n-samples", type=int, default=2000, help="samples per sampler")
+    p.add_argument("--p-uncond", type=float, default=0.1,
+                   help="--cond: probability of dropping the label to the null class in training (CFG §3.2)")
+    p.add_argument("--guide-class", type=int, default=0, help="--cond: the class to guide towards")
+    p.add_argument("--cfg-scales", default="0,1,4", help="--cond: CFG weights w, comma-separated")
+    p.add_argument("--classifier-scales", default="1,4", help="--cond: classifier scales s, comma-separated")
+    p.add_argument("--classifier-steps", type=int, default=1500, help="--cond: classifier training steps")
+    p.add_argument("--seed", type=int, default=0, help="random seed")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (see the module docstring)")
+    p.add_argument("--out", default=None, help="PNG path (default: runs/toy2d/toy2d_<data>[_cond].png)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out file")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
-    for flag, value, low in [("--steps", args.steps, 1), ("--batch-size", args.batch_size, 2), ("--hidden", args.hidden, 1),
-                             ("--depth", args.depth, 1), ("--diffusion-steps", args.diffusion_steps, 2),
-                             ("--n-samples", args.n_samples, 2), ("--classifier-steps", args.classifier_steps, 1),
-                             ("--threads", args.threads, 1)]:
-        if value < low:
-            p.error(f"{flag}: must be >= {low}, got {value}")
-    if not args.lr > 0:
-        p.error(f"--lr: must be > 0, got {args.lr}")
-    if not 0 <= args.p_uncond < 1:
-        p.error(f"--p-uncond: must lie in [0, 1), got {args.p_uncond}")
-    if not 0 <= args.guide_class < NUM_CLASSES[args.data]:
-        p.error(f"--guide-class: {args.data} has classes 0..{NUM_CLASSES[args.data] - 1}, got {args.guide_class}")
-    for flag in ("cfg_scales", "classifier_scales"):
-        try:
-            scales = [float(v) for v in getattr(args, flag).split(",") if v.strip()]
-        except ValueError:
-            p.error(f"--{flag.replace('_', '-')}: expected comma-separated numbers, got {getattr(args, flag)!r}")
-        if not scales or any(not (s >= 0 and math.isfinite(s)) for s in scales):
-            p.error(f"--{flag.replace('_', '-')}: expected numbers >= 0, got {getattr(args, flag)!r}")
-        setattr(args, flag, scales)
-    if args.out is None:
-        args.out = os.path.join("assets", f"toy2d_{args.data}{'_cond' if args.cond else ''}.png")
+    try:
+        for flag, value, low in [("--steps", args.steps, 1), ("--batch-size", args.batch_size, 2),
+                                 ("--hidden", args.hidden, 1), ("--depth", args.depth, 1),
+                                 ("--diffusion-steps", args.diffusion_steps, 2), ("--n-samples", args.n_samples, 2),
+                                 ("--classifier-steps", args.classifier_steps, 1), ("--threads", args.threads, 1)]:
+            check_number(flag, value, lo=low, integer=True)
+        check_number("--lr", args.lr, lo=0, lo_open=True)
+        check_number("--p-uncond", args.p_uncond, lo=0, hi=1, hi_open=True)
+        check_number("--guide-class", args.guide_class, lo=0, hi=NUM_CLASSES[args.data] - 1, integer=True)
+        for flag in ("cfg_scales", "classifier_scales"):
+            name = "--" + flag.replace("_", "-")
+            try:
+                scales = [float(v) for v in getattr(args, flag).split(",") if v.strip()]
+            except ValueError:
+                raise UsageError(f"{name}: expected comma-separated numbers, got {getattr(args, flag)!r}") from None
+            if not scales:
+                raise UsageError(f"{name}: expected comma-separated numbers >= 0, got {getattr(args, flag)!r}")
+            for v in scales:
+                check_number(name, v, lo=0)
+            setattr(args, flag, scales)
+        if args.out is None:
+            args.out = os.path.join("runs", "toy2d", f"toy2d_{args.data}{'_cond' if args.cond else ''}.png")
+        check_new_file(args.out, "--out", args.force)  # before the training, not after it
+    except UsageError as e:
+        p.error(str(e))
     return args
 
 
@@ -406,6 +415,7 @@ def fmt_stats(name, x, ref):
 
 def main(argv=None):
     args = parse_args(argv)
+    show = not args.no_progress
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
@@ -417,19 +427,25 @@ def main(argv=None):
           f"{torch.get_num_threads()} threads", flush=True)
     t0 = time.perf_counter()
     loss = train_eps_model(model, diffusion, args.data, args.steps, args.batch_size, args.lr,
-                           0.0, g)
+                           0.0, g, show_progress=show, desc="training the eps-model")
     train_time = time.perf_counter() - t0
     print(f"trained in {train_time:.1f} s (final loss {loss:.4f})", flush=True)
+    if not math.isfinite(loss):
+        raise UsageError(f"--lr: training diverged (loss {loss}); nothing was written: try a smaller --lr "
+                         "(default 5e-3)")
 
     n = args.n_samples
     ref = make_data(args.data, n, g)                      # the reference draw every sampler is compared with
     results = {}
+    fns = samplers(diffusion)
+    say(f"sampling {n} points with each of {len(fns)} samplers ({', '.join(fns)})")
     t0 = time.perf_counter()
-    for name, fn in samplers(diffusion).items():
+    for name, fn in fns.items():
         results[name] = fn(model, n, g)
     sample_time = time.perf_counter() - t0
     print(f"sampled {len(results)} x {n} points in {sample_time:.1f} s\ntwo-sample statistics against a fresh data draw "
           f"(n = {n}):")
+    check_finite(results, "--lr: training diverged; try a smaller --lr (default 5e-3)")
     print(fmt_stats("data vs data (floor)", make_data(args.data, n, g), ref))
     print(fmt_stats("N(0, I) noise (ceiling)", randn((n, 2), g), ref))
     for name, x in results.items():
@@ -448,7 +464,17 @@ def main(argv=None):
     if args.cond:
         panels += guided_panels(args, model, diffusion, g, nrow)
     save_figure(panels, args.out, nrow)
-    print(f"wrote {args.out}")
+    wrote(args.out, f"{len(panels) // nrow} rows of {nrow} panels")
+    if not args.cond:
+        say(f"next: python toy2d.py --data {args.data} --cond    # adds classifier-free and classifier guidance")
+
+
+def check_finite(results, cause):
+    """One check before anything is drawn: a diverged model gives NaN points, which must not become a picture."""
+    bad = {name: int((~torch.isfinite(x)).any(dim=1).sum()) for name, x in results.items()}
+    bad = ", ".join(f"{name}: {k}" for name, k in bad.items() if k)
+    if bad:
+        raise UsageError(f"{cause} (non-finite samples from {bad}; nothing was written)")
 
 
 def guided_panels(args, model, diffusion, g, nrow):
@@ -463,11 +489,13 @@ def guided_panels(args, model, diffusion, g, nrow):
     K, yc, n = NUM_CLASSES[args.data], args.guide_class, args.n_samples
     t0 = time.perf_counter()
     cond_model = MLP(hidden=args.hidden, depth=args.depth, num_classes=K)
-    train_eps_model(cond_model, diffusion, args.data, args.steps, args.batch_size, args.lr, args.p_uncond, g)
+    train_eps_model(cond_model, diffusion, args.data, args.steps, args.batch_size, args.lr, args.p_uncond, g,
+                    show_progress=not args.no_progress, desc="training the conditional eps-model")
     print(f"conditional model (p_uncond = {args.p_uncond}) trained in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     classifier = MLP(hidden=args.hidden, depth=args.depth, out_dim=K)
-    train_classifier(classifier, diffusion, args.data, args.classifier_steps, args.batch_size, args.lr, g)
+    train_classifier(classifier, diffusion, args.data, args.classifier_steps, args.batch_size, args.lr, g,
+                     show_progress=not args.no_progress)
     print(f"classifier trained in {time.perf_counter() - t0:.1f} s")
     x_all, y_all = make_data(args.data, 20 * n, g, with_labels=True)
     ref = x_all[y_all == yc][:n]
@@ -484,6 +512,8 @@ def guided_panels(args, model, diffusion, g, nrow):
     for s in args.classifier_scales:
         # G3: cond_fn = s grad log softmax(classifier(x_t, t))[y], on the unconditional model
         guided[f"classifier s={s:g}"] = sample(uncond, classifier_cond_fn(classifier, s))
+    check_finite(guided, "--cfg-scales / --classifier-scales: a guidance scale too large for these models, or --lr "
+                         "(the training diverged); try smaller values")
     print(f"guided towards class {yc} (DDIM 50, quad spacing), against class-{yc} data:")
     for name, x in guided.items():
         print(fmt_stats(name, x, ref) + f"   in class {yc}: {class_fraction(args.data, x, yc):.3f}")
@@ -500,4 +530,4 @@ def class_fraction(data, x, y):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main_guard(main)

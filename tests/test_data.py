@@ -303,4 +303,7 @@ def test_save_grid_writes_png(tmp_path):
     save_grid(x, path)
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["grid.png"]  # no tmp left
     with Image.open(path) as im:
-        assert im.format == "PNG" and im.size == (3 * 10 + 2, 2 * 10 + 2)  # 3x2 grid, padding 2
+        assert im.format == "PNG" and im.size == (5 * 10 + 2, 1 * 10 + 2)  # 5 images: one full row, padding 2
+    save_grid(to_float(synthetic_dataset(n=8, image_size=8)[0]), path)
+    with Image.open(path) as im:
+        assert im.size == (4 * 10 + 2, 2 * 10 + 2)  # 8 images: 4x2, no empty tile

