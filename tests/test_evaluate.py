@@ -376,11 +376,11 @@ def test_cli_fid_refuses_samples_of_another_size(tiny_run, tmp_path, capsys):
     assert main(["fid", "--samples", str(tmp_path / "s16.npz"), "--out", ""]) == 2
     err = one_line_error(capsys)
     assert "--ref" in err and "16x16" in err and "32x32" in err
-    assert main(["fid", "--checkpoint", tiny_run, "--device", "cpu", "--out", ""]) == 2
+    assert main(["fid", "--checkpoint", tiny_run, "--n", "2", "--steps", "2", "--device", "cpu", "--out", ""]) == 2
     assert "8x8" in one_line_error(capsys)
     np.savez(tmp_path / "ref16.npz", x=np.zeros((4, 16, 16, 3), np.uint8))
-    assert main(["fid", "--checkpoint", tiny_run, "--ref", str(tmp_path / "ref16.npz"), "--device", "cpu",
-                 "--out", ""]) == 2
+    assert main(["fid", "--checkpoint", tiny_run, "--ref", str(tmp_path / "ref16.npz"), "--n", "2", "--steps", "2",
+                 "--device", "cpu", "--out", ""]) == 2
     assert "16x16" in one_line_error(capsys)
 
 
