@@ -467,7 +467,7 @@ def test_cli_bpd_never_appends_nan(tiny_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["bpd", "--checkpoint", huge, "--n", "2", "--device", "cpu", "--out", str(out),
                  "--no-progress"]) == 2
-    assert "non-finite" in one_line_error(capsys)
+    assert "2 of 2 images got a non-finite bound" in one_line_error(capsys)
     assert len(out.read_text().splitlines()) == 1
 
 
