@@ -471,6 +471,18 @@ def test_cli_bpd_never_appends_nan(tiny_run, tmp_path, capsys):
     assert len(out.read_text().splitlines()) == 1
 
 
+@needs_inception
+def test_cli_never_appends_a_non_finite_fid(tmp_path, capsys, monkeypatch):
+    # whatever produced it, a NaN result is refused by main before anything is written
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *a: float("nan"))
+    np.savez(tmp_path / "s.npz", x=make_images(2))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048), image_size=np.array(32))
+    out = tmp_path / "r.jsonl"
+    assert main(["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--device", "cpu",
+                 "--out", str(out), "--no-progress"]) == 2
+    assert "non-finite value" in one_line_error(capsys) and not out.exists()
+
+
 def test_every_default_is_in_help():
     parser = evaluate.build_parser()
     subparsers = next(a for a in parser._actions if a.dest == "command").choices
