@@ -376,11 +376,11 @@ def test_cli_fid_refuses_samples_of_another_size(tiny_run, tmp_path, capsys):
     assert main(["fid", "--samples", str(tmp_path / "s16.npz"), "--out", ""]) == 2
     err = one_line_error(capsys)
     assert "--ref" in err and "16x16" in err and "32x32" in err
-    assert main(["fid", "--checkpoint", tiny_run, "--device", "cpu", "--out", ""]) == 2
+    assert main(["fid", "--checkpoint", tiny_run, "--n", "2", "--steps", "2", "--device", "cpu", "--out", ""]) == 2
     assert "8x8" in one_line_error(capsys)
     np.savez(tmp_path / "ref16.npz", x=np.zeros((4, 16, 16, 3), np.uint8))
-    assert main(["fid", "--checkpoint", tiny_run, "--ref", str(tmp_path / "ref16.npz"), "--device", "cpu",
-                 "--out", ""]) == 2
+    assert main(["fid", "--checkpoint", tiny_run, "--ref", str(tmp_path / "ref16.npz"), "--n", "2", "--steps", "2",
+                 "--device", "cpu", "--out", ""]) == 2
     assert "16x16" in one_line_error(capsys)
 
 
@@ -467,8 +467,20 @@ def test_cli_bpd_never_appends_nan(tiny_run, tmp_path, capsys):
     capsys.readouterr()
     assert main(["bpd", "--checkpoint", huge, "--n", "2", "--device", "cpu", "--out", str(out),
                  "--no-progress"]) == 2
-    assert "non-finite" in one_line_error(capsys)
+    assert "2 of 2 images got a non-finite bound" in one_line_error(capsys)
     assert len(out.read_text().splitlines()) == 1
+
+
+@needs_inception
+def test_cli_never_appends_a_non_finite_fid(tmp_path, capsys, monkeypatch):
+    # whatever produced it, a NaN result is refused by main before anything is written
+    monkeypatch.setattr(evaluate, "frechet_distance", lambda *a: float("nan"))
+    np.savez(tmp_path / "s.npz", x=make_images(2))
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048), image_size=np.array(32))
+    out = tmp_path / "r.jsonl"
+    assert main(["fid", "--samples", str(tmp_path / "s.npz"), "--ref", str(tmp_path / "ref.npz"), "--device", "cpu",
+                 "--out", str(out), "--no-progress"]) == 2
+    assert "non-finite value" in one_line_error(capsys) and not out.exists()
 
 
 def test_every_default_is_in_help():
