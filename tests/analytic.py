@@ -71,3 +71,23 @@ def gaussian_moment_recursion(steps, m, v):
     for A, B, sigma in steps:
         m, v = A * m + B, A * A * v + sigma * sigma
     return m, v
+
+
+def gaussian_x0_posterior(x_t, abar, mu, s):
+    """Mean and variance of x_0 | x_t for x_0 ~ N(mu, s^2) and x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps (Bayes).
+
+    The mean is the optimal denoiser D(x_t) = E[x_0 | x_t] (Tweedie); a sample of this distribution is what an ideal
+    DDGAN generator returns.
+    """
+    var_t = abar * s * s + 1 - abar
+    return mu + math.sqrt(abar) * s * s * (x_t - math.sqrt(abar) * mu) / var_t, s * s * (1 - abar) / var_t
+
+
+def gaussian_flow(x, abar_from, abar_to, mu, s):
+    """The exact probability-flow ODE map of Gaussian data from noise level abar_from to abar_to.
+
+    x_t ~ N(sqrt(abar) mu, abar s^2 + 1 - abar) at every level and the flow is affine, so it keeps the z-score:
+        x_to = sqrt(abar_to) mu + sqrt(abar_to s^2 + 1 - abar_to) z,   z = (x - sqrt(abar_from) mu) / sqrt(abar_from s^2 + 1 - abar_from)
+    """
+    z = (x - math.sqrt(abar_from) * mu) / math.sqrt(abar_from * s * s + 1 - abar_from)
+    return math.sqrt(abar_to) * mu + math.sqrt(abar_to * s * s + 1 - abar_to) * z
