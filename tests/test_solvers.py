@@ -36,7 +36,7 @@ STEPS = (20, 40, 80, 160)
 
 def run(name, d, model, x_T, clip=False):
     if name == "ddim":
-        return ddim_sample_loop(d, model, x_T.shape, steps=d.num_timesteps, eta=0.0, noise=x_T, clip_denoised=clip)
+        return ddim_sample_loop(d, model, x_T.shape, eta=0.0, noise=x_T, clip_denoised=clip)
     if name == "dpm1":
         return dpmpp2m_sample_loop(d, model, x_T.shape, noise=x_T, clip_denoised=clip, order=1)
     if name == "dpmpp2m":
