@@ -177,6 +177,11 @@ def test_a_tiny_image_ddgan_trains_and_samples():
     with torch.no_grad():
         s = ddgan.ddgan_sample_loop(d, G, (4, 3, 16, 16), generator=gen(6))
     assert s.shape == (4, 3, 16, 16) and torch.isfinite(s).all() and s.abs().max() <= 1
+    # G is multimodal through z: the same x_t with two latents gives two different x_0'
+    with torch.no_grad():
+        t = torch.full((2,), 3)
+        a, b = (G(x0[:2], t, z=torch.randn(2, 8, generator=gen(7 + i))) for i in range(2))
+    assert (a - b).abs().max() > 1e-6
     # the UNet's z is required exactly when it has a latent_dim
     with pytest.raises(ValueError, match="z"):
         G(x0[:2], torch.zeros(2, dtype=torch.long))
