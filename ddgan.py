@@ -55,6 +55,7 @@ CIFAR10_RECIPE = {
     "num_res_blocks": 2,
     "attn_resolutions": (16,),
     "dropout": 0.0,
+    "use_scale_shift_norm": True,  # their generator conditions on (t, z) by AdaGN
     "d_ch": 64,                    # D's base channels ("ngf")
     "lr_g": 1.6e-4,
     "lr_d": 1.25e-4,
