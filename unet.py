@@ -368,13 +368,13 @@ class UNet(nn.Module):
     def __init__(self, image_size=32, in_channels=3, ch=128, ch_mult=(1, 2, 2, 2), num_res_blocks=2,
                  attn_resolutions=(16,), dropout=0.1, num_heads=1, num_head_channels=-1,
                  resblock_updown=False, use_scale_shift_norm=False, num_classes=None, learn_sigma=False,
-                 downsample="ddpm", embed_freq="ddpm", norm_eps=1e-6):
+                 downsample="ddpm", embed_freq="ddpm", norm_eps=1e-6, latent_dim=None):
         super().__init__()
         check_choices(ch, downsample, embed_freq, norm_eps)
         self.config = _config(locals(), [
             "image_size", "in_channels", "ch", "ch_mult", "num_res_blocks", "attn_resolutions", "dropout",
             "num_heads", "num_head_channels", "resblock_updown", "use_scale_shift_norm", "num_classes",
-            "learn_sigma", "downsample", "embed_freq", "norm_eps"])
+            "learn_sigma", "downsample", "embed_freq", "norm_eps", "latent_dim"])
         self.ch, self.embed_freq = ch, embed_freq
         self.num_classes = num_classes
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
@@ -385,6 +385,11 @@ class UNet(nn.Module):
             # one extra row: index num_classes is the learned null label of
             # classifier-free guidance (Ho & Salimans 2022)
             self.label_embed = nn.Embedding(num_classes + 1, emb_dim)
+        self.latent_dim = latent_dim
+        if latent_dim is not None:
+            # DDGAN's generator G(x_t, z, t) (ddgan.py): the latent z through an MLP, added to the time embedding like
+            # the class embedding (DDGAN's NCSN++ feeds it to AdaGN instead)
+            self.latent_embed = time_mlp(latent_dim, emb_dim)
 
         self.down, self.middle, skip_channels, cur, res = _build_encoder(
             image_size, in_channels, ch, ch_mult, num_res_blocks, attn_resolutions, dropout,
@@ -430,11 +435,17 @@ class UNet(nn.Module):
             emb = emb + self.label_embed(y)
         return emb
 
-    def forward(self, x, t, y=None):
+    def forward(self, x, t, y=None, z=None):
         """x: [N, C, H, W] noisy images, t: [N] timestep indices (long or float),
-        y: [N] class labels in 0..num_classes (num_classes = null) or None.
+        y: [N] class labels in 0..num_classes (num_classes = null) or None,
+        z: [N, latent_dim] latents when built with latent_dim (a DDGAN generator), else None.
         Returns [N, C, H, W] predicted noise, or [N, 2C, H, W] = (eps, v) when learn_sigma."""
         emb = self.embed(t, y, x.shape[0], self.time_embed[0].weight.dtype)
+        if (z is None) != (self.latent_dim is None):
+            raise ValueError(f"z: this UNet has latent_dim={self.latent_dim}; pass z of shape [N, latent_dim] "
+                             f"exactly when latent_dim is set")
+        if z is not None:
+            emb = emb + self.latent_embed(z.to(emb.dtype))
         h = x
         skips = []
         for block in self.down:

@@ -71,3 +71,58 @@ def gaussian_moment_recursion(steps, m, v):
     for A, B, sigma in steps:
         m, v = A * m + B, A * A * v + sigma * sigma
     return m, v
+
+
+# With the exact eps of x_0 ~ N(mu, s^2) every reverse step is affine in x_t plus independent noise. The two functions
+# below list those steps (A, B, sigma), from the last of the given steps (the noisiest) down to code index 0, for the
+# steps of a diffusion with these abar and abar_prev (pass a prefix abar[:k] for a chain that starts at step k - 1,
+# as SDEdit's does). gaussian_moment_recursion then gives the exact mean and variance of the samples.
+
+def ddpm_steps(abar, abar_prev, var_type, mu, s):
+    """Ancestral sampling (DDPM Algorithm 2), written from DDPM eq. 11 (not from the code's posterior form):
+    mu_theta = (x - beta / sqrt(1 - abar) eps) / sqrt(alpha); variance beta ("fixed_large") or beta~; no noise at t = 0."""
+    steps = []
+    for i in range(len(abar) - 1, -1, -1):
+        a, ap = abar[i], abar_prev[i]
+        alpha, beta = a / ap, 1 - a / ap
+        c = math.sqrt(1 - a) / (a * s * s + 1 - a)              # eps* = c x - c sqrt(abar) mu
+        A = (1 - beta / math.sqrt(1 - a) * c) / math.sqrt(alpha)
+        B = beta / math.sqrt(1 - a) * c * math.sqrt(a) * mu / math.sqrt(alpha)
+        var = beta if var_type == "fixed_large" else (1 - ap) / (1 - a) * beta
+        steps.append((A, B, math.sqrt(var) if i > 0 else 0.0))
+    return steps
+
+
+def ddim_steps(abar, abar_prev, eta, mu, s):
+    """DDIM (eq. 12 with sigma_t(eta) of eq. 16)."""
+    steps = []
+    for i in range(len(abar) - 1, -1, -1):
+        a, ap = abar[i], abar_prev[i]
+        c = math.sqrt(1 - a) / (a * s * s + 1 - a)                   # eps* = c x - c sqrt(a) mu
+        a0, b0 = (1 - math.sqrt(1 - a) * c) / math.sqrt(a), math.sqrt(1 - a) * c * mu  # x0_pred = a0 x + b0
+        # DDIM eq. 16
+        sigma = eta * math.sqrt((1 - ap) / (1 - a)) * math.sqrt(1 - a / ap)
+        k = math.sqrt(1 - ap - sigma ** 2)
+        # DDIM eq. 12: x' = sqrt(ap) x0_pred + k eps* + sigma z
+        steps.append((math.sqrt(ap) * a0 + k * c, math.sqrt(ap) * b0 - k * c * math.sqrt(a) * mu, sigma))
+    return steps
+
+
+def gaussian_x0_posterior(x_t, abar, mu, s):
+    """Mean and variance of x_0 | x_t for x_0 ~ N(mu, s^2) and x_t = sqrt(abar) x_0 + sqrt(1 - abar) eps (Bayes).
+
+    The mean is the optimal denoiser D(x_t) = E[x_0 | x_t] (Tweedie); a sample of this distribution is what an ideal
+    DDGAN generator returns.
+    """
+    var_t = abar * s * s + 1 - abar
+    return mu + math.sqrt(abar) * s * s * (x_t - math.sqrt(abar) * mu) / var_t, s * s * (1 - abar) / var_t
+
+
+def gaussian_flow(x, abar_from, abar_to, mu, s):
+    """The exact probability-flow ODE map of Gaussian data from noise level abar_from to abar_to.
+
+    x_t ~ N(sqrt(abar) mu, abar s^2 + 1 - abar) at every level and the flow is affine, so it keeps the z-score:
+        x_to = sqrt(abar_to) mu + sqrt(abar_to s^2 + 1 - abar_to) z,   z = (x - sqrt(abar_from) mu) / sqrt(abar_from s^2 + 1 - abar_from)
+    """
+    z = (x - math.sqrt(abar_from) * mu) / math.sqrt(abar_from * s * s + 1 - abar_from)
+    return math.sqrt(abar_to) * mu + math.sqrt(abar_to * s * s + 1 - abar_to) * z

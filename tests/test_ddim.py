@@ -13,22 +13,13 @@ import pytest
 import torch
 
 from ddim import ddim_invert, ddim_max_eta, ddim_sample_loop, ddim_sigma, q_sigma_mean_variance, slerp
-from tests.analytic import GaussianEps, MixtureEps, gaussian_moment_recursion
+from tests.analytic import GaussianEps, MixtureEps, ddim_steps, gaussian_moment_recursion
 from tests.test_ddpm import MU, S, T, assert_moments, diffusion
 
 
 def ddim_recursion(abar, abar_prev, eta, mu=MU, s=S):
-    steps = []
-    for i in range(len(abar) - 1, -1, -1):
-        a, ap = abar[i], abar_prev[i]
-        c = math.sqrt(1 - a) / (a * s * s + 1 - a)                   # eps* = c x - c sqrt(a) mu
-        a0, b0 = (1 - math.sqrt(1 - a) * c) / math.sqrt(a), math.sqrt(1 - a) * c * mu  # x0_pred = a0 x + b0
-        # DDIM eq. 16
-        sigma = eta * math.sqrt((1 - ap) / (1 - a)) * math.sqrt(1 - a / ap)
-        k = math.sqrt(1 - ap - sigma ** 2)
-        # DDIM eq. 12: x' = sqrt(ap) x0_pred + k eps* + sigma z
-        steps.append((math.sqrt(ap) * a0 + k * c, math.sqrt(ap) * b0 - k * c * math.sqrt(a) * mu, sigma))
-    return gaussian_moment_recursion(steps, 0.0, 1.0)
+    """Mean/variance of DDIM with the exact eps on Gaussian data, from x_T ~ N(0, 1) (steps: tests/analytic.ddim_steps)."""
+    return gaussian_moment_recursion(ddim_steps(abar, abar_prev, eta, mu, s), 0.0, 1.0)
 
 
 @pytest.mark.parametrize("eta,skip", [(0.0, "uniform"), (1.0, "uniform"), (0.0, "quad"), (0.5, "uniform")])

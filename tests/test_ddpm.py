@@ -14,7 +14,7 @@ import torch
 
 from ddpm import (GaussianDiffusion, ImportanceSampler, discretized_gaussian_log_likelihood, normal_kl)
 from schedules import get_named_beta_schedule
-from tests.analytic import GaussianEps, MixtureEps, gaussian_moment_recursion
+from tests.analytic import GaussianEps, MixtureEps, ddpm_steps, gaussian_moment_recursion
 
 T = 1000
 MU, S = 0.3, 0.1          # narrow data: a loose or wrong sampler shows up clearly
@@ -34,20 +34,9 @@ def assert_moments(x, m, v, n_se=5.0):
 
 
 def ddpm_recursion(abar, abar_prev, var_type, mu=MU, s=S):
-    """Mean/variance of DDPM ancestral sampling with the exact eps on Gaussian data, step by step.
-
-    Written from DDPM eq. 11 (not from the code's posterior form): mu = (x - beta/sqrt(1-abar) eps)/sqrt(alpha).
-    """
-    steps = []
-    for i in range(len(abar) - 1, -1, -1):
-        a, ap = abar[i], abar_prev[i]
-        alpha, beta = a / ap, 1 - a / ap
-        c = math.sqrt(1 - a) / (a * s * s + 1 - a)              # eps* = c x - c sqrt(abar) mu
-        A = (1 - beta / math.sqrt(1 - a) * c) / math.sqrt(alpha)
-        B = beta / math.sqrt(1 - a) * c * math.sqrt(a) * mu / math.sqrt(alpha)
-        var = beta if var_type == "fixed_large" else (1 - ap) / (1 - a) * beta
-        steps.append((A, B, math.sqrt(var) if i > 0 else 0.0))
-    return gaussian_moment_recursion(steps, 0.0, 1.0)
+    """Mean/variance of DDPM ancestral sampling with the exact eps on Gaussian data, from x_T ~ N(0, 1), step by step
+    (the steps: tests/analytic.ddpm_steps, written from DDPM eq. 11)."""
+    return gaussian_moment_recursion(ddpm_steps(abar, abar_prev, var_type, mu, s), 0.0, 1.0)
 
 
 def test_forward_marginal_equals_composed_steps():
