@@ -109,7 +109,8 @@ def build_parser():
                    "null label, so one network also learns the unconditional model (CFG: 0.1 to 0.2)")
     g = p.add_argument_group("diffusion")
     g.add_argument("--schedule", default="linear", choices=SCHEDULES,
-                   help="the variances beta_t: linear 1e-4..0.02 (DDPM §4) or cosine (iDDPM eq. 17)")
+                   help="the variances beta_t: linear 1e-4..0.02 (DDPM §4), cosine (iDDPM eq. 17), or the quadratic "
+                   "and sigmoid shapes of DDPM's code between the same end points")
     g.add_argument("--diffusion-steps", type=int, default=1000, help="T, the number of forward-process steps (DDPM: 1000)")
     g.add_argument("--loss", default="mse", choices=("mse", "hybrid", "kl"), help="mse: L_simple (DDPM eq. 14); "
                    "hybrid: L_simple + 0.001 L_vlb with learned variances (iDDPM eq. 16); kl: the bound L_vlb")
@@ -591,10 +592,10 @@ def load_test_set(run):
 
 
 def make_probe(run, x, y):
-    """A fixed batch (16 training images, 16 spread t, fixed eps) on which `save` measures the loss of the weights it
+    """A fixed batch (8 training images, 8 spread t, fixed eps) on which `save` measures the loss of the weights it
     is about to write: comparable from save to save, and drawn from its own generator (the training stream is
-    untouched, so saves never change what the run computes)."""
-    n, T = min(16, x.shape[0]), run.diffusion.num_timesteps
+    untouched, so saves never change what the run computes). Small: on a CPU it costs 1/50 of a training step."""
+    n, T = min(8, x.shape[0]), run.diffusion.num_timesteps
     g = torch.Generator().manual_seed(0)
     return SimpleNamespace(x0=data.to_float(x[:n]).to(run.device), y=y[:n].to(run.device),
                            t=torch.linspace(0, T - 1, n).long().to(run.device),
@@ -783,16 +784,17 @@ def log(run, bar, loss, img_s, accuracy):
     if not run.is_main:
         return
     elapsed = time.perf_counter() - run.times.start
-    record = {"step": run.step, "loss": round(loss, 6), "lr": get_lr(run.step - 1, args), "img_per_s": round(img_s, 1),
+    record = {"step": run.step, "loss": round(loss, 6), "lr": get_lr(run.step - 1, args), "img_per_s": round(img_s, 2),
               "elapsed_s": round(elapsed, 1), **accuracy}
     if run.device.type == "cuda":
         record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2 ** 30, 2)
     run.metrics.write(json.dumps(record) + "\n")
     run.metrics.flush()
-    bar.set_postfix_str(f"loss {loss:.4f}, {img_s:,.0f} img/s", refresh=False)
+    rate = f"{img_s:,.0f}" if img_s >= 10 else f"{img_s:.2g}"
+    bar.set_postfix_str(f"loss {loss:.4f}, {rate} img/s", refresh=False)
     if args.no_progress:
         eta = cli.human_time((args.steps - run.step) * run.times.step_s)
-        say(f"step {run.step:,}/{args.steps:,} | loss {loss:.4f} | {img_s:,.0f} img/s | ETA {eta}")
+        say(f"step {run.step:,}/{args.steps:,} | loss {loss:.4f} | {rate} img/s | ETA {eta}")
 
 
 def diverged(run, what):
@@ -873,8 +875,11 @@ def sample_grid(run, final):
     n = min(args.n_sample, int(budget / per_image) if per_image > 0 else args.n_sample)
     if n < min(4, args.n_sample):
         least = min(4, args.n_sample)
+        allowed = (f"only {cli.human_time(max(budget, 0))} of --max-minutes is left" if budget < EXTRA_MIN_SECONDS
+                   else f"a grid may take {cli.human_time(budget)} now (5% of the run so far, at least "
+                        f"{EXTRA_MIN_SECONDS} s)")
         say(f"step {run.step:,}: sample grid skipped: {least} images would take ~{cli.human_time(least * per_image)} "
-            f"(DDIM {steps} steps), and {'the time left' if final else 'a grid'} allows {cli.human_time(max(budget, 0))}")
+            f"(DDIM {steps} steps), and {allowed}")
         return
     if n < args.n_sample:
         n = max(4, math.isqrt(n) ** 2)  # a full square grid
