@@ -182,6 +182,9 @@ def check_args(args):
     num("--dropout", args.dropout, 0, 1, hi_open=True)
     num("--p-uncond", args.p_uncond, 0, 1, hi_open=True)
     num("--ema", args.ema, 0, 1, hi_open=True)
+    if not 0 <= args.seed <= 2 ** 62:  # torch seeds are 64-bit; ranks add 1000 x rank
+        raise UsageError(f"--seed: must be an integer from 0 to 2^62, got {args.seed}")
+    num("--diffusion-steps", args.diffusion_steps, 1, 100_000)  # DDPM 1000, iDDPM 4000; more is a typo
     for flag in ("--weight-decay", "--grad-clip", "--max-minutes", "--save-minutes", "--sample-minutes", "--warmup",
                  "--sample-every", "--n-sample"):
         num(flag, getattr(args, flag[2:].replace("-", "_")), 0)
@@ -214,6 +217,8 @@ def check_args(args):
                                      ("--t-sampler", args.t_sampler, "uniform")):
             if value != default:
                 raise UsageError(f"{flag}: applies to --task diffusion only; drop it for a classifier")
+    if args.out is not None and not args.out.strip():
+        raise UsageError("--out: empty; give a run folder, or leave --out out for runs/<dataset>")
     if args.dataset == "synthetic" and args.data_dir is not None:
         raise UsageError("--data-dir: --dataset synthetic generates its images; drop --data-dir")
 
@@ -514,6 +519,7 @@ def setup_run(run, t_start):
         run.kind, model_args = ckpt["kind"], ckpt["model_args"]
     else:
         run.kind, model_args = build_model_args(args, args.num_classes, int(x.shape[1]))
+    check_memory(run.kind, model_args, device)
     model = checkpoint.KINDS[run.kind](**model_args).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -550,6 +556,22 @@ def setup_run(run, t_start):
         run.metrics = open(os.path.join(run.out, "metrics.jsonl"), "a")
         announce(run, x, changed, ckpt)
     run.test_set = load_test_set(run) if args.task == "classifier" and run.is_main else None
+
+
+def check_memory(kind, model_args, device):
+    """Refuse, before allocating anything, a network whose weights, gradients, EMA and AdamW moments (5 copies of
+    the parameters) cannot fit in this device's memory: built on the meta device, it costs nothing to count."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in checkpoint.KINDS[kind](**model_args).parameters())
+    need = 5 * 4 * n
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[1]
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise UsageError(f"--ch: the network has {n / 1e6:,.0f}M parameters; its weights, gradients, EMA and AdamW "
+                         f"state need {need / 2 ** 30:,.0f} GiB, and {device.type} memory is {have / 2 ** 30:,.0f} GiB; "
+                         f"choose a smaller --ch, --ch-mult or --num-res-blocks")
 
 
 def resume_state(run, model, ckpt):
@@ -598,7 +620,7 @@ def make_probe(run, x, y):
     n, T = min(8, x.shape[0]), run.diffusion.num_timesteps
     g = torch.Generator().manual_seed(0)
     return SimpleNamespace(x0=data.to_float(x[:n]).to(run.device), y=y[:n].to(run.device),
-                           t=torch.linspace(0, T - 1, n).long().to(run.device),
+                           t=(torch.arange(n) * (T - 1) // max(n - 1, 1)).to(run.device),  # 0 ... T-1
                            noise=torch.randn((n, *x.shape[1:]), generator=g).to(run.device))
 
 

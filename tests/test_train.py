@@ -485,6 +485,10 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, capsys, monkeypatch):
     (["--task", "classifier", "--t-sampler", "importance"], "--t-sampler"),
     (["--device", "tpu9"], "--device"),
     (["--out", "/proc/forbidden/run"], "--out"),
+    (["--out", ""], "--out"),
+    (["--seed", "99999999999999999999"], "--seed"),
+    (["--diffusion-steps", "100000000"], "--diffusion-steps"),
+    (["--ch", "100000"], "--ch"),  # 160 GB of weights: refused before anything is allocated
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, extra, flag):
     out = str(tmp_path / "r")
