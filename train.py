@@ -1021,6 +1021,17 @@ def finish(run, outcome):
     return 0
 
 
+def out_of_memory(run):
+    """The one line for a device that ran out of memory mid-run (the batch, not the network, is what to shrink)."""
+    if run.saved_step is not None:
+        last = (f"the checkpoint {run.ckpt_path} (step {run.saved_step:,}) is intact: resume it on more processes "
+                f"(torchrun splits the same batch), or start a new run with a lower --batch-size")
+    else:
+        last = "nothing was saved: start again with a lower --batch-size"
+    return (f"out of {run.device.type} memory at step {run.step + 1:,} with {run.args.batch_size // run.world_size} "
+            f"images per process; {last}")
+
+
 def close(run):
     """Release what the process holds: the metrics file, the run folder's lock, the process group."""
     if run.metrics is not None:
@@ -1044,8 +1055,8 @@ def main(argv=None):
         sys.exit(130)
     try:
         outcome = train(run)
-    except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (RunFailed, torch.OutOfMemoryError) as e:
+        print(f"error: {e if isinstance(e, RunFailed) else out_of_memory(run)}", file=sys.stderr)
         sys.exit(1)
     finally:
         close(run)

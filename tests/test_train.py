@@ -355,6 +355,23 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypat
     assert ckpt["step"] == 10 and all(torch.equal(ckpt["model"][k], v) for k, v in good["model"].items())
 
 
+def test_running_out_of_device_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "oom")
+    real = train.train_step
+
+    def step(step, *a, **k):
+        if step == 12:  # what torch raises when an allocation on the GPU fails
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(step, *a, **k)
+
+    monkeypatch.setattr(train, "train_step", step)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--steps", "20", "--out", out])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lower --batch-size" in err[0] and "(step 10) is intact" in err[0], err
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 8 MB tmpfs (needs root and mount rights; skipped elsewhere: the injected OSError test covers it)."""
