@@ -109,7 +109,8 @@ def build_parser():
                    "null label, so one network also learns the unconditional model (CFG: 0.1 to 0.2)")
     g = p.add_argument_group("diffusion")
     g.add_argument("--schedule", default="linear", choices=SCHEDULES,
-                   help="the variances beta_t: linear 1e-4..0.02 (DDPM §4) or cosine (iDDPM eq. 17)")
+                   help="the variances beta_t: linear 1e-4..0.02 (DDPM §4), cosine (iDDPM eq. 17), or the quadratic "
+                   "and sigmoid shapes of DDPM's code between the same end points")
     g.add_argument("--diffusion-steps", type=int, default=1000, help="T, the number of forward-process steps (DDPM: 1000)")
     g.add_argument("--loss", default="mse", choices=("mse", "hybrid", "kl"), help="mse: L_simple (DDPM eq. 14); "
                    "hybrid: L_simple + 0.001 L_vlb with learned variances (iDDPM eq. 16); kl: the bound L_vlb")
@@ -181,6 +182,9 @@ def check_args(args):
     num("--dropout", args.dropout, 0, 1, hi_open=True)
     num("--p-uncond", args.p_uncond, 0, 1, hi_open=True)
     num("--ema", args.ema, 0, 1, hi_open=True)
+    if not 0 <= args.seed <= 2 ** 62:  # torch seeds are 64-bit; ranks add 1000 x rank
+        raise UsageError(f"--seed: must be an integer from 0 to 2^62, got {args.seed}")
+    num("--diffusion-steps", args.diffusion_steps, 1, 100_000)  # DDPM 1000, iDDPM 4000; more is a typo
     for flag in ("--weight-decay", "--grad-clip", "--max-minutes", "--save-minutes", "--sample-minutes", "--warmup",
                  "--sample-every", "--n-sample"):
         num(flag, getattr(args, flag[2:].replace("-", "_")), 0)
@@ -213,6 +217,8 @@ def check_args(args):
                                      ("--t-sampler", args.t_sampler, "uniform")):
             if value != default:
                 raise UsageError(f"{flag}: applies to --task diffusion only; drop it for a classifier")
+    if args.out is not None and not args.out.strip():
+        raise UsageError("--out: empty; give a run folder, or leave --out out for runs/<dataset>")
     if args.dataset == "synthetic" and args.data_dir is not None:
         raise UsageError("--data-dir: --dataset synthetic generates its images; drop --data-dir")
 
@@ -513,6 +519,7 @@ def setup_run(run, t_start):
         run.kind, model_args = ckpt["kind"], ckpt["model_args"]
     else:
         run.kind, model_args = build_model_args(args, args.num_classes, int(x.shape[1]))
+    check_memory(run.kind, model_args, device)
     model = checkpoint.KINDS[run.kind](**model_args).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
@@ -549,6 +556,22 @@ def setup_run(run, t_start):
         run.metrics = open(os.path.join(run.out, "metrics.jsonl"), "a")
         announce(run, x, changed, ckpt)
     run.test_set = load_test_set(run) if args.task == "classifier" and run.is_main else None
+
+
+def check_memory(kind, model_args, device):
+    """Refuse, before allocating anything, a network whose weights, gradients, EMA and AdamW moments (5 copies of
+    the parameters) cannot fit in this device's memory: built on the meta device, it costs nothing to count."""
+    with torch.device("meta"):
+        n = sum(p.numel() for p in checkpoint.KINDS[kind](**model_args).parameters())
+    need = 5 * 4 * n
+    if device.type == "cuda":
+        have = torch.cuda.mem_get_info(device)[1]
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise UsageError(f"--ch: the network has {n / 1e6:,.0f}M parameters; its weights, gradients, EMA and AdamW "
+                         f"state need {need / 2 ** 30:,.0f} GiB, and {device.type} memory is {have / 2 ** 30:,.0f} GiB; "
+                         f"choose a smaller --ch, --ch-mult or --num-res-blocks")
 
 
 def resume_state(run, model, ckpt):
@@ -591,13 +614,13 @@ def load_test_set(run):
 
 
 def make_probe(run, x, y):
-    """A fixed batch (16 training images, 16 spread t, fixed eps) on which `save` measures the loss of the weights it
+    """A fixed batch (8 training images, 8 spread t, fixed eps) on which `save` measures the loss of the weights it
     is about to write: comparable from save to save, and drawn from its own generator (the training stream is
-    untouched, so saves never change what the run computes)."""
-    n, T = min(16, x.shape[0]), run.diffusion.num_timesteps
+    untouched, so saves never change what the run computes). Small: on a CPU it costs 1/50 of a training step."""
+    n, T = min(8, x.shape[0]), run.diffusion.num_timesteps
     g = torch.Generator().manual_seed(0)
     return SimpleNamespace(x0=data.to_float(x[:n]).to(run.device), y=y[:n].to(run.device),
-                           t=torch.linspace(0, T - 1, n).long().to(run.device),
+                           t=(torch.arange(n) * (T - 1) // max(n - 1, 1)).to(run.device),  # 0 ... T-1
                            noise=torch.randn((n, *x.shape[1:]), generator=g).to(run.device))
 
 
@@ -783,16 +806,17 @@ def log(run, bar, loss, img_s, accuracy):
     if not run.is_main:
         return
     elapsed = time.perf_counter() - run.times.start
-    record = {"step": run.step, "loss": round(loss, 6), "lr": get_lr(run.step - 1, args), "img_per_s": round(img_s, 1),
+    record = {"step": run.step, "loss": round(loss, 6), "lr": get_lr(run.step - 1, args), "img_per_s": round(img_s, 2),
               "elapsed_s": round(elapsed, 1), **accuracy}
     if run.device.type == "cuda":
         record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2 ** 30, 2)
     run.metrics.write(json.dumps(record) + "\n")
     run.metrics.flush()
-    bar.set_postfix_str(f"loss {loss:.4f}, {img_s:,.0f} img/s", refresh=False)
+    rate = f"{img_s:,.0f}" if img_s >= 10 else f"{img_s:.2g}"
+    bar.set_postfix_str(f"loss {loss:.4f}, {rate} img/s", refresh=False)
     if args.no_progress:
         eta = cli.human_time((args.steps - run.step) * run.times.step_s)
-        say(f"step {run.step:,}/{args.steps:,} | loss {loss:.4f} | {img_s:,.0f} img/s | ETA {eta}")
+        say(f"step {run.step:,}/{args.steps:,} | loss {loss:.4f} | {rate} img/s | ETA {eta}")
 
 
 def diverged(run, what):
@@ -873,8 +897,11 @@ def sample_grid(run, final):
     n = min(args.n_sample, int(budget / per_image) if per_image > 0 else args.n_sample)
     if n < min(4, args.n_sample):
         least = min(4, args.n_sample)
+        allowed = (f"only {cli.human_time(max(budget, 0))} of --max-minutes is left" if budget < EXTRA_MIN_SECONDS
+                   else f"a grid may take {cli.human_time(budget)} now (5% of the run so far, at least "
+                        f"{EXTRA_MIN_SECONDS} s)")
         say(f"step {run.step:,}: sample grid skipped: {least} images would take ~{cli.human_time(least * per_image)} "
-            f"(DDIM {steps} steps), and {'the time left' if final else 'a grid'} allows {cli.human_time(max(budget, 0))}")
+            f"(DDIM {steps} steps), and {allowed}")
         return
     if n < args.n_sample:
         n = max(4, math.isqrt(n) ** 2)  # a full square grid
@@ -994,6 +1021,17 @@ def finish(run, outcome):
     return 0
 
 
+def out_of_memory(run):
+    """The one line for a device that ran out of memory mid-run (the batch, not the network, is what to shrink)."""
+    if run.saved_step is not None:
+        last = (f"the checkpoint {run.ckpt_path} (step {run.saved_step:,}) is intact: resume it on more processes "
+                f"(torchrun splits the same batch), or start a new run with a lower --batch-size")
+    else:
+        last = "nothing was saved: start again with a lower --batch-size"
+    return (f"out of {run.device.type} memory at step {run.step + 1:,} with {run.args.batch_size // run.world_size} "
+            f"images per process; {last}")
+
+
 def close(run):
     """Release what the process holds: the metrics file, the run folder's lock, the process group."""
     if run.metrics is not None:
@@ -1017,8 +1055,8 @@ def main(argv=None):
         sys.exit(130)
     try:
         outcome = train(run)
-    except RunFailed as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (RunFailed, torch.OutOfMemoryError) as e:
+        print(f"error: {e if isinstance(e, RunFailed) else out_of_memory(run)}", file=sys.stderr)
         sys.exit(1)
     finally:
         close(run)

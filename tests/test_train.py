@@ -13,6 +13,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -48,10 +49,30 @@ def run_cli(*args, timeout=120):
                           timeout=timeout, cwd=ROOT, env=ENV)
 
 
-def start(*args):
-    """A real `python train.py` in the background (its own session, so a signal reaches it alone)."""
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *args], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+@pytest.fixture
+def start():
+    """start(*argv): a real process in the background, in its own session (a signal reaches it alone); whatever the
+    test's outcome, its whole session is killed at the end, so no trainer outlives a failed test."""
+    procs = []
+
+    def start(*argv, script="train.py"):
+        procs.append(subprocess.Popen([sys.executable, *argv] if script is None else
+                                      [sys.executable, os.path.join(ROOT, script), *argv], cwd=ROOT, env=ENV,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+        return procs[-1]
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.communicate()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(condition, proc=None, timeout=150):
@@ -185,7 +206,7 @@ def test_max_minutes_includes_the_end_of_the_run(tmp_path, capsys, monkeypatch):
 # Resume: exact, trimmed, with the flags it may change
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_kill_then_resume_equals_uninterrupted(tmp_path):
+def test_kill_then_resume_equals_uninterrupted(tmp_path, start):
     full, killed = str(tmp_path / "full"), str(tmp_path / "killed")
     args = TINY + ["--steps", "30", "--n-sample", "4"]
     train.main(args + ["--out", full])
@@ -334,6 +355,23 @@ def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, capsys, monkeypat
     assert ckpt["step"] == 10 and all(torch.equal(ckpt["model"][k], v) for k, v in good["model"].items())
 
 
+def test_running_out_of_device_memory_is_one_line(tmp_path, capsys, monkeypatch):
+    out = str(tmp_path / "oom")
+    real = train.train_step
+
+    def step(step, *a, **k):
+        if step == 12:  # what torch raises when an allocation on the GPU fails
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real(step, *a, **k)
+
+    monkeypatch.setattr(train, "train_step", step)
+    with pytest.raises(SystemExit) as e:
+        train.main(TINY + ["--steps", "20", "--out", out])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "lower --batch-size" in err[0] and "(step 10) is intact" in err[0], err
+
+
 @pytest.fixture
 def small_disk(tmp_path):
     """A real 8 MB tmpfs (needs root and mount rights; skipped elsewhere: the injected OSError test covers it)."""
@@ -368,7 +406,7 @@ def test_a_really_full_disk(small_disk, capsys):
 # Signals and the folder lock, with real processes
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_sigint_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
+def test_sigint_finishes_the_step_saves_and_says_how_to_resume(tmp_path, start):
     out = str(tmp_path / "int")
     proc = start(*[a for a in TINY if a != "--no-progress"], "--steps", "100000", "--log-every", "1",
                  "--save-every", "1000", "--out", out)
@@ -388,7 +426,7 @@ def test_sigint_finishes_the_step_saves_and_says_how_to_resume(tmp_path):
     assert load(out)["step"] == step + 2
 
 
-def test_sigterm_saves_and_a_second_trainer_is_refused_naming_the_pid(tmp_path):
+def test_sigterm_saves_and_a_second_trainer_is_refused_naming_the_pid(tmp_path, start):
     out = str(tmp_path / "term")
     proc = start(*TINY, "--steps", "100000", "--save-every", "1000", "--out", out)
     wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")) and len(metrics(out)) >= 1, proc)
@@ -464,6 +502,10 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, capsys, monkeypatch):
     (["--task", "classifier", "--t-sampler", "importance"], "--t-sampler"),
     (["--device", "tpu9"], "--device"),
     (["--out", "/proc/forbidden/run"], "--out"),
+    (["--out", ""], "--out"),
+    (["--seed", "99999999999999999999"], "--seed"),
+    (["--diffusion-steps", "100000000"], "--diffusion-steps"),
+    (["--ch", "100000"], "--ch"),  # 160 GB of weights: refused before anything is allocated
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, extra, flag):
     out = str(tmp_path / "r")
@@ -518,13 +560,11 @@ def test_save_minutes_checkpoints_a_slow_run(tmp_path, monkeypatch):
     assert saved_steps[-1] == 6 and len(saved_steps) >= 2 and saved_steps[0] < 6, saved_steps
 
 
-def test_ddp_ranks_agree_on_a_sigterm_and_resume_on_one_process(tmp_path, capsys):
+def test_ddp_ranks_agree_on_a_sigterm_and_resume_on_one_process(tmp_path, capsys, start):
     out = str(tmp_path / "ddp")
-    torchrun = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
-         os.path.join(ROOT, "tests", "ddp_worker.py"), *TINY, "--steps", "100000", "--log-every", "2",
-         "--save-every", "1000", "--out", out],
-        cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    torchrun = start("-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+                     os.path.join(ROOT, "tests", "ddp_worker.py"), *TINY, "--steps", "100000", "--log-every", "2",
+                     "--save-every", "1000", "--out", out, script=None)
     wait_for(lambda: os.path.exists(os.path.join(out, "metrics.jsonl")) and len(metrics(out)) >= 2, torchrun)
     # SIGTERM to rank 1 alone: rank 0 learns of it only through the stop flag combined at the next log step
     os.kill(int(open(os.path.join(out, "pid1")).read()), signal.SIGTERM)
