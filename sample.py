@@ -212,9 +212,10 @@ def main(argv=None):
     # where the outputs go, checked before the work
     if args.invert:
         x0, label, source = read_image(args.invert, size, channels, args.data_dir)
-        if s.conditional and label is None and settings.label is None:
-            raise UsageError("--class: this run is class-conditional; say which class the picture shows")
         label = settings.label if settings.label is not None else label
+        if s.conditional and (label is None or label >= s.classes):
+            raise UsageError(f"--class: this run is class-conditional ({s.classes} classes); say which class "
+                             f"{args.invert} shows with --class")
         name = s.name(prefix=f"invert_{source}")
     elif args.interpolate:
         rows, frames = interpolation_grid(args.n)
