@@ -39,7 +39,7 @@ import sampling
 from cli import (Parser, UsageError, check_number, main_guard, precision_name, resolve_device, say, wrote)
 from ddim import ddim_invert, slerp
 
-FRAMES = 8  # --interpolate: images per row, alpha = 0, 1/7, ..., 1 (DDIM Figure 6)
+FRAMES = 8  # --interpolate: images per row, alpha = 0, 1/7, ..., 1 (DDIM §5.3)
 
 
 def build_parser():
