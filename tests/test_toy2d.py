@@ -165,3 +165,11 @@ def test_cli_bad_input_in_a_real_process(tmp_path):
     r = subprocess.run([sys.executable, "toy2d.py", "--out", str(tmp_path / "file" / "fig.png")], cwd=root,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_every_default_is_in_help():
+    parser = toy2d.build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in formatter._expand_help(action), action.option_strings
