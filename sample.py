@@ -39,7 +39,7 @@ import sampling
 from cli import (Parser, UsageError, check_number, main_guard, precision_name, resolve_device, say, wrote)
 from ddim import ddim_invert, slerp
 
-FRAMES = 8  # --interpolate: images per row, alpha = 0, 1/7, ..., 1 (DDIM Figure 6)
+FRAMES = 8  # --interpolate: images per row, alpha = 0, 1/7, ..., 1 (DDIM §5.3)
 
 
 def build_parser():
@@ -212,9 +212,10 @@ def main(argv=None):
     # where the outputs go, checked before the work
     if args.invert:
         x0, label, source = read_image(args.invert, size, channels, args.data_dir)
-        if s.conditional and label is None and settings.label is None:
-            raise UsageError("--class: this run is class-conditional; say which class the picture shows")
         label = settings.label if settings.label is not None else label
+        if s.conditional and (label is None or label >= s.classes):
+            raise UsageError(f"--class: this run is class-conditional ({s.classes} classes); say which class "
+                             f"{args.invert} shows with --class")
         name = s.name(prefix=f"invert_{source}")
     elif args.interpolate:
         rows, frames = interpolation_grid(args.n)

@@ -356,7 +356,7 @@ def save_figure(panels, path, nrow):
 # The command line
 # ----------------------------------------------------------------------------------------------------------------
 
-def parse_args(argv=None):
+def build_parser():
     p = Parser(description="Train a tiny diffusion model on 2-D data and draw every sampler's samples.")
     p.add_argument("--data", default="moons", choices=DATASETS, help="the 2-D dataset")
     p.add_argument("--cond", action="store_true",
@@ -380,6 +380,11 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="PNG path (default: runs/toy2d/toy2d_<data>[_cond].png)")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     try:
         for flag, value, low in [("--steps", args.steps, 1), ("--batch-size", args.batch_size, 2),

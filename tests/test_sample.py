@@ -169,6 +169,22 @@ def test_invert_center_crops_a_non_square_picture(runs, tmp_path, capsys):
     assert (original[..., 0] == 0).all() and (original[..., 2] == 255).all()
 
 
+def test_default_checkpoint_is_runs_cifar10_else_the_newest_diffusion_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    tiny.write("runs/older")
+    tiny.write("runs/newer")
+    tiny.write("runs/newest-classifier", kind="classifier")
+    os.utime("runs/older/ckpt.pt", (1, 1))
+    os.utime("runs/newer/ckpt.pt", (2, 2))  # the classifier, written now, is the newest: it cannot be sampled
+    run(["--steps", "2", "--n", "2", "--no-progress"])
+    assert "using runs/newer, the newest diffusion run under runs/" in capsys.readouterr().out
+    assert os.path.isfile("runs/newer/samples/ddim2_seed0_n2.npz")
+    tiny.write("runs/cifar10")
+    os.utime("runs/cifar10/ckpt.pt", (0, 0))
+    run(["--steps", "2", "--n", "2", "--no-progress"])
+    assert os.path.isfile("runs/cifar10/samples/ddim2_seed0_n2.npz")
+
+
 def test_a_diverged_sampler_writes_nothing(runs, tmp_path, capsys):
     # finite but huge weights pass checkpoint.build_network and overflow in the forward pass
     huge = tiny.write(str(tmp_path / "huge"))
@@ -235,6 +251,8 @@ BAD = [
     (["--checkpoint", "@missing-key"], "--checkpoint"), (["--checkpoint", "@extra-key"], "--checkpoint"),
     (["--checkpoint", "@nan-weights"], "--checkpoint"),
     (["--checkpoint", "@learned", "--sampler", "ddpm", "--var", "small"], "--var"),
+    # test image 9999 is a truck (class 9): the 3-class run cannot take its label
+    *([(["--checkpoint", "@cond", "--invert", "cifar10:9999"], "--class")] if os.path.isfile(CIFAR_TEST) else []),
 ]
 
 

@@ -126,7 +126,13 @@ def test_cli_diverged_training_writes_nothing(tmp_path, capsys):
                                       "--n-samples", "8", "--out", str(out), "--no-progress"])
     assert exc.value.code == 2 and not out.exists()
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "--lr" in err[0] and "diverged" in err[0], err
+    assert len(err) == 1 and "--lr: training diverged (loss nan)" in err[0], err
+    # and NaN samples never become a picture, whatever made them: one check before anything is drawn
+    x = torch.zeros(4, 2)
+    x[1, 0] = float("nan")
+    toy2d.check_finite({"DDPM 20": torch.zeros(4, 2)}, "cause")
+    with pytest.raises(toy2d.UsageError, match=r"^--cfg-scales: too large \(non-finite samples from DDIM 10: 1;"):
+        toy2d.check_finite({"DDPM 20": torch.zeros(4, 2), "DDIM 10": x}, "--cfg-scales: too large")
 
 
 @pytest.mark.parametrize("argv,flag", [(["--data", "spiral"], "--data"), (["--steps", "0"], "--steps"),
@@ -159,3 +165,11 @@ def test_cli_bad_input_in_a_real_process(tmp_path):
     r = subprocess.run([sys.executable, "toy2d.py", "--out", str(tmp_path / "file" / "fig.png")], cwd=root,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--out" in r.stderr and "Traceback" not in r.stderr and r.stdout == ""
+
+
+def test_every_default_is_in_help():
+    parser = toy2d.build_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help":
+            assert "default" in formatter._expand_help(action), action.option_strings
