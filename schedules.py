@@ -80,9 +80,10 @@ def vp_betas(num_timesteps, beta_min=0.1, beta_max=20.0):
         beta_t = 1 - abar_t / abar_{t-1} = 1 - exp(-beta_min / T - (beta_max - beta_min) (2t - 1) / (2 T^2))
 
     (DDGAN, Xiao, Kreis & Vahdat 2022, experimental details in the appendix: beta_min = 0.1, beta_max = 20; their
-    code also starts the grid at s = 1e-3 instead of 0, a detail left out here). Unlike S1-S4 it stays meaningful for tiny T: for DDGAN's T = 4 the
-    betas are 0.48, 0.85, 0.96, 0.99 and abar_T = 4e-5, while the linear schedule scaled to T = 4 would need betas
-    above 1. For T = 1000 it is the linear schedule S1 in the limit (beta_t ~ (beta_min + t/T (beta_max - beta_min)) / T).
+    code also starts the grid at s = 1e-3 instead of 0, a detail left out here). Unlike S1-S4 it stays meaningful for
+    tiny T: for DDGAN's T = 4 the betas are 0.48, 0.85, 0.96, 0.99 and abar_T = 4e-5, while the linear schedule scaled
+    to T = 4 would need betas above 1. For T = 1000 it is the linear schedule S1 in the limit
+    (beta_t ~ (beta_min + t/T (beta_max - beta_min)) / T; abar within 8e-4 of S1's).
     """
     T = int(num_timesteps)
     if T < 1:
