@@ -58,7 +58,8 @@ def images(out):
 # Sampling
 # ----------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sampler,steps", [("ddim", "5"), ("ddpm", "8"), ("langevin", "4"), ("pc", "4")])
+@pytest.mark.parametrize("sampler,steps", [("ddim", "5"), ("ddpm", "8"), ("langevin", "4"), ("pc", "4"),
+                                           ("dpmpp2m", "6"), ("heun", "4")])
 def test_every_sampler_is_seeded(runs, tmp_path, sampler, steps):
     common = ["--checkpoint", runs["uncond"], "--sampler", sampler, "--steps", steps, "--n", "5", "--batch-size", "3",
               "--no-progress"]
@@ -70,6 +71,33 @@ def test_every_sampler_is_seeded(runs, tmp_path, sampler, steps):
     assert np.array_equal(a, images(str(tmp_path / "b"))), "same seed, same images"
     assert not np.array_equal(a, images(str(tmp_path / "c"))), "another seed, other images"
     assert os.path.getsize(tmp_path / "a.png") > 0
+
+
+def test_the_ode_solvers_walk_their_papers_schedules(runs, tmp_path, capsys):
+    # DPM-Solver++ on logSNR-uniform steps, Heun on EDM's rho = 7 levels (P3), by default; --skip overrides either
+    ckpt = sampling.checkpoint.load(runs["uncond"])
+    abar = sampling.checkpoint.build_diffusion(ckpt["diffusion_args"]).alphas_cumprod
+    for sampler, steps, kept, nfe in (("dpmpp2m", 6, sampling.schedules.logsnr_timesteps(abar, 6), 6),
+                                      ("heun", 4, sampling.schedules.karras_timesteps(abar, 4), 7),
+                                      ("heun", None, sampling.schedules.karras_timesteps(abar, 18), 35),
+                                      ("dpmpp2m", 6, sampling.schedules.space_timesteps(100, 6, "quad"), 6)):
+        skip = "quad" if kept == sampling.schedules.space_timesteps(100, 6, "quad") else None
+        s = sampling.from_checkpoint(ckpt, sampling.Settings(sampler=sampler, steps=steps, skip=skip))
+        assert s.diffusion.timestep_map.tolist() == kept and s.nfe() == nfe, (sampler, steps)
+    # --steps: 30 logSNR-uniform targets round to fewer distinct levels of T = 100: said, and the true count used
+    out = str(tmp_path / "d")
+    run(["--checkpoint", runs["uncond"], "--sampler", "dpmpp2m", "--steps", "30", "--n", "2", "--out", out,
+         "--no-progress"])
+    text = capsys.readouterr().out
+    kept = len(sampling.schedules.logsnr_timesteps(abar, 30))
+    assert kept < 30 and f"30 steps round to {kept} distinct levels" in text
+    assert f"dpmpp2m on {kept} of 100 steps ({kept} NFE)" in text and images(out).shape == (2, 8, 8, 3)
+    # the names: sampler + steps asked; the schedule only when it is not the sampler's own (a run of its own here)
+    own = tiny.write(str(tmp_path / "own"))
+    for extra in (["--sampler", "heun"], ["--sampler", "heun", "--skip", "uniform"], ["--skip", "karras"]):
+        run(["--checkpoint", own, "--steps", "3", "--n", "2", "--no-progress"] + extra)
+    names = sorted(os.listdir(os.path.join(own, "samples")))
+    assert names == [f"{n}_seed0_n2.{e}" for n in ("ddim3_karras", "heun3", "heun3_uniform") for e in ("npz", "png")]
 
 
 def test_output_names_say_what_made_them_and_two_commands_leave_two_files(runs, capsys):
@@ -225,7 +253,9 @@ BAD = [
     (["--class", "1"], "--class"), (["--classifier", "@clf", "--class", "3"], "--class"),
     (["--classifier", "@clf", "--class", "-1"], "--class"),
     (["--classifier", "@uncond"], "--classifier"), (["--classifier", "/nonexistent/clf"], "--classifier"),
-    (["--sampler", "euler"], "--sampler"), (["--ch", "64"], "--ch"),
+    (["--sampler", "euler"], "--sampler"), (["--sampler", "heun", "--eta", "1"], "--eta"),
+    (["--sampler", "dpmpp2m", "--classifier", "@clf"], "--classifier"), (["--sampler", "heun", "--steps", "0"], "--steps"),
+    (["--skip", "karras2"], "--skip"), (["--ch", "64"], "--ch"),
     (["--out", "/proc/forbidden/samples"], "--out"), (["--device", "tpu"], "--device"),
     (["--invert", "/nonexistent.png"], "--invert"), (["--invert", "cifar10:x"], "--invert"),
     (["--invert", "cifar10:1", "--eta", "1"], "--invert"), (["--interpolate", "--sampler", "ddpm"], "--sampler"),
