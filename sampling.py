@@ -251,6 +251,11 @@ class Ticker(nn.Module):
 # The sampler
 # ----------------------------------------------------------------------------------------------------------------
 
+def batch_generator(device, seed, i):
+    """The generator of batch i of a call with this seed: x_T, labels and every step's noise of that batch."""
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + i) % (1 << 63))
+
+
 class Sampler:
     """A checkpoint's network, its (respaced) diffusion, the guidance and the settings: turns latents into images.
 
@@ -400,7 +405,7 @@ class Sampler:
         images, classes, bad = [], [], torch.zeros((), device=self.device)
         for i, start in enumerate(range(0, n, batch_size)):
             m = min(batch_size, n - start)
-            g = torch.Generator(self.device).manual_seed((seed * 1_000_003 + i) % (1 << 63))
+            g = batch_generator(self.device, seed, i)
             x_T = (torch.randn((m, *self.image_shape), generator=g, device=self.device) if latents is None
                    else latents[start:start + m].to(self.device))
             y = self.labels(m, g) if labels is None else labels[start:start + m].to(self.device)
@@ -531,14 +536,17 @@ def check_outputs(out, force=False, flag="--out"):
     return [check_new_file(out + ext, flag, force) for ext in (".png", ".npz")]
 
 
-def save_samples(images, labels, out, nrow=None):
+def save_samples(images, labels, out, nrow=None, grid=None, extra=None):
     """out.png (a grid) and out.npz (`x` uint8 [N, H, W, C], `y` int64 [N] when labelled), each written atomically.
 
-    The .npz is what FID tools read (evaluate.py; OpenAI's evaluator reads the same layout).
+    The .npz is what FID tools read (evaluate.py; OpenAI's evaluator reads the same layout). `grid` (uint8
+    [M, H, W, C]) replaces the images in the PNG only (sample.py --edit shows the input and mask beside them);
+    `extra` adds arrays to the .npz.
     """
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    data.save_grid(torch.from_numpy(images).permute(0, 3, 1, 2), out + ".png", nrow=nrow)
+    data.save_grid(torch.from_numpy(images if grid is None else grid).permute(0, 3, 1, 2), out + ".png", nrow=nrow)
     arrays = {"x": images} if labels is None else {"x": images, "y": labels}
+    arrays.update(extra or {})
     tmp = f"{out}.tmp{os.getpid()}.npz"
     try:
         np.savez(tmp, **arrays)
