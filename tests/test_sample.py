@@ -29,7 +29,15 @@ CIFAR_TEST = os.path.join(ROOT, "..", "shared", "data", "cifar10", "test.npz")
 def runs(tmp_path_factory):
     """Tiny runs: an unconditional network, a class-conditional one (3 classes), a noisy classifier (3 classes)."""
     root = tmp_path_factory.mktemp("runs")
-    return {"uncond": tiny.write(str(root / "uncond")),
+    # --edit's inputs: a random 8x8 picture, a mask keeping its left half (white = keep), a mask of the wrong size
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "pic.png")
+    left = np.zeros((8, 8), np.uint8)
+    left[:, :4] = 255
+    Image.fromarray(left).save(root / "left.png")
+    Image.fromarray(np.zeros((6, 8), np.uint8)).save(root / "small.png")
+    return {"pic": str(root / "pic.png"), "left": str(root / "left.png"), "small-mask": str(root / "small.png"),
+            "uncond": tiny.write(str(root / "uncond")),
             "cond": tiny.write(str(root / "cond"), num_classes=3, seed=1),
             "clf": tiny.write(str(root / "clf"), kind="classifier", num_classes=3, seed=2),
             "learned": tiny.write(str(root / "learned"), learn_sigma=True, seed=3)}
@@ -209,6 +217,63 @@ def test_a_diverged_sampler_writes_nothing(runs, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Editing: SDEdit, masks, translation
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_edit_strength_0_returns_the_input_and_1_is_ordinary_sampling(runs, tmp_path, capsys):
+    picture = np.asarray(Image.open(runs["pic"]))
+    out = str(tmp_path / "e0")
+    run(["--checkpoint", runs["uncond"], "--edit", runs["pic"], "--strength", "0", "--n", "2", "--out", out,
+         "--no-progress"])
+    assert "every output is the input itself" in capsys.readouterr().out
+    saved = np.load(out + ".npz")
+    assert np.array_equal(saved["input"][0], picture) and saved["x"].dtype == np.uint8
+    assert np.array_equal(saved["x"], np.stack([picture] * 2)), "strength 0: the input, to the last bit"
+    # strength 1: x_T ~ N(0, I), the first draw of batch 0's generator, as sampling's: the same images as sample.py
+    run(["--checkpoint", runs["uncond"], "--edit", runs["pic"], "--strength", "1", "--edit-sampler", "ddim",
+         "--steps", "3", "--n", "2", "--out", out + "1", "--no-progress"])
+    run(["--checkpoint", runs["uncond"], "--steps", "3", "--n", "2", "--out", out + "s", "--no-progress"])
+    assert "the input is ignored: ordinary sampling" in capsys.readouterr().out
+    assert np.array_equal(images(out + "1"), images(out + "s"))
+
+
+def test_edit_mask_keeps_the_known_region_exactly_and_is_seeded(runs, tmp_path, capsys):
+    picture = np.asarray(Image.open(runs["pic"]))
+    common = ["--checkpoint", runs["uncond"], "--edit", runs["pic"], "--mask", runs["left"], "--strength", "0.5",
+              "--steps", "4", "--n", "3", "--batch-size", "2", "--no-progress"]
+    run(common)
+    name = os.path.join(runs["uncond"], "samples", "edit_pic_s0.5_mask-left_ddpm4_seed0_n3_bs2")
+    run(common + ["--out", str(tmp_path / "again")])
+    run(common + ["--out", str(tmp_path / "other"), "--seed", "1"])
+    saved, x = np.load(name + ".npz"), images(name)
+    # white (left half) keeps the input exactly; black (right half) is repainted
+    assert x.shape == (3, 8, 8, 3) and np.array_equal(x[:, :, :4], np.stack([picture[:, :4]] * 3))
+    assert (x[:, :, 4:] != picture[:, 4:]).mean() > 0.5
+    assert np.array_equal(saved["mask"][0, :, :, 0], np.asarray(Image.open(runs["left"])))
+    assert np.array_equal(x, images(str(tmp_path / "again"))), "same seed, same edits"
+    assert not np.array_equal(x, images(str(tmp_path / "other"))), "another seed, other edits"
+    assert not np.array_equal(x[0], x[1]), "the variations differ"
+    # one row: input | mask | 3 edits, 10 px a tile
+    assert Image.open(name + ".png").size == (5 * 10 + 2, 1 * 10 + 2)
+
+
+def test_edit_with_a_classifier_translates_a_center_cropped_picture(runs, tmp_path, capsys):
+    # 12x8: the central 8x8 square is the picture of the other tests; its sides are red
+    wide = np.zeros((8, 12, 3), np.uint8)
+    wide[:, :2, 0] = wide[:, 10:, 0] = 255
+    wide[:, 2:10] = np.asarray(Image.open(runs["pic"]))
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    common = ["--checkpoint", runs["uncond"], "--edit", str(tmp_path / "wide.png"), "--edit-sampler", "ddim",
+              "--strength", "0.6", "--steps", "5", "--n", "2", "--no-progress"]
+    run(common + ["--out", str(tmp_path / "plain")])
+    run(common + ["--classifier", runs["clf"], "--classifier-scale", "50", "--class", "1", "--out", str(tmp_path / "cg")])
+    assert "is 12x8; using its central 8x8 square" in capsys.readouterr().out
+    plain, guided = np.load(str(tmp_path / "plain.npz")), np.load(str(tmp_path / "cg.npz"))
+    assert np.array_equal(guided["input"][0], wide[:, 2:10]) and (guided["y"] == 1).all() and "y" not in plain
+    assert not np.array_equal(plain["x"], guided["x"]), "the classifier's gradient reaches the edits"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Bad input: one line naming the flag, exit 2, before any work
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -265,6 +330,14 @@ BAD = [
     (["--checkpoint", "@missing-key"], "--checkpoint"), (["--checkpoint", "@extra-key"], "--checkpoint"),
     (["--checkpoint", "@nan-weights"], "--checkpoint"),
     (["--checkpoint", "@learned", "--sampler", "ddpm", "--var", "small"], "--var"),
+    (["--edit", "@pic", "--strength", "1.5"], "--strength"), (["--edit", "@pic", "--strength", "nan"], "--strength"),
+    (["--edit", "@pic", "--strength", "-0.1"], "--strength"), (["--edit", "/nonexistent.png"], "--edit"),
+    (["--edit", "@pic", "--mask", "@small-mask"], "--mask"), (["--edit", "@pic", "--mask", "/nonexistent.png"], "--mask"),
+    (["--edit", "@pic", "--interpolate"], "--edit"), (["--edit", "@pic", "--invert", "@pic"], "--edit"),
+    (["--strength", "0.5"], "--strength"), (["--mask", "@left"], "--mask"), (["--edit-sampler", "ddim"], "--edit-sampler"),
+    (["--edit", "@pic", "--sampler", "heun"], "--sampler"), (["--edit", "@pic", "--classifier", "@clf"], "--class"),
+    (["--edit", "@pic", "--edit-sampler", "ddpm", "--eta", "1"], "--eta"),
+    (["--edit", "@pic", "--edit-sampler", "ddim", "--eta", "nan"], "--eta"),
 ]
 
 
@@ -275,6 +348,7 @@ def no_work(monkeypatch):
         raise AssertionError("the work started before the input was checked")
     monkeypatch.setattr(sampling.Sampler, "generate", work)
     monkeypatch.setattr(sample, "invert", work)
+    monkeypatch.setattr(sample, "edit", work)
 
 
 @pytest.mark.parametrize("extra,flag", BAD, ids=[" ".join(a) for a, _ in BAD])
