@@ -92,6 +92,12 @@ def test_the_ode_solvers_walk_their_papers_schedules(runs, tmp_path, capsys):
         skip = "quad" if kept == sampling.schedules.space_timesteps(100, 6, "quad") else None
         s = sampling.from_checkpoint(ckpt, sampling.Settings(sampler=sampler, steps=steps, skip=skip))
         assert s.diffusion.timestep_map.tolist() == kept and s.nfe() == nfe, (sampler, steps)
+    # the menu runs the solvers' own loops: batch 0's x_T through solvers.py gives the same images
+    for sampler, loop in (("dpmpp2m", sampling.solvers.dpmpp2m_sample_loop), ("heun", sampling.solvers.heun_sample_loop)):
+        s = sampling.from_checkpoint(ckpt, sampling.Settings(sampler=sampler, steps=4))
+        x, _ = s.generate(2, seed=3, show_progress=False)
+        x_T = torch.randn((2, 3, 8, 8), generator=sampling.batch_generator("cpu", 3, 0))
+        assert np.array_equal(x, data.to_uint8_images(loop(s.diffusion, s.model, x_T.shape, noise=x_T))), sampler
     # --steps: 30 logSNR-uniform targets round to fewer distinct levels of T = 100: said, and the true count used
     out = str(tmp_path / "d")
     run(["--checkpoint", runs["uncond"], "--sampler", "dpmpp2m", "--steps", "30", "--n", "2", "--out", out,
@@ -336,6 +342,7 @@ BAD = [
     (["--edit", "@pic", "--interpolate"], "--edit"), (["--edit", "@pic", "--invert", "@pic"], "--edit"),
     (["--strength", "0.5"], "--strength"), (["--mask", "@left"], "--mask"), (["--edit-sampler", "ddim"], "--edit-sampler"),
     (["--edit", "@pic", "--sampler", "heun"], "--sampler"), (["--edit", "@pic", "--classifier", "@clf"], "--class"),
+    (["--edit", "cifar10:7", "--classifier", "@clf"], "--class"),
     (["--edit", "@pic", "--edit-sampler", "ddpm", "--eta", "1"], "--eta"),
     (["--edit", "@pic", "--edit-sampler", "ddim", "--eta", "nan"], "--eta"),
 ]
