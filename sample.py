@@ -1,8 +1,9 @@
 """
 Draw samples from a trained run: DDPM ancestral sampling (Algorithm 2), DDIM (any eta, skipped steps), annealed
-Langevin and predictor-corrector (the score view), with classifier or classifier-free guidance; DDIM's latent
-interpolation and inversion experiments. The samplers, guidance and batching are sampling.py's menu; this file is the
-command line around it.
+Langevin and predictor-corrector (the score view), the DPM-Solver++(2M) and Heun ODE solvers, with classifier or
+classifier-free guidance; DDIM's latent interpolation and inversion experiments; SDEdit image editing and
+classifier-guided translation. The samplers, guidance and batching are sampling.py's menu; this file is the command
+line around it.
 
     python sample.py --sampler ddim --steps 50          # newest run, EMA weights: a grid PNG + an .npz of uint8 images
     python sample.py --sampler ddpm                     # all T steps of Algorithm 2
@@ -13,6 +14,21 @@ command line around it.
     python sample.py --invert picture.png               # ... or any picture (center-cropped to a square, resized)
     python sample.py --classifier runs/cifar10-classifier --classifier-scale 4 --class 3   # classifier guidance
     python sample.py --checkpoint runs/cifar10-cond --cfg-scale 3 --class 3               # classifier-free guidance
+    python sample.py --sampler dpmpp2m --steps 20       # DPM-Solver++(2M) on logSNR-uniform steps: 20 NFE
+    python sample.py --sampler heun --steps 18          # EDM's Heun on Karras rho = 7 steps: 2 * 18 - 1 = 35 NFE
+    python sample.py --edit cifar10:7 --strength 0.5    # SDEdit: noise to t0 = 0.5 T, denoise: 8 variations
+    python sample.py --edit stroke.png --mask keep.png --strength 0.6      # repaint only the black part of the mask
+    python sample.py --edit cifar10:7 --classifier runs/cifar10-classifier --class 3 --classifier-scale 4  # translation
+
+EDITING (--edit IMAGE, E1-E2 of edit.py). SDEdit (Meng et al. 2022, Alg. 1): x_{t0} = sqrt(abar_{t0}) x + sqrt(1 -
+abar_{t0}) eps (DDPM eq. 4), then the reverse chain from t0 = strength * T' (T' = the --steps of the chain, all T by
+default), by --edit-sampler: ddpm (ancestral, A2) or ddim (eq. 12 with --eta). strength 0 returns the input unchanged,
+1 is ordinary sampling (the input is ignored); SDEdit's paper finds 0.3-0.6 the useful range. --mask PNG: WHITE KEEPS
+the input, BLACK IS REPAINTED (gray blends; the convention of edit.py's m and RePaint's eq. 10: after every step the
+white part is replaced by the input noised to that level, so it ends as the input exactly). With --classifier RUN
+--class K the chain is classifier-guided towards class K (Dhariwal & Nichol: G1 for ddpm, G2 for ddim): translation.
+The PNG has one row per 8 variations, each row input | mask | edits; the .npz holds the edits (`x`), the `input`
+and the `mask` (uint8, 255 = keep).
 
 OUTPUTS. Each command writes NAME.png (a grid) and NAME.npz (`x`: uint8 [N, H, W, 3], `y`: the labels of a
 conditional run: what evaluate.py reads) into <run>/samples/, where NAME says what made them: the sampler and its
@@ -22,24 +38,35 @@ steps, every setting that differs from its default, and the seed, e.g.
     runs/cifar10/samples/ddim50_eta1_quad_cg4_class3_seed0.png
     runs/cifar10/samples/interpolate_ddim50_seed0.png     python sample.py --interpolate
     runs/cifar10/samples/invert_cifar10-7_ddim50.png      python sample.py --invert cifar10:7
+    runs/cifar10/samples/dpmpp2m20_seed0.png              python sample.py --sampler dpmpp2m
+    runs/cifar10/samples/heun18_seed0.png                 python sample.py --sampler heun
+    runs/cifar10/samples/edit_cifar10-7_s0.5_ddpm1000_seed0.png           python sample.py --edit cifar10:7
+    runs/cifar10/samples/edit_cifar10-7_s0.5_mask-keep_ddpm1000_cg4_class3_seed0.png   (with --mask keep.png and
+                                                                           --classifier ... --classifier-scale 4 --class 3)
 
 An existing file is never replaced without --force. The same --seed and --batch-size give the same images.
 """
 
+import dataclasses
 import glob
 import math
 import os
 import re
 
+import numpy as np
 import torch
 
 import checkpoint
 import data
 import sampling
-from cli import (Parser, UsageError, check_number, main_guard, precision_name, resolve_device, say, wrote)
+from cli import (Parser, UsageError, check_number, main_guard, precision_name, progress, resolve_device, say, wrote)
 from ddim import ddim_invert, slerp
+from edit import SAMPLERS as EDIT_SAMPLERS
+from edit import sdedit, sdedit_steps
 
-FRAMES = 8  # --interpolate: images per row, alpha = 0, 1/7, ..., 1 (DDIM §5.3)
+FRAMES = 8  # --interpolate: images per row, alpha = 0, 1/7, ..., 1 (DDIM Figure 6); --edit: variations per row
+N_SAMPLES, N_EDITS = 64, 8  # --n when not given: images to sample; variations of an --edit
+STRENGTH = 0.5  # --edit's default t0 / T, inside SDEdit's useful range 0.3-0.6 (SDEdit §4, Figure 3)
 
 
 def build_parser():
@@ -48,7 +75,8 @@ def build_parser():
     p.add_argument("--checkpoint", default=None, help="a ckpt.pt, a run folder or a diffusers model folder "
                    "(default: runs/cifar10, else the newest diffusion run under runs/)")
     sampling.add_arguments(p)
-    p.add_argument("--n", type=int, default=64, help="number of images (--interpolate: whole rows of 8)")
+    p.add_argument("--n", type=int, default=None, help=f"number of images (default: {N_SAMPLES}; --interpolate: "
+                   f"whole rows of 8; --edit: {N_EDITS} variations, from the seed's generators)")
     p.add_argument("--batch-size", type=int, default=256, help="images sampled at once")
     p.add_argument("--seed", type=int, default=0, help="batch i is drawn from the generator seeded by (seed, i)")
     p.add_argument("--out", default=None, help="output path without extension, for OUT.png and OUT.npz "
@@ -61,17 +89,46 @@ def build_parser():
     p.add_argument("--invert", default=None, metavar="IMAGE",
                    help="encode IMAGE to x_T with the reversed eta = 0 DDIM update, then decode it (DDIM §4.3); "
                         "IMAGE is a picture file or cifar10:N, the N-th CIFAR-10 test image")
-    p.add_argument("--data-dir", default=None, help="--invert cifar10:N: the CIFAR-10 folder "
+    p.add_argument("--data-dir", default=None, help="--invert / --edit cifar10:N: the CIFAR-10 folder "
                    "(default: data/cifar10, then ../shared/data/cifar10)")
+    p.add_argument("--edit", default=None, metavar="IMAGE",
+                   help="SDEdit (Meng et al. 2022): noise IMAGE to t0 = strength * T (DDPM eq. 4) and run the reverse "
+                        "chain from there; IMAGE is a picture file or cifar10:N, the N-th CIFAR-10 test image")
+    p.add_argument("--strength", type=float, default=None,
+                   help=f"--edit: t0 / T in [0, 1]; 0 returns the input, 1 is ordinary sampling (default: {STRENGTH})")
+    p.add_argument("--mask", default=None, metavar="MASK",
+                   help="--edit: a picture the size of IMAGE; white keeps the input, black is repainted, gray blends "
+                        "(RePaint eq. 10) (default: none, the whole image is edited)")
+    p.add_argument("--edit-sampler", default=None, choices=EDIT_SAMPLERS,
+                   help="--edit: the reverse chain from t0, ddpm (ancestral, DDPM Algorithm 2, SDEdit's stochastic "
+                        "one) or ddim (eq. 12 with --eta) (default: ddpm, on all T steps unless --steps)")
     return p
 
 
 def check_args(args):
     """What can be checked before loading anything."""
+    if args.n is None:
+        args.n = N_EDITS if args.edit else N_SAMPLES
     check_number("--n", args.n, lo=1, integer=True)
     check_number("--batch-size", args.batch_size, lo=1, integer=True)
-    if args.interpolate and args.invert:
-        raise UsageError("--interpolate: choose one experiment; drop --interpolate or --invert")
+    chosen = [flag for flag, on in (("--interpolate", args.interpolate), ("--invert", args.invert),
+                                    ("--edit", args.edit)) if on]
+    if len(chosen) > 1:
+        raise UsageError(f"{chosen[0]}: choose one experiment; drop {' or '.join(chosen)}")
+    for flag, value in (("--strength", args.strength), ("--mask", args.mask), ("--edit-sampler", args.edit_sampler)):
+        if value is not None and not args.edit:
+            raise UsageError(f"{flag}: only --edit takes it; add --edit IMAGE or drop {flag}")
+    if args.edit:
+        args.strength = STRENGTH if args.strength is None else args.strength
+        args.edit_sampler = args.edit_sampler or "ddpm"
+        # E1: strength = t0 / T, a fraction of the chain
+        check_number("--strength", args.strength, lo=0, hi=1)
+        if args.sampler != sampling.DEFAULTS.sampler:
+            raise UsageError("--sampler: --edit runs SDEdit's chain, chosen with --edit-sampler ddpm|ddim; "
+                             "drop --sampler")
+        if args.classifier and args.label is None:
+            raise UsageError("--class: --edit with --classifier translates the image to a class; say which with "
+                             "--class K")
     if (args.interpolate or args.invert) and args.sampler != "ddim":
         raise UsageError("--sampler: --interpolate and --invert are DDIM experiments (DDIM §4.3, §5.3); "
                          "use --sampler ddim")
@@ -109,12 +166,9 @@ def samples_dir(ckpt):
 # The experiments
 # ----------------------------------------------------------------------------------------------------------------
 
-def read_image(spec, size, channels, data_dir=None):
-    """The image to invert as floats [1, C, size, size] in [-1, 1], its label (or None) and a name for files.
-
-    `spec` is a picture file, or cifar10:N for the N-th CIFAR-10 test image (read by data.py). A non-square picture
-    is cut to its central square (said in one line, never squashed); then it is resized to the network's size.
-    """
+def open_picture(spec, data_dir=None, flag="--invert", mode="RGB"):
+    """A picture file, or cifar10:N for the N-th CIFAR-10 test image (read by data.py), as a PIL image in `mode`;
+    its label (or None) and a name for files."""
     import torchvision.transforms.functional as TF
     from PIL import Image
     m = re.fullmatch(r"cifar10:(\d+)", spec)
@@ -122,31 +176,56 @@ def read_image(spec, size, channels, data_dir=None):
         x, y = data.load_cifar10(data_dir, split="test")
         i = int(m.group(1))
         if i >= x.shape[0]:
-            raise UsageError(f"--invert: cifar10:N takes N in 0..{x.shape[0] - 1} (the test set), got {i}")
-        img, label, name = TF.to_pil_image(x[i]), int(y[i]), f"cifar10-{i}"
-    else:
-        if spec.startswith("cifar10"):
-            raise UsageError(f"--invert: expected cifar10:N with N a test-set index, got {spec!r}")
-        try:
-            with Image.open(spec) as im:
-                img = im.convert("RGB")
-        except (OSError, ValueError):
-            raise UsageError(f"--invert: cannot read an image from {spec}; pass a picture file or cifar10:N "
-                             "(a CIFAR-10 test image)") from None
-        label, name = None, re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(spec))[0])
+            raise UsageError(f"{flag}: cifar10:N takes N in 0..{x.shape[0] - 1} (the test set), got {i}")
+        return TF.to_pil_image(x[i]).convert(mode), int(y[i]), f"cifar10-{i}"
+    if spec.startswith("cifar10"):
+        raise UsageError(f"{flag}: expected cifar10:N with N a test-set index, got {spec!r}")
+    try:
+        with Image.open(spec) as im:
+            img = im.convert(mode)
+    except (OSError, ValueError):
+        raise UsageError(f"{flag}: cannot read an image from {spec}; pass a picture file"
+                         + (" or cifar10:N (a CIFAR-10 test image)" if flag != "--mask" else "")) from None
+    return img, None, re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(spec))[0])
+
+
+def fit(img, size, spec, flag="--invert", quiet=False):
+    """A non-square picture is cut to its central square (said in one line, never squashed); then it is resized to
+    the network's size. Returns uint8 [1, C, size, size]."""
+    import torchvision.transforms.functional as TF
     w, h = img.size
     if w != h:
         side = min(w, h)
-        say(f"note: --invert: {spec} is {w}x{h}; using its central {side}x{side} square"
-            + (f", resized to {size}x{size}" if side != size else ""))
+        if not quiet:
+            say(f"note: {flag}: {spec} is {w}x{h}; using its central {side}x{side} square"
+                + (f", resized to {size}x{size}" if side != size else ""))
         img = TF.center_crop(img, [side, side])
-    elif w != size:
-        say(f"note: --invert: {spec} is {w}x{h}; resized to the network's {size}x{size}")
+    elif w != size and not quiet:
+        say(f"note: {flag}: {spec} is {w}x{h}; resized to the network's {size}x{size}")
     if img.size[0] != size:
         img = TF.resize(img, [size, size], antialias=True)
-    if channels == 1:
-        img = img.convert("L")
-    return data.to_float(TF.pil_to_tensor(img)[None]), label, name
+    return TF.pil_to_tensor(img)[None]
+
+
+def read_image(spec, size, channels, data_dir=None, flag="--invert"):
+    """The image to invert or edit as floats [1, C, size, size] in [-1, 1], its label (or None), a name for files and
+    the picture's own (width, height).
+
+    `spec` is a picture file, or cifar10:N for the N-th CIFAR-10 test image. A non-square picture is cut to its
+    central square (said in one line, never squashed); then it is resized to the network's size.
+    """
+    img, label, name = open_picture(spec, data_dir, flag, "L" if channels == 1 else "RGB")
+    return data.to_float(fit(img, size, spec, flag)), label, name, img.size
+
+
+def read_mask(spec, picture_size, size, image_spec):
+    """--mask: a picture of the --edit image's own size, as floats [1, 1, size, size] in [0, 1], 1 (white) = keep the
+    input, 0 (black) = repaint (edit.py's m, RePaint eq. 10); cropped and resized exactly like the image."""
+    img, _, name = open_picture(spec, flag="--mask", mode="L")
+    if img.size != picture_size:
+        raise UsageError(f"--mask: {spec} is {img.size[0]}x{img.size[1]} but the --edit image {image_spec} is "
+                         f"{picture_size[0]}x{picture_size[1]}; draw the mask on a picture of the image's size")
+    return fit(img, size, spec, "--mask", quiet=True).float() / 255, name
 
 
 def interpolation_grid(n):
@@ -168,6 +247,49 @@ def interpolation_latents(s, rows, frames, seed):
     z = slerp(z0.repeat_interleave(frames, 0), z1.repeat_interleave(frames, 0), alphas.repeat(rows))
     y = s.labels(rows, g)
     return z, (None if y is None else y.repeat_interleave(frames))
+
+
+def edit(s, x_in, mask, label, strength, n, batch_size, seed, show_progress):
+    """SDEdit (E1), masked (E2) and/or classifier-guided: n variations of x_in [1, C, H, W] as uint8 [n, H, W, C].
+
+    Batch i of the variations draws x_{t0} and every step's noise from sampling.batch_generator(seed, i), as
+    s.generate does: the same seed and --batch-size give the same edits.
+    """
+    o = s.settings
+    x_in = x_in.to(s.device)
+    mask = None if mask is None else mask.to(s.device)
+    bar = progress(n, "editing", unit="img", disable=not show_progress)
+    ticker = sampling.Ticker(s.model, s.diffusion, bar)
+    images, bad = [], torch.zeros((), device=s.device)
+    for i, start in enumerate(range(0, n, batch_size)):
+        m = min(batch_size, n - start)
+        g = sampling.batch_generator(s.device, seed, i)
+        kwargs = {} if label is None else {"y": torch.full((m,), label, dtype=torch.long, device=s.device)}
+        ticker.start(m)
+        with s.amp:
+            # SDEdit Alg. 1: x_{t0} ~ q(x_{t0} | x_in) (DDPM eq. 4), then the reverse chain from t0 (A2 / D2), the
+            # known region pasted back at every level (RePaint eq. 10), guided by cond_fn when translating (G1 / G2)
+            x = sdedit(s.diffusion, ticker, x_in.expand(m, *x_in.shape[1:]), strength, sampler=o.sampler, eta=o.eta,
+                       mask=mask, cond_fn=s.cond_fn, model_kwargs=kwargs, clip_denoised=o.clip, generator=g).float()
+        ticker.finish()
+        bad = bad + (~torch.isfinite(x)).sum()
+        images.append(data.to_uint8_images(x))
+    bar.close()
+    if (bad := int(bad)) > 0:
+        raise UsageError(f"editing produced {bad} non-finite values (the chain diverged) and nothing was written; "
+                         f"{s.likely_cause()}")
+    return np.concatenate(images)
+
+
+def edit_grid(original, mask, edits, channels):
+    """Rows of input | mask | up to FRAMES variations (uint8 [M, H, W, C]); a short last row is padded with black."""
+    head = [original[0]] + ([] if mask is None else [np.repeat(mask[0], channels, axis=-1)])
+    per_row = min(FRAMES, len(edits))
+    tiles = []
+    for r in range(0, len(edits), per_row):
+        row = list(edits[r:r + per_row])
+        tiles += head + row + [np.zeros_like(original[0])] * (per_row - len(row))
+    return np.stack(tiles), len(head) + per_row
 
 
 def invert(s, x0, label, show_progress):
@@ -202,6 +324,9 @@ def main(argv=None):
     device = resolve_device(args.device)
     show = not args.no_progress
     settings = sampling.settings_from_args(args)
+    if args.edit:
+        # --edit's chain: SDEdit with DDPM's ancestral step or DDIM's, respaced to --steps like any sampler (D4)
+        settings = dataclasses.replace(settings, sampler=args.edit_sampler)
 
     # what to sample from, checked and built before any work (checkpoint.py: every problem is one line)
     ckpt = checkpoint.load(args.checkpoint or default_checkpoint())
@@ -211,12 +336,23 @@ def main(argv=None):
 
     # where the outputs go, checked before the work
     if args.invert:
-        x0, label, source = read_image(args.invert, size, channels, args.data_dir)
+        x0, label, source, _ = read_image(args.invert, size, channels, args.data_dir)
         label = settings.label if settings.label is not None else label
         if s.conditional and (label is None or label >= s.classes):
             raise UsageError(f"--class: this run is class-conditional ({s.classes} classes); say which class "
                              f"{args.invert} shows with --class")
         name = s.name(prefix=f"invert_{source}")
+    elif args.edit:
+        x_in, label, source, picture_size = read_image(args.edit, size, channels, args.data_dir, flag="--edit")
+        mask, mask_name = read_mask(args.mask, picture_size, size, args.edit) if args.mask else (None, None)
+        if s.conditional and label is None and settings.label is None:
+            raise UsageError("--class: this run is class-conditional; say which class the picture shows (or, with "
+                             "--classifier, which class to translate it to)")
+        label = settings.label if settings.label is not None else label
+        if not s.conditional:
+            label = None
+        prefix = f"edit_{source}_s{args.strength:g}" + (f"_mask-{mask_name}" if mask is not None else "")
+        name = s.name(args.seed, args.n, default_n=N_EDITS, batch_size=args.batch_size, prefix=prefix)
     elif args.interpolate:
         rows, frames = interpolation_grid(args.n)
         name = s.name(args.seed, rows * frames, prefix="interpolate")
@@ -234,6 +370,28 @@ def main(argv=None):
         say(f"inverting {args.invert}" + (f" ({data.CIFAR10_CLASSES[label]})" if source.startswith("cifar10") else ""))
         images, nrow = invert(s, x0, label, show), 2
         labels = None
+    elif args.edit:
+        # E1: t0 = round(strength * the chain's steps)
+        t0 = sdedit_steps(s.diffusion, args.strength)
+        say(f"editing {args.edit}: SDEdit from t0 = {t0} of {s.kept} steps (--strength {args.strength:g}), "
+            f"{s.describe()}, {args.n} variation{'s' if args.n > 1 else ''}, seed {args.seed}")
+        if t0 == 0:
+            say(f"note: --strength {args.strength:g}: t0 = 0, so every output is the input itself, unchanged "
+                "(SDEdit's faithful end; no network call)")
+        elif t0 == s.kept:
+            say(f"note: --strength {args.strength:g}: t0 = T, so the input is ignored: ordinary sampling from "
+                "x_T ~ N(0, I) (SDEdit's realistic end)")
+        edits = edit(s, x_in, mask, label, args.strength, args.n, args.batch_size, args.seed, show)
+        original = data.to_uint8_images(x_in)
+        mask_u8 = None if mask is None else (mask * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        grid, nrow = edit_grid(original, mask_u8, edits, channels)
+        extra = {"input": original} if mask is None else {"input": original, "mask": mask_u8}
+        labels = None if label is None else np.full(len(edits), label, dtype=np.int64)
+        png, npz = sampling.save_samples(edits, labels, out, nrow, grid=grid, extra=extra)
+        wrote(png, f"rows of input | {'mask | ' if mask is not None else ''}edits, {len(edits)} edits")
+        wrote(npz, f"x: uint8 {list(edits.shape)} edits, input" + (", mask (255 = keep)" if mask is not None else "")
+              + ("" if labels is None else ", y: labels"))
+        return
     elif args.interpolate:
         z, y = interpolation_latents(s, rows, frames, args.seed)
         nrow = frames

@@ -20,6 +20,14 @@ guidance needs a loop with a `cond_fn` parameter. Adding a sampler is one line i
 
     "dpmpp2m": solvers.dpmpp2m_sample_loop,       # DPM-Solver++(2M), Lu et al. 2022, Algorithm 2
 
+(plus, if its paper says so, its default step count in DEFAULT_STEPS and its step schedule in DEFAULT_SKIP).
+
+STEP SCHEDULES (--skip, SPACINGS). Which of the T steps a respaced diffusion keeps: uniform or quad (DDIM §4.2, D4),
+logsnr (uniform in lambda = log(alpha / sigma), DPM-Solver's "logSNR" rule, P3) or karras (EDM eq. 5 with rho = 7,
+P3). Each sampler defaults to the one its paper recommends: uniform for DDPM/DDIM and the score samplers, logsnr for
+DPM-Solver++, karras for Heun. logsnr and karras round their targets to the model's T levels and merge collisions at
+the low-noise end, so they may keep fewer steps than asked: the Sampler says so, and `kept` is the true count.
+
 GUIDANCE (guidance.py) wraps the network or adds a cond_fn; the loops never know which:
   * classifier guidance (ADM, G1-G3): cond_fn = s grad_x log p_phi(y | x_t) from a noisy classifier checkpoint. On an
     unconditional network the labels are the classifier's alone (IgnoreLabels).
@@ -50,8 +58,10 @@ import torch.nn as nn
 import checkpoint
 import data
 import ddim
+import schedules
 import score
-from cli import UsageError, autocast, check_new_file, check_number, progress, uses_bf16
+import solvers
+from cli import UsageError, autocast, check_new_file, check_number, progress, say, uses_bf16
 from ddpm import GaussianDiffusion
 from guidance import ClassifierFreeGuidance, classifier_cond_fn
 
@@ -61,9 +71,26 @@ SAMPLERS = {
     "ddim": ddim.ddim_sample_loop,             # DDIM eq. 12 (D2) with sigma_t(eta) of eq. 16 (D3)
     "langevin": score.langevin_sample_loop,    # annealed Langevin dynamics, NCSN Algorithm 1, on the eps-model (SC2)
     "pc": score.pc_sample_loop,                # predictor-corrector, SDE paper App. G, Algorithms 1 and 5
+    "dpmpp2m": solvers.dpmpp2m_sample_loop,    # DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (P1): 1 NFE per step
+    "heun": solvers.heun_sample_loop,          # EDM's Heun, Karras et al. 2022, Algorithm 1 (P1): 2N - 1 NFE
 }
-# steps when --steps is not given: all T for Algorithm 2, 100 noise levels for the score samplers, else 50
-DEFAULT_STEPS = {"ddpm": None, "langevin": 100, "pc": 100}
+# steps when --steps is not given: all T for Algorithm 2, 100 noise levels for the score samplers, 20 for DPM-Solver++
+# (DPM-Solver's 20 NFE, 2.87 FID on CIFAR-10), EDM's CIFAR-10 setting N = 18 for Heun (35 NFE), else 50
+DEFAULT_STEPS = {"ddpm": None, "langevin": 100, "pc": 100, "dpmpp2m": 20, "heun": 18}
+
+# --skip: name -> kept indices (0..T-1) for `steps` steps of a diffusion with these abar (D4, P3)
+SPACINGS = {
+    # D4, DDIM §4.2: tau_i = floor(i T / S)
+    "uniform": lambda abar, steps: schedules.space_timesteps(len(abar), steps, "uniform"),
+    # D4, DDIM App. D: tau_i = floor((i sqrt(0.8 T) / (S - 1))^2), dense at low noise
+    "quad": lambda abar, steps: schedules.space_timesteps(len(abar), steps, "quad"),
+    # P3, DPM-Solver §3.4 ("logSNR"): lambda = log(alpha / sigma) uniform between the noisiest and cleanest step
+    "logsnr": schedules.logsnr_timesteps,
+    # P3, EDM eq. 5: sigma_i = (sigma_max^(1/7) + i/(N-1) (sigma_min^(1/7) - sigma_max^(1/7)))^7
+    "karras": schedules.karras_timesteps,
+}
+# the step schedule each paper recommends; every other sampler keeps "uniform"
+DEFAULT_SKIP = {"dpmpp2m": "logsnr", "heun": "karras"}
 
 # --var: the fixed reverse variance of DDPM §3.2 (R3), for the samplers that draw from p(x_{t-1} | x_t)
 VAR_TYPES = {"large": "fixed_large", "small": "fixed_small"}
@@ -74,7 +101,7 @@ class Settings:
     """Everything that decides what a sampler draws, besides the network and the seed. Defaults = the flags'."""
     sampler: str = "ddim"
     steps: int = None               # None: DEFAULT_STEPS (at most T)
-    skip: str = "uniform"           # which steps a respaced diffusion keeps (DDIM §4.2)
+    skip: str = None                # which steps a respaced diffusion keeps (SPACINGS); None: DEFAULT_SKIP
     eta: float = 0.0                # DDIM eq. 16
     var: str = None                 # "large" (sigma^2 = beta) or "small" (beta~), DDPM §3.2; None: the run's
     clip: bool = True               # clip the predicted x_0 to [-1, 1] (R2)
@@ -113,13 +140,17 @@ def add_arguments(p):
     return [
         flag("--sampler", default=DEFAULTS.sampler, choices=tuple(SAMPLERS),
              help="ddpm: ancestral sampling (DDPM Algorithm 2); ddim: DDIM eq. 12; langevin: annealed Langevin "
-                  "dynamics (NCSN Algorithm 1); pc: predictor-corrector (SDE paper Algorithm 1)"),
+                  "dynamics (NCSN Algorithm 1); pc: predictor-corrector (SDE paper Algorithm 1); dpmpp2m: "
+                  "DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2); heun: EDM's 2nd-order Heun ODE solver "
+                  "(Karras et al. 2022, Algorithm 1)"),
         flag("--steps", type=int, default=None,
              help="steps of the respaced diffusion the sampler walks (default: 50; all T for ddpm; 100 noise "
-                  "levels for langevin and pc)"),
-        flag("--skip", default=DEFAULTS.skip, choices=("uniform", "quad"),
-             help="which of the T steps a respaced diffusion keeps: evenly spaced, or quadratic, dense at low noise "
-                  "(DDIM §4.2)"),
+                  "levels for langevin and pc; 20 for dpmpp2m; 18 for heun). Network evaluations (NFE): one per "
+                  "step for ddpm, ddim and dpmpp2m; 2N - 1 for heun with N steps (its last step is Euler)"),
+        flag("--skip", default=None, choices=tuple(SPACINGS),
+             help="which of the T steps a respaced diffusion keeps: evenly spaced (uniform) or quadratic, dense at "
+                  "low noise (quad), DDIM §4.2; uniform in log-SNR (logsnr, DPM-Solver); EDM's rho = 7 noise "
+                  "levels (karras, EDM eq. 5) (default: logsnr for dpmpp2m, karras for heun, else uniform)"),
         flag("--eta", type=float, default=DEFAULTS.eta,
              help="ddim (and pc --predictor ddim): sigma_t = eta * DDPM's posterior std (DDIM eq. 16); 0 = "
                   "deterministic DDIM, 1 = DDPM-like"),
@@ -220,6 +251,11 @@ class Ticker(nn.Module):
 # The sampler
 # ----------------------------------------------------------------------------------------------------------------
 
+def batch_generator(device, seed, i):
+    """The generator of batch i of a call with this seed: x_T, labels and every step's noise of that batch."""
+    return torch.Generator(device).manual_seed((seed * 1_000_003 + i) % (1 << 63))
+
+
 class Sampler:
     """A checkpoint's network, its (respaced) diffusion, the guidance and the settings: turns latents into images.
 
@@ -243,12 +279,28 @@ class Sampler:
         self.T = T = diffusion.num_timesteps
         self.steps = o.steps if o.steps is not None else min(DEFAULT_STEPS.get(o.sampler, 50) or T, T)
         check_number("--steps", self.steps, lo=1, hi=T, integer=True)
+        # the step schedule: --skip, else the one the sampler's paper recommends
+        self.skip = o.skip if o.skip is not None else DEFAULT_SKIP.get(o.sampler, "uniform")
+        if self.skip not in SPACINGS:
+            raise UsageError(f"--skip: unknown {self.skip!r}; choose one of {', '.join(SPACINGS)}")
         self.check_options(diffusion, classifier)
         if o.var is not None:
             diffusion = GaussianDiffusion(diffusion.betas, VAR_TYPES[o.var], diffusion.loss_type,
                                           diffusion.timestep_map)
         # D4: respace ONCE, by the rule; the loop then walks every step of `self.diffusion`
-        self.diffusion = diffusion if self.steps == T else diffusion.respace(self.steps, o.skip)
+        if self.steps == T:
+            self.diffusion = diffusion
+        else:
+            try:
+                kept = SPACINGS[self.skip](diffusion.alphas_cumprod, self.steps)
+            except ValueError as e:  # quad cannot place that many distinct steps
+                raise UsageError(f"--steps: {e}") from None
+            self.diffusion = diffusion.respace(kept)
+        # logsnr and karras merge targets that round to the same level of the T: say so, never hide it
+        self.kept = self.diffusion.num_timesteps
+        if self.kept < self.steps:
+            say(f"note: --skip {self.skip}: {self.steps} steps round to {self.kept} distinct levels of the T = {T} "
+                f"(the low-noise end is denser than one step); sampling on {self.kept}")
         self.check_ranges()
 
         # guidance: wrap the network (G5) and/or add a cond_fn (G3); the loop does not know which
@@ -353,7 +405,7 @@ class Sampler:
         images, classes, bad = [], [], torch.zeros((), device=self.device)
         for i, start in enumerate(range(0, n, batch_size)):
             m = min(batch_size, n - start)
-            g = torch.Generator(self.device).manual_seed((seed * 1_000_003 + i) % (1 << 63))
+            g = batch_generator(self.device, seed, i)
             x_T = (torch.randn((m, *self.image_shape), generator=g, device=self.device) if latents is None
                    else latents[start:start + m].to(self.device))
             y = self.labels(m, g) if labels is None else labels[start:start + m].to(self.device)
@@ -390,9 +442,20 @@ class Sampler:
 
     # -- naming ----------------------------------------------------------------------------------------------------
 
+    def nfe(self):
+        """Network evaluations per image: 2N - 1 for Heun on N kept steps (EDM Alg. 1), N for the one-call loops."""
+        if self.settings.sampler == "heun":
+            return 2 * self.kept - 1
+        if self.settings.sampler in ("ddpm", "ddim", "dpmpp2m"):
+            return self.kept
+        return None  # the score samplers' count depends on their corrector / Langevin steps
+
     def describe(self):
-        """One line for the user: 'ddim on 50 of 1000 steps, eta1, quad, cg4, class3'."""
-        return ", ".join([f"{self.settings.sampler} on {self.steps} of {self.T} steps"] + self.tags()[1:])
+        """One line for the user: 'ddim on 50 of 1000 steps, eta1, quad, cg4, class3' (+ NFE where it differs)."""
+        head = f"{self.settings.sampler} on {self.kept} of {self.T} steps"
+        if self.settings.sampler in ("dpmpp2m", "heun"):
+            head += f" ({self.nfe()} NFE)"
+        return ", ".join([head] + self.tags()[1:])
 
     def tags(self):
         """The parts of an output name: sampler + steps, then every setting that differs from its default."""
@@ -400,8 +463,8 @@ class Sampler:
         tags = [f"{o.sampler}{self.steps}"]
         if o.eta != DEFAULTS.eta:
             tags.append(f"eta{o.eta:g}")
-        if self.steps < self.T and o.skip != DEFAULTS.skip:
-            tags.append(o.skip)
+        if self.steps < self.T and self.skip != DEFAULT_SKIP.get(o.sampler, "uniform"):
+            tags.append(self.skip)
         if o.var is not None:
             tags.append(f"var{o.var}")
         if not o.clip:
@@ -473,14 +536,17 @@ def check_outputs(out, force=False, flag="--out"):
     return [check_new_file(out + ext, flag, force) for ext in (".png", ".npz")]
 
 
-def save_samples(images, labels, out, nrow=None):
+def save_samples(images, labels, out, nrow=None, grid=None, extra=None):
     """out.png (a grid) and out.npz (`x` uint8 [N, H, W, C], `y` int64 [N] when labelled), each written atomically.
 
-    The .npz is what FID tools read (evaluate.py; OpenAI's evaluator reads the same layout).
+    The .npz is what FID tools read (evaluate.py; OpenAI's evaluator reads the same layout). `grid` (uint8
+    [M, H, W, C]) replaces the images in the PNG only (sample.py --edit shows the input and mask beside them);
+    `extra` adds arrays to the .npz.
     """
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    data.save_grid(torch.from_numpy(images).permute(0, 3, 1, 2), out + ".png", nrow=nrow)
+    data.save_grid(torch.from_numpy(images if grid is None else grid).permute(0, 3, 1, 2), out + ".png", nrow=nrow)
     arrays = {"x": images} if labels is None else {"x": images, "y": labels}
+    arrays.update(extra or {})
     tmp = f"{out}.tmp{os.getpid()}.npz"
     try:
         np.savez(tmp, **arrays)

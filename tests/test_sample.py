@@ -29,7 +29,15 @@ CIFAR_TEST = os.path.join(ROOT, "..", "shared", "data", "cifar10", "test.npz")
 def runs(tmp_path_factory):
     """Tiny runs: an unconditional network, a class-conditional one (3 classes), a noisy classifier (3 classes)."""
     root = tmp_path_factory.mktemp("runs")
-    return {"uncond": tiny.write(str(root / "uncond")),
+    # --edit's inputs: a random 8x8 picture, a mask keeping its left half (white = keep), a mask of the wrong size
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(root / "pic.png")
+    left = np.zeros((8, 8), np.uint8)
+    left[:, :4] = 255
+    Image.fromarray(left).save(root / "left.png")
+    Image.fromarray(np.zeros((6, 8), np.uint8)).save(root / "small.png")
+    return {"pic": str(root / "pic.png"), "left": str(root / "left.png"), "small-mask": str(root / "small.png"),
+            "uncond": tiny.write(str(root / "uncond")),
             "cond": tiny.write(str(root / "cond"), num_classes=3, seed=1),
             "clf": tiny.write(str(root / "clf"), kind="classifier", num_classes=3, seed=2),
             "learned": tiny.write(str(root / "learned"), learn_sigma=True, seed=3)}
@@ -58,7 +66,8 @@ def images(out):
 # Sampling
 # ----------------------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sampler,steps", [("ddim", "5"), ("ddpm", "8"), ("langevin", "4"), ("pc", "4")])
+@pytest.mark.parametrize("sampler,steps", [("ddim", "5"), ("ddpm", "8"), ("langevin", "4"), ("pc", "4"),
+                                           ("dpmpp2m", "6"), ("heun", "4")])
 def test_every_sampler_is_seeded(runs, tmp_path, sampler, steps):
     common = ["--checkpoint", runs["uncond"], "--sampler", sampler, "--steps", steps, "--n", "5", "--batch-size", "3",
               "--no-progress"]
@@ -70,6 +79,39 @@ def test_every_sampler_is_seeded(runs, tmp_path, sampler, steps):
     assert np.array_equal(a, images(str(tmp_path / "b"))), "same seed, same images"
     assert not np.array_equal(a, images(str(tmp_path / "c"))), "another seed, other images"
     assert os.path.getsize(tmp_path / "a.png") > 0
+
+
+def test_the_ode_solvers_walk_their_papers_schedules(runs, tmp_path, capsys):
+    # DPM-Solver++ on logSNR-uniform steps, Heun on EDM's rho = 7 levels (P3), by default; --skip overrides either
+    ckpt = sampling.checkpoint.load(runs["uncond"])
+    abar = sampling.checkpoint.build_diffusion(ckpt["diffusion_args"]).alphas_cumprod
+    for sampler, steps, kept, nfe in (("dpmpp2m", 6, sampling.schedules.logsnr_timesteps(abar, 6), 6),
+                                      ("heun", 4, sampling.schedules.karras_timesteps(abar, 4), 7),
+                                      ("heun", None, sampling.schedules.karras_timesteps(abar, 18), 35),
+                                      ("dpmpp2m", 6, sampling.schedules.space_timesteps(100, 6, "quad"), 6)):
+        skip = "quad" if kept == sampling.schedules.space_timesteps(100, 6, "quad") else None
+        s = sampling.from_checkpoint(ckpt, sampling.Settings(sampler=sampler, steps=steps, skip=skip))
+        assert s.diffusion.timestep_map.tolist() == kept and s.nfe() == nfe, (sampler, steps)
+    # the menu runs the solvers' own loops: batch 0's x_T through solvers.py gives the same images
+    for sampler, loop in (("dpmpp2m", sampling.solvers.dpmpp2m_sample_loop), ("heun", sampling.solvers.heun_sample_loop)):
+        s = sampling.from_checkpoint(ckpt, sampling.Settings(sampler=sampler, steps=4))
+        x, _ = s.generate(2, seed=3, show_progress=False)
+        x_T = torch.randn((2, 3, 8, 8), generator=sampling.batch_generator("cpu", 3, 0))
+        assert np.array_equal(x, data.to_uint8_images(loop(s.diffusion, s.model, x_T.shape, noise=x_T))), sampler
+    # --steps: 30 logSNR-uniform targets round to fewer distinct levels of T = 100: said, and the true count used
+    out = str(tmp_path / "d")
+    run(["--checkpoint", runs["uncond"], "--sampler", "dpmpp2m", "--steps", "30", "--n", "2", "--out", out,
+         "--no-progress"])
+    text = capsys.readouterr().out
+    kept = len(sampling.schedules.logsnr_timesteps(abar, 30))
+    assert kept < 30 and f"30 steps round to {kept} distinct levels" in text
+    assert f"dpmpp2m on {kept} of 100 steps ({kept} NFE)" in text and images(out).shape == (2, 8, 8, 3)
+    # the names: sampler + steps asked; the schedule only when it is not the sampler's own (a run of its own here)
+    own = tiny.write(str(tmp_path / "own"))
+    for extra in (["--sampler", "heun"], ["--sampler", "heun", "--skip", "uniform"], ["--skip", "karras"]):
+        run(["--checkpoint", own, "--steps", "3", "--n", "2", "--no-progress"] + extra)
+    names = sorted(os.listdir(os.path.join(own, "samples")))
+    assert names == [f"{n}_seed0_n2.{e}" for n in ("ddim3_karras", "heun3", "heun3_uniform") for e in ("npz", "png")]
 
 
 def test_output_names_say_what_made_them_and_two_commands_leave_two_files(runs, capsys):
@@ -197,6 +239,63 @@ def test_a_diverged_sampler_writes_nothing(runs, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Editing: SDEdit, masks, translation
+# ----------------------------------------------------------------------------------------------------------------
+
+def test_edit_strength_0_returns_the_input_and_1_is_ordinary_sampling(runs, tmp_path, capsys):
+    picture = np.asarray(Image.open(runs["pic"]))
+    out = str(tmp_path / "e0")
+    run(["--checkpoint", runs["uncond"], "--edit", runs["pic"], "--strength", "0", "--n", "2", "--out", out,
+         "--no-progress"])
+    assert "every output is the input itself" in capsys.readouterr().out
+    saved = np.load(out + ".npz")
+    assert np.array_equal(saved["input"][0], picture) and saved["x"].dtype == np.uint8
+    assert np.array_equal(saved["x"], np.stack([picture] * 2)), "strength 0: the input, to the last bit"
+    # strength 1: x_T ~ N(0, I), the first draw of batch 0's generator, as sampling's: the same images as sample.py
+    run(["--checkpoint", runs["uncond"], "--edit", runs["pic"], "--strength", "1", "--edit-sampler", "ddim",
+         "--steps", "3", "--n", "2", "--out", out + "1", "--no-progress"])
+    run(["--checkpoint", runs["uncond"], "--steps", "3", "--n", "2", "--out", out + "s", "--no-progress"])
+    assert "the input is ignored: ordinary sampling" in capsys.readouterr().out
+    assert np.array_equal(images(out + "1"), images(out + "s"))
+
+
+def test_edit_mask_keeps_the_known_region_exactly_and_is_seeded(runs, tmp_path, capsys):
+    picture = np.asarray(Image.open(runs["pic"]))
+    common = ["--checkpoint", runs["uncond"], "--edit", runs["pic"], "--mask", runs["left"], "--strength", "0.5",
+              "--steps", "4", "--n", "3", "--batch-size", "2", "--no-progress"]
+    run(common)
+    name = os.path.join(runs["uncond"], "samples", "edit_pic_s0.5_mask-left_ddpm4_seed0_n3_bs2")
+    run(common + ["--out", str(tmp_path / "again")])
+    run(common + ["--out", str(tmp_path / "other"), "--seed", "1"])
+    saved, x = np.load(name + ".npz"), images(name)
+    # white (left half) keeps the input exactly; black (right half) is repainted
+    assert x.shape == (3, 8, 8, 3) and np.array_equal(x[:, :, :4], np.stack([picture[:, :4]] * 3))
+    assert (x[:, :, 4:] != picture[:, 4:]).mean() > 0.5
+    assert np.array_equal(saved["mask"][0, :, :, 0], np.asarray(Image.open(runs["left"])))
+    assert np.array_equal(x, images(str(tmp_path / "again"))), "same seed, same edits"
+    assert not np.array_equal(x, images(str(tmp_path / "other"))), "another seed, other edits"
+    assert not np.array_equal(x[0], x[1]), "the variations differ"
+    # one row: input | mask | 3 edits, 10 px a tile
+    assert Image.open(name + ".png").size == (5 * 10 + 2, 1 * 10 + 2)
+
+
+def test_edit_with_a_classifier_translates_a_center_cropped_picture(runs, tmp_path, capsys):
+    # 12x8: the central 8x8 square is the picture of the other tests; its sides are red
+    wide = np.zeros((8, 12, 3), np.uint8)
+    wide[:, :2, 0] = wide[:, 10:, 0] = 255
+    wide[:, 2:10] = np.asarray(Image.open(runs["pic"]))
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    common = ["--checkpoint", runs["uncond"], "--edit", str(tmp_path / "wide.png"), "--edit-sampler", "ddim",
+              "--strength", "0.6", "--steps", "5", "--n", "2", "--no-progress"]
+    run(common + ["--out", str(tmp_path / "plain")])
+    run(common + ["--classifier", runs["clf"], "--classifier-scale", "50", "--class", "1", "--out", str(tmp_path / "cg")])
+    assert "is 12x8; using its central 8x8 square" in capsys.readouterr().out
+    plain, guided = np.load(str(tmp_path / "plain.npz")), np.load(str(tmp_path / "cg.npz"))
+    assert np.array_equal(guided["input"][0], wide[:, 2:10]) and (guided["y"] == 1).all() and "y" not in plain
+    assert not np.array_equal(plain["x"], guided["x"]), "the classifier's gradient reaches the edits"
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Bad input: one line naming the flag, exit 2, before any work
 # ----------------------------------------------------------------------------------------------------------------
 
@@ -241,7 +340,9 @@ BAD = [
     (["--class", "1"], "--class"), (["--classifier", "@clf", "--class", "3"], "--class"),
     (["--classifier", "@clf", "--class", "-1"], "--class"),
     (["--classifier", "@uncond"], "--classifier"), (["--classifier", "/nonexistent/clf"], "--classifier"),
-    (["--sampler", "euler"], "--sampler"), (["--ch", "64"], "--ch"),
+    (["--sampler", "euler"], "--sampler"), (["--sampler", "heun", "--eta", "1"], "--eta"),
+    (["--sampler", "dpmpp2m", "--classifier", "@clf"], "--classifier"), (["--sampler", "heun", "--steps", "0"], "--steps"),
+    (["--skip", "karras2"], "--skip"), (["--ch", "64"], "--ch"),
     (["--out", "/proc/forbidden/samples"], "--out"), (["--device", "tpu"], "--device"),
     (["--invert", "/nonexistent.png"], "--invert"), (["--invert", "cifar10:x"], "--invert"),
     (["--invert", "cifar10:1", "--eta", "1"], "--invert"), (["--interpolate", "--sampler", "ddpm"], "--sampler"),
@@ -253,6 +354,15 @@ BAD = [
     (["--checkpoint", "@learned", "--sampler", "ddpm", "--var", "small"], "--var"),
     # test image 9999 is a truck (class 9): the 3-class run cannot take its label
     *([(["--checkpoint", "@cond", "--invert", "cifar10:9999"], "--class")] if os.path.isfile(CIFAR_TEST) else []),
+    (["--edit", "@pic", "--strength", "1.5"], "--strength"), (["--edit", "@pic", "--strength", "nan"], "--strength"),
+    (["--edit", "@pic", "--strength", "-0.1"], "--strength"), (["--edit", "/nonexistent.png"], "--edit"),
+    (["--edit", "@pic", "--mask", "@small-mask"], "--mask"), (["--edit", "@pic", "--mask", "/nonexistent.png"], "--mask"),
+    (["--edit", "@pic", "--interpolate"], "--edit"), (["--edit", "@pic", "--invert", "@pic"], "--edit"),
+    (["--strength", "0.5"], "--strength"), (["--mask", "@left"], "--mask"), (["--edit-sampler", "ddim"], "--edit-sampler"),
+    (["--edit", "@pic", "--sampler", "heun"], "--sampler"), (["--edit", "@pic", "--classifier", "@clf"], "--class"),
+    (["--edit", "cifar10:7", "--classifier", "@clf"], "--class"),
+    (["--edit", "@pic", "--edit-sampler", "ddpm", "--eta", "1"], "--eta"),
+    (["--edit", "@pic", "--edit-sampler", "ddim", "--eta", "nan"], "--eta"),
 ]
 
 
@@ -263,6 +373,7 @@ def no_work(monkeypatch):
         raise AssertionError("the work started before the input was checked")
     monkeypatch.setattr(sampling.Sampler, "generate", work)
     monkeypatch.setattr(sample, "invert", work)
+    monkeypatch.setattr(sample, "edit", work)
 
 
 @pytest.mark.parametrize("extra,flag", BAD, ids=[" ".join(a) for a, _ in BAD])
