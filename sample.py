@@ -24,6 +24,10 @@ steps, every setting that differs from its default, and the seed, e.g.
     runs/cifar10/samples/invert_cifar10-7_ddim50.png      python sample.py --invert cifar10:7
 
 An existing file is never replaced without --force. The same --seed and --batch-size give the same images.
+
+MANY GPUS. `torchrun --nproc_per_node=8 sample.py --n 50000 ...` splits the batches across the ranks (batch i on rank
+i % 8, drawn with the same seed as in one process) and rank 0 gathers and writes them: the same images as
+`python sample.py --n 50000 ...` on one device of the same kind (the speed-up is at most the number of batches).
 """
 
 import glob
@@ -36,7 +40,7 @@ import torch
 import checkpoint
 import data
 import sampling
-from cli import (Parser, UsageError, check_number, main_guard, precision_name, resolve_device, say, wrote)
+from cli import (Parser, UsageError, check_number, distributed, main_guard, precision_name, say, wrote)
 from ddim import ddim_invert, slerp
 
 FRAMES = 8  # --interpolate: images per row, alpha = 0, 1/7, ..., 1 (DDIM Figure 6)
@@ -199,7 +203,8 @@ def invert(s, x0, label, show_progress):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
-    device = resolve_device(args.device)
+    # under torchrun each rank draws batches i = rank, rank + W, ... (sampling.Sampler.generate) and rank 0 writes
+    rank, world, device = distributed(args.device)
     show = not args.no_progress
     settings = sampling.settings_from_args(args)
 
@@ -242,6 +247,8 @@ def main(argv=None):
         say(f"sampling {args.n} images: {s.describe()}, seed {args.seed}")
         images, labels = s.generate(args.n, args.batch_size, args.seed, show)
         nrow = None
+    if rank != 0:  # every rank holds the gathered images; rank 0 alone writes them
+        return
     png, npz = sampling.save_samples(images, labels, out, nrow)
     wrote(png, f"grid of {len(images)} images")
     wrote(npz, f"x: uint8 {list(images.shape)}" + ("" if labels is None else ", y: labels"))
