@@ -728,7 +728,9 @@ def build_parser():
     source.add_argument("--checkpoint", default=None, help="a run (or ckpt.pt) to sample --n images from, then score")
     g = p.add_argument_group("sampling (with --checkpoint; the flags of sample.py)")
     sampling_flags = sampling.add_arguments(g) + [
-        g.add_argument("--n", type=int, default=10000, help="number of samples (50,000 for paper-comparable FID)"),
+        g.add_argument("--n", "--num-samples", dest="n", type=int, default=10000,
+                       help="number of samples (50,000 for paper-comparable FID; under torchrun write --num-samples, "
+                            "as torchrun reads --n as an abbreviation of its own flags)"),
         g.add_argument("--sample-batch-size", type=int, default=500, help="images sampled at once"),
         g.add_argument("--seed", type=int, default=0, help="batch i is drawn from the generator seeded by (seed, i)"),
         g.add_argument("--save-samples", default=None, help="also write the samples to PATH.png and PATH.npz"),
@@ -790,7 +792,9 @@ def build_parser():
                         "the default --samplers, DDIM Table 1; else 0)")
     p.add_argument("--skip", default="uniform", choices=("uniform", "quad"), help="which steps a respaced diffusion "
                    "keeps, evenly spaced or quadratic (DDIM §4.2, App. D)")
-    p.add_argument("--n", type=int, default=50000, help="samples per cell (50,000 as the papers; see COST above)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=50000,
+                   help="samples per cell (50,000 as the papers; see COST above; under torchrun write --num-samples, "
+                        "as torchrun reads --n as an abbreviation of its own flags)")
     p.add_argument("--sample-batch-size", type=int, default=500, help="images sampled at once")
     p.add_argument("--seed", type=int, default=0, help="batch i of every cell is drawn from the generator seeded by "
                    "(seed, i)")

@@ -25,9 +25,9 @@ steps, every setting that differs from its default, and the seed, e.g.
 
 An existing file is never replaced without --force. The same --seed and --batch-size give the same images.
 
-MANY GPUS. `torchrun --nproc_per_node=8 sample.py --n 50000 ...` splits the batches across the ranks (batch i on rank
+MANY GPUS. `torchrun --nproc_per_node=8 sample.py --num-samples 50000 ...` splits the batches across the ranks (batch i on rank
 i % 8, drawn with the same seed as in one process) and rank 0 gathers and writes them: the same images as
-`python sample.py --n 50000 ...` on one device of the same kind (the speed-up is at most the number of batches).
+`python sample.py --num-samples 50000 ...` on one device of the same kind (the speed-up is at most the number of batches).
 """
 
 import glob
@@ -52,7 +52,9 @@ def build_parser():
     p.add_argument("--checkpoint", default=None, help="a ckpt.pt, a run folder or a diffusers model folder "
                    "(default: runs/cifar10, else the newest diffusion run under runs/)")
     sampling.add_arguments(p)
-    p.add_argument("--n", type=int, default=64, help="number of images (--interpolate: whole rows of 8)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=64,
+                   help="number of images (--interpolate: whole rows of 8); under torchrun write --num-samples, as "
+                        "torchrun reads --n as an abbreviation of its own flags")
     p.add_argument("--batch-size", type=int, default=256, help="images sampled at once")
     p.add_argument("--seed", type=int, default=0, help="batch i is drawn from the generator seeded by (seed, i)")
     p.add_argument("--out", default=None, help="output path without extension, for OUT.png and OUT.npz "
