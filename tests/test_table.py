@@ -185,14 +185,15 @@ def test_torchrun_ranks_draw_the_single_process_images(tiny_run, tmp_path):
     flags = ["--checkpoint", tiny_run, "--sampler", "ddpm", "--steps", "3", "--num-samples", "5", "--batch-size", "2",
              "--seed", "7", "--device", "cpu", "--no-progress"]
     assert run(sample, flags + ["--out", str(tmp_path / "one")]) == 0
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    done = subprocess.run(
+    log = tmp_path / "writes.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), SHARD_LOG=str(log))
+    done = subprocess.run(  # tests/shard_worker.py is sample.py, logging which rank writes the samples
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         str(ROOT / "sample.py"), *flags, "--out", str(tmp_path / "two" / "s")],
+         str(ROOT / "tests" / "shard_worker.py"), *flags, "--out", str(tmp_path / "two" / "s")],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     one, two = np.load(tmp_path / "one.npz")["x"], np.load(tmp_path / "two" / "s.npz")["x"]
     assert one.dtype == two.dtype == np.uint8 and one.shape == (5, 8, 8, 3)
     np.testing.assert_array_equal(two, one)
-    assert sorted(os.listdir(tmp_path / "two")) == ["s.npz", "s.png"]  # rank 0 alone wrote
-    assert done.stdout.count("wrote ") == 2  # and rank 0 alone talked
+    assert sorted(os.listdir(tmp_path / "two")) == ["s.npz", "s.png"] and log.read_text() == "rank 0\n"  # rank 0 alone
+    assert done.stdout.count("sampling 5 images") == 1 and done.stdout.count("wrote ") == 2  # and rank 0 alone talked
