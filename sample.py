@@ -45,6 +45,10 @@ steps, every setting that differs from its default, and the seed, e.g.
                                                                            --classifier ... --classifier-scale 4 --class 3)
 
 An existing file is never replaced without --force. The same --seed and --batch-size give the same images.
+
+MANY GPUS. `torchrun --nproc_per_node=8 sample.py --num-samples 50000 ...` splits the batches across the ranks (batch i on rank
+i % 8, drawn with the same seed as in one process) and rank 0 gathers and writes them: the same images as
+`python sample.py --num-samples 50000 ...` on one device of the same kind (the speed-up is at most the number of batches).
 """
 
 import dataclasses
@@ -59,7 +63,8 @@ import torch
 import checkpoint
 import data
 import sampling
-from cli import (Parser, UsageError, check_number, main_guard, precision_name, progress, resolve_device, say, wrote)
+from cli import (Parser, UsageError, check_number, distributed, main_guard, precision_name, progress, say,
+                 wrote)
 from ddim import ddim_invert, slerp
 from edit import SAMPLERS as EDIT_SAMPLERS
 from edit import sdedit, sdedit_steps
@@ -75,8 +80,10 @@ def build_parser():
     p.add_argument("--checkpoint", default=None, help="a ckpt.pt, a run folder or a diffusers model folder "
                    "(default: runs/cifar10, else the newest diffusion run under runs/)")
     sampling.add_arguments(p)
-    p.add_argument("--n", type=int, default=None, help=f"number of images (default: {N_SAMPLES}; --interpolate: "
-                   f"whole rows of 8; --edit: {N_EDITS} variations, from the seed's generators)")
+    p.add_argument("--n", "--num-samples", dest="n", type=int, default=None,
+                   help=f"number of images (default: {N_SAMPLES}; --interpolate: whole rows of 8; --edit: {N_EDITS} "
+                   "variations, from the seed's generators); under torchrun write --num-samples, as torchrun reads "
+                   "--n as an abbreviation of its own flags")
     p.add_argument("--batch-size", type=int, default=256, help="images sampled at once")
     p.add_argument("--seed", type=int, default=0, help="batch i is drawn from the generator seeded by (seed, i)")
     p.add_argument("--out", default=None, help="output path without extension, for OUT.png and OUT.npz "
@@ -321,7 +328,8 @@ def invert(s, x0, label, show_progress):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
-    device = resolve_device(args.device)
+    # under torchrun each rank draws batches i = rank, rank + W, ... (sampling.Sampler.generate) and rank 0 writes
+    rank, world, device = distributed(args.device)
     show = not args.no_progress
     settings = sampling.settings_from_args(args)
     if args.edit:
@@ -401,6 +409,8 @@ def main(argv=None):
         say(f"sampling {args.n} images: {s.describe()}, seed {args.seed}")
         images, labels = s.generate(args.n, args.batch_size, args.seed, show)
         nrow = None
+    if rank != 0:  # every rank holds the gathered images; rank 0 alone writes them
+        return
     png, npz = sampling.save_samples(images, labels, out, nrow)
     wrote(png, f"grid of {len(images)} images")
     wrote(npz, f"x: uint8 {list(images.shape)}" + ("" if labels is None else ", y: labels"))

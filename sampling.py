@@ -397,13 +397,26 @@ class Sampler:
         Batch i draws x_T, its labels and every step's noise from a generator seeded with (seed, i). `latents` /
         `labels` (tensors [n, ...]) replace the drawn x_T / labels (interpolation, inversion). The output is checked
         once, at the end: non-finite values are refused with their likely cause, never written as black images.
+
+        UNDER TORCHRUN (a torch.distributed process group is initialised): rank r draws batches r, r + W, r + 2W, ...
+        of the W ranks, each with the same (seed, i) generator as one process would use, so the union is exactly the
+        single-process run's images (on one kind of device). Every rank then receives every batch (all_gather_object
+        of uint8 arrays: gloo on a CPU, nccl on CUDA) and returns all n images in batch order, so that a check or an
+        error is the same on every rank; the caller lets rank 0 alone write files and print.
         """
+        import torch.distributed as dist  # noqa: PLC0415
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         loop = SAMPLERS[self.settings.sampler]
         kwargs = self.loop_kwargs()
-        bar = progress(n, desc, unit="img", disable=not show_progress)
+        starts = list(range(0, n, batch_size))
+        mine = [i for i in range(len(starts)) if i % world == rank]  # batch i on rank i % W
+        share = sum(min(batch_size, n - starts[i]) for i in mine)
+        bar = progress(share, desc if world == 1 else f"{desc} (rank 0 of {world})", unit="img",
+                       disable=not show_progress or rank != 0)
         ticker = Ticker(self.model, self.diffusion, bar)
-        images, classes, bad = [], [], torch.zeros((), device=self.device)
-        for i, start in enumerate(range(0, n, batch_size)):
+        batches, bad = {}, torch.zeros((), device=self.device)
+        for i in mine:
+            start = starts[i]
             m = min(batch_size, n - start)
             g = batch_generator(self.device, seed, i)
             x_T = (torch.randn((m, *self.image_shape), generator=g, device=self.device) if latents is None
@@ -415,14 +428,20 @@ class Sampler:
                          generator=g, **kwargs).float()
             ticker.finish()
             bad = bad + (~torch.isfinite(x)).sum()  # no host sync here: checked once, after the last batch
-            images.append(data.to_uint8_images(x))
-            if y is not None:
-                classes.append(y.cpu().numpy())
+            batches[i] = (data.to_uint8_images(x), None if y is None else y.cpu().numpy())
         bar.close()
-        if (bad := int(bad)) > 0:
+        bad = int(bad)
+        if world > 1:  # every rank gets every rank's batches (and non-finite count): the union, in batch order
+            gathered = [None] * world
+            dist.all_gather_object(gathered, (batches, bad))
+            batches = {i: b for part, _ in gathered for i, b in part.items()}
+            bad = sum(count for _, count in gathered)
+        if bad > 0:
             raise UsageError(f"sampling produced {bad} non-finite values (the sampler diverged) and nothing was "
                              f"written; {self.likely_cause()}")
-        return np.concatenate(images), (np.concatenate(classes) if classes else None)
+        images = np.concatenate([batches[i][0] for i in range(len(starts))])
+        classes = [batches[i][1] for i in range(len(starts)) if batches[i][1] is not None]
+        return images, (np.concatenate(classes) if classes else None)
 
     def likely_cause(self):
         """The flag most likely behind a diverged sample, and what to do about it."""

@@ -1,0 +1,25 @@
+"""Run by tests/test_table.py under torchrun: sample.py's command line, with every call that writes samples logged
+with the rank that made it (to $SHARD_LOG), for the test to check that rank 0 alone writes."""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import sample  # noqa: E402
+import sampling  # noqa: E402
+from cli import main_guard  # noqa: E402
+
+torch.set_num_threads(1)
+save_samples = sampling.save_samples
+
+
+def logged(*args, **kwargs):
+    with open(os.environ["SHARD_LOG"], "a") as f:
+        f.write(f"rank {os.environ.get('RANK')}\n")
+    return save_samples(*args, **kwargs)
+
+
+sampling.save_samples = logged
+main_guard(sample.main)
