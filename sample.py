@@ -13,6 +13,7 @@ command line around it.
     python sample.py --invert picture.png               # ... or any picture (center-cropped to a square, resized)
     python sample.py --classifier runs/cifar10-classifier --classifier-scale 4 --class 3   # classifier guidance
     python sample.py --checkpoint runs/cifar10-cond --cfg-scale 3 --class 3               # classifier-free guidance
+    python sample.py --checkpoint runs/cifar10-ddgan --sampler ddgan    # DDGAN's 4-step chain (train.py --task ddgan)
 
 OUTPUTS. Each command writes NAME.png (a grid) and NAME.npz (`x`: uint8 [N, H, W, 3], `y`: the labels of a
 conditional run: what evaluate.py reads) into <run>/samples/, where NAME says what made them: the sampler and its

@@ -49,6 +49,7 @@ import torch.nn as nn
 
 import checkpoint
 import data
+import ddgan
 import ddim
 import score
 from cli import UsageError, autocast, check_new_file, check_number, progress, uses_bf16
@@ -61,9 +62,11 @@ SAMPLERS = {
     "ddim": ddim.ddim_sample_loop,             # DDIM eq. 12 (D2) with sigma_t(eta) of eq. 16 (D3)
     "langevin": score.langevin_sample_loop,    # annealed Langevin dynamics, NCSN Algorithm 1, on the eps-model (SC2)
     "pc": score.pc_sample_loop,                # predictor-corrector, SDE paper App. G, Algorithms 1 and 5
+    "ddgan": ddgan.ddgan_sample_loop,          # DDGAN eq. 6 (DG4): x_0' = G(x_t, z, t), then q(x_{t-1} | x_t, x_0')
 }
 # steps when --steps is not given: all T for Algorithm 2, 100 noise levels for the score samplers, else 50
 DEFAULT_STEPS = {"ddpm": None, "langevin": 100, "pc": 100}
+DEFAULT_STEPS["ddgan"] = None  # DDGAN: all T (= 4) steps of the chain its generator learned
 
 # --var: the fixed reverse variance of DDPM §3.2 (R3), for the samplers that draw from p(x_{t-1} | x_t)
 VAR_TYPES = {"large": "fixed_large", "small": "fixed_small"}
@@ -244,6 +247,10 @@ class Sampler:
         self.steps = o.steps if o.steps is not None else min(DEFAULT_STEPS.get(o.sampler, 50) or T, T)
         check_number("--steps", self.steps, lo=1, hi=T, integer=True)
         self.check_options(diffusion, classifier)
+        if o.sampler == "ddgan" and self.steps != T:
+            # DDGAN's G learned the T large steps of its own schedule (DDGAN §3.1): a respaced chain is not its model
+            raise UsageError(f"--steps: the ddgan sampler walks all T = {T} steps its generator was trained on; "
+                             f"drop --steps or pass --steps {T}")
         if o.var is not None:
             diffusion = GaussianDiffusion(diffusion.betas, VAR_TYPES[o.var], diffusion.loss_type,
                                           diffusion.timestep_map)
@@ -326,6 +333,8 @@ class Sampler:
         """The options the chosen loop takes, under its own keyword names (and the cond_fn of classifier guidance)."""
         o = self.settings
         kw = {keyword: getattr(o, field) for field, (_, keyword) in OPTIONS.items() if takes(o.sampler, keyword)}
+        if takes(o.sampler, "latent_dim"):  # a DDGAN generator's nz (the Ticker around it does not carry it)
+            kw["latent_dim"] = self.model.latent_dim
         if self.cond_fn is not None:
             kw["cond_fn"] = self.cond_fn
         return kw
@@ -445,7 +454,16 @@ class Sampler:
 def from_checkpoint(ckpt, settings=DEFAULTS, device="cpu", precision="auto", classifier=None):
     """A Sampler for a loaded diffusion checkpoint (checkpoint.load) and, for guidance, a loaded classifier one."""
     where = ckpt.get("path", "the checkpoint")
-    if ckpt["kind"] != "diffusion":
+    # DDGAN (Xiao et al. 2022): its generator G(x_t, z, t) predicts x_0', not eps: only its own chain can draw with it,
+    # and its chain needs a generator
+    if (ckpt["kind"] == "ddgan") != (settings.sampler == "ddgan"):
+        if ckpt["kind"] == "ddgan":
+            raise UsageError(f"--sampler: {where} holds a DDGAN generator, which only --sampler ddgan draws with "
+                             f"(its {ckpt['diffusion_args']['timesteps']}-step chain); pass --sampler ddgan")
+        if ckpt["kind"] == "diffusion":
+            raise UsageError(f"--sampler: ddgan needs a DDGAN run (python train.py --task ddgan), and {where} holds "
+                             f"an eps-model; pick another --sampler")
+    if ckpt["kind"] not in ("diffusion", "ddgan"):
         raise UsageError(f"--checkpoint: {where} holds a {ckpt['kind']}, not a diffusion model; pass a diffusion run "
                          "(a classifier goes to --classifier)")
     model = checkpoint.build_network(ckpt, use_ema=settings.ema, device=device)
