@@ -580,6 +580,7 @@ def test_ddgan_trains_with_the_recipe_and_resumes_exactly(tmp_path, capsys, monk
     assert ckpt["discriminator_args"]["in_channels"] == 6 and ckpt["discriminator_args"]["out_dim"] == 1
     assert ckpt["diffusion_args"] == {"schedule": "vp", "timesteps": 4}
     assert {"discriminator", "optimizer_d", "optimizer", "ema", "rng"} <= set(ckpt)
+    assert ckpt["ema_updates"] == 6  # the EMA of G follows every step
     for key in ("optimizer", "optimizer_d"):  # DDGAN's Adam betas, G and D alike
         assert tuple(ckpt[key]["param_groups"][0]["betas"]) == (0.5, 0.9), key
     # untyped flags took the paper's recipe, typed ones stayed
