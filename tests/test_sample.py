@@ -383,9 +383,12 @@ def test_ddgan_sampler_is_seeded_and_draws_images_in_range(runs, tmp_path, monke
     G = sampling.from_checkpoint(sampling.checkpoint.load(gan), sampling.Settings(sampler="ddgan"))
     assert G.steps == 4 and G.name(0) == "ddgan4_seed0"
     real = G.model.forward
-    monkeypatch.setattr(G.model, "forward", lambda x, t, z=None: calls.append((int(t[0]), z.shape)) or real(x, t, z=z))
+    monkeypatch.setattr(G.model, "forward", lambda x, t, z=None: calls.append((int(t[0]), z)) or real(x, t, z=z))
     G.generate(2, show_progress=False)
-    assert calls == [(3, (2, 4)), (2, (2, 4)), (1, (2, 4)), (0, (2, 4))]
+    assert [(t, tuple(z.shape)) for t, z in calls] == [(3, (2, 4)), (2, (2, 4)), (1, (2, 4)), (0, (2, 4))]
+    # a fresh z ~ N(0, I) at every step (DDGAN eq. 6), not a constant
+    z = torch.stack([z for _, z in calls])
+    assert all(not torch.equal(z[0], z[i]) for i in (1, 2, 3)) and 0.3 < z.std() < 3, z
 
 
 @pytest.mark.parametrize("which, extra, flag", [
