@@ -34,6 +34,10 @@ from unet import ADM_CHOICES, EncoderUNet, UNet
 FORMAT = 2
 FILENAME = "ckpt.pt"
 KINDS = {"diffusion": UNet, "classifier": EncoderUNet}
+# DDGAN (Xiao et al. 2022, ddgan.py): the generator G(x_t, z, t) is a UNet(latent_dim=nz); "model"/"ema" hold G, and
+# train.py adds "discriminator_args", "discriminator" (an EncoderUNet) and "optimizer_d" to resume. build_network
+# gives the EMA generator, which sampling.py's "ddgan" sampler (its 4-step chain, DG4) draws with.
+KINDS["ddgan"] = UNet
 
 
 class NonFiniteError(Exception):

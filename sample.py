@@ -29,6 +29,7 @@ white part is replaced by the input noised to that level, so it ends as the inpu
 --class K the chain is classifier-guided towards class K (Dhariwal & Nichol: G1 for ddpm, G2 for ddim): translation.
 The PNG has one row per 8 variations, each row input | mask | edits; the .npz holds the edits (`x`), the `input`
 and the `mask` (uint8, 255 = keep).
+    python sample.py --checkpoint runs/cifar10-ddgan --sampler ddgan    # DDGAN's 4-step chain (train.py --task ddgan)
 
 OUTPUTS. Each command writes NAME.png (a grid) and NAME.npz (`x`: uint8 [N, H, W, 3], `y`: the labels of a
 conditional run: what evaluate.py reads) into <run>/samples/, where NAME says what made them: the sampler and its

@@ -57,6 +57,7 @@ import torch.nn as nn
 
 import checkpoint
 import data
+import ddgan
 import ddim
 import schedules
 import score
@@ -73,10 +74,12 @@ SAMPLERS = {
     "pc": score.pc_sample_loop,                # predictor-corrector, SDE paper App. G, Algorithms 1 and 5
     "dpmpp2m": solvers.dpmpp2m_sample_loop,    # DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (P1): 1 NFE per step
     "heun": solvers.heun_sample_loop,          # EDM's Heun, Karras et al. 2022, Algorithm 1 (P1): 2N - 1 NFE
+    "ddgan": ddgan.ddgan_sample_loop,          # DDGAN eq. 6 (DG4): x_0' = G(x_t, z, t), then q(x_{t-1} | x_t, x_0')
 }
 # steps when --steps is not given: all T for Algorithm 2, 100 noise levels for the score samplers, 20 for DPM-Solver++
 # (DPM-Solver's 20 NFE, 2.87 FID on CIFAR-10), EDM's CIFAR-10 setting N = 18 for Heun (35 NFE), else 50
-DEFAULT_STEPS = {"ddpm": None, "langevin": 100, "pc": 100, "dpmpp2m": 20, "heun": 18}
+# DDGAN: all T (= 4) steps of the chain its generator learned
+DEFAULT_STEPS = {"ddpm": None, "langevin": 100, "pc": 100, "dpmpp2m": 20, "heun": 18, "ddgan": None}
 
 # --skip: name -> kept indices (0..T-1) for `steps` steps of a diffusion with these abar (D4, P3)
 SPACINGS = {
@@ -284,6 +287,10 @@ class Sampler:
         if self.skip not in SPACINGS:
             raise UsageError(f"--skip: unknown {self.skip!r}; choose one of {', '.join(SPACINGS)}")
         self.check_options(diffusion, classifier)
+        if o.sampler == "ddgan" and self.steps != T:
+            # DDGAN's G learned the T large steps of its own schedule (DDGAN §3.1): a respaced chain is not its model
+            raise UsageError(f"--steps: the ddgan sampler walks all T = {T} steps its generator was trained on; "
+                             f"drop --steps or pass --steps {T}")
         if o.var is not None:
             diffusion = GaussianDiffusion(diffusion.betas, VAR_TYPES[o.var], diffusion.loss_type,
                                           diffusion.timestep_map)
@@ -378,6 +385,8 @@ class Sampler:
         """The options the chosen loop takes, under its own keyword names (and the cond_fn of classifier guidance)."""
         o = self.settings
         kw = {keyword: getattr(o, field) for field, (_, keyword) in OPTIONS.items() if takes(o.sampler, keyword)}
+        if takes(o.sampler, "latent_dim"):  # a DDGAN generator's nz (the Ticker around it does not carry it)
+            kw["latent_dim"] = self.model.latent_dim
         if self.cond_fn is not None:
             kw["cond_fn"] = self.cond_fn
         return kw
@@ -527,7 +536,16 @@ class Sampler:
 def from_checkpoint(ckpt, settings=DEFAULTS, device="cpu", precision="auto", classifier=None):
     """A Sampler for a loaded diffusion checkpoint (checkpoint.load) and, for guidance, a loaded classifier one."""
     where = ckpt.get("path", "the checkpoint")
-    if ckpt["kind"] != "diffusion":
+    # DDGAN (Xiao et al. 2022): its generator G(x_t, z, t) predicts x_0', not eps: only its own chain can draw with it,
+    # and its chain needs a generator
+    if (ckpt["kind"] == "ddgan") != (settings.sampler == "ddgan"):
+        if ckpt["kind"] == "ddgan":
+            raise UsageError(f"--sampler: {where} holds a DDGAN generator, which only --sampler ddgan draws with "
+                             f"(its {ckpt['diffusion_args']['timesteps']}-step chain); pass --sampler ddgan")
+        if ckpt["kind"] == "diffusion":
+            raise UsageError(f"--sampler: ddgan needs a DDGAN run (python train.py --task ddgan), and {where} holds "
+                             f"an eps-model; pick another --sampler")
+    if ckpt["kind"] not in ("diffusion", "ddgan"):
         raise UsageError(f"--checkpoint: {where} holds a {ckpt['kind']}, not a diffusion model; pass a diffusion run "
                          "(a classifier goes to --classifier)")
     model = checkpoint.build_network(ckpt, use_ema=settings.ema, device=device)

@@ -6,6 +6,7 @@ with torchrun, or slowly on a CPU.
     python train.py --dataset cifar10 --loss hybrid --schedule cosine     # iDDPM: learned variance
     python train.py --dataset cifar10 --class-cond --p-uncond 0.1         # for classifier-free guidance (G5)
     python train.py --dataset cifar10 --task classifier    # the noisy classifier of classifier guidance (G4)
+    python train.py --dataset cifar10 --task ddgan         # a Denoising Diffusion GAN, T = 4 (DDGAN's recipe)
     torchrun --nproc_per_node=8 train.py --dataset cifar10 # DistributedDataParallel, global batch 128
     python train.py --out runs/cifar10 --resume            # continue exactly where the checkpoint stopped
     python train.py --out runs/cifar10 --resume --lr 1e-4  # ... with a new learning rate (kept in config.json)
@@ -46,6 +47,20 @@ NEVER LOSE WORK, NEVER KEEP BAD WORK:
 Fast path on CUDA: bf16 autocast, channels_last, fused AdamW, optional torch.compile (--compile), TF32 matmuls, and
 no host synchronisation inside the loop: the loss is summed on the device and read every --log-every steps. The CPU
 path is the same code in fp32.
+
+--task ddgan: DENOISING DIFFUSION GANs (Xiao, Kreis & Vahdat, ICLR 2022, arXiv 2112.07804; ddgan.py). A diffusion of
+T = 4 steps on the "vp" schedule whose reverse steps p_theta(x_{t-1} | x_t) are a generator's x_0' = G(x_t, z, t)
+pushed through DDPM's posterior q(x_{t-1} | x_t, x_0') (DDGAN eq. 6), trained against a time-conditional
+discriminator D(x_{t-1}, x_t, t) (DDGAN eqs. 4-5, R1 of Mescheder et al. 2018 eq. 9 on every --lazy-reg-th D step).
+G = unet.UNet(latent_dim=--latent-dim), D = unet.EncoderUNet(in_channels=2C, out_dim=1, ch=--d-ch), Adam with
+betas (0.5, 0.9) for both (--lr for G, --lr-d for D), cosine learning-rate decay to 1e-5 over --steps, the EMA of G's
+weights for samples. Every flag the user does not type takes the paper's CIFAR-10 value (ddgan.CIFAR10_RECIPE, the
+authors' README command; DDGAN_DEFAULTS below): T=4 vp, ch 128 (1,2,2,2), 2 res blocks, attention at 16, no
+dropout, AdaGN (--scale-shift-norm), batch 256, lr 1.6e-4 (G) / 1.25e-4 (D), no warm-up, no clipping, EMA 0.9999,
+nz 100, R1 gamma 0.02 every 15 D steps, 1800 epochs of CIFAR-10 (351,563 steps). `train_step_ddgan` is its step
+(a D step, then a G step: ddgan.ddgan_train_step); the loop, saves, checks, signals and --resume are the same as for
+the diffusion model. metrics.jsonl logs d_loss and g_loss; samples.png is the EMA generator's 4-step chain (DG4).
+One process (torchrun is refused: R1 differentiates D's gradient, which DistributedDataParallel does not support).
 """
 
 import argparse
@@ -67,11 +82,13 @@ import torch.distributed as dist
 import checkpoint
 import cli
 import data
+import ddgan
 from cli import UsageError, say
 from ddim import ddim_sample_loop
 from ddpm import ImportanceSampler
 from guidance import classifier_accuracy_at, noisy_classifier_loss
 from schedules import SCHEDULES
+from unet import EncoderUNet
 
 GRID_STEPS = 50          # the sample grid: DDIM with 50 steps (DDIM §5: close to 1000-step DDPM quality)
 EXTRA_MIN_SECONDS = 20   # a grid or an accuracy check may take max(this, 5% of the run so far), shrunk to fit
@@ -80,10 +97,24 @@ RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "samples.png", "loss.png
 # On --resume these flags may change: the run goes on with the new value and config.json records the change.
 CHANGEABLE = ("steps", "lr", "warmup", "weight_decay", "grad_clip", "ema", "p_uncond", "max_minutes", "log_every",
               "save_every", "save_minutes", "sample_every", "sample_minutes", "n_sample", "eval_every", "precision",
-              "compile")
+              "compile", "lr_d")
 # These belong to one process, not to the run (never saved, never compared).
 RUNTIME = ("out", "resume", "device", "no_progress")
 # Every other flag defines the network, the diffusion, the data or the random stream: --resume refuses a change.
+
+# --task ddgan: the value each flag takes when the user does not type it, the DDGAN paper's CIFAR-10 recipe
+# (ddgan.CIFAR10_RECIPE: its appendix and the authors' README command) where train.py's defaults are DDPM's.
+_R = ddgan.CIFAR10_RECIPE
+DDGAN_DEFAULTS = {
+    "diffusion_steps": _R["num_timesteps"], "schedule": _R["schedule"],    # T = 4 on the vp schedule (DDGAN §4)
+    "ch": _R["ch"], "ch_mult": ",".join(map(str, _R["ch_mult"])), "num_res_blocks": _R["num_res_blocks"],
+    "attn": ",".join(map(str, _R["attn_resolutions"])), "dropout": _R["dropout"],
+    "scale_shift_norm": _R["use_scale_shift_norm"],                       # their G conditions on (t, z) by AdaGN
+    "batch_size": _R["batch_size"], "lr": _R["lr_g"], "ema": _R["ema_decay"],
+    "warmup": 0, "grad_clip": 0.0,                                        # the authors' code has neither
+    "steps": math.ceil(_R["epochs"] * 50_000 / _R["batch_size"]),        # 1800 epochs of CIFAR-10's 50k images
+}
+DDGAN_MIN_LR = 1e-5  # their cosine decay ends at 1e-5 (CosineAnnealingLR(eta_min=1e-5), for G and D alike)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -101,8 +132,11 @@ def build_parser():
     g.add_argument("--image-size", type=int, default=32, help="image side in pixels (CIFAR-10: 32)")
     g.add_argument("--synthetic-n", type=int, default=256, help="images in --dataset synthetic")
     g = p.add_argument_group("what to train")
-    g.add_argument("--task", default="diffusion", choices=("diffusion", "classifier"),
-                   help="diffusion: the eps-model eps_theta(x_t, t); classifier: p_phi(y | x_t, t) for guidance (G4)")
+    g.add_argument("--task", default="diffusion", choices=("diffusion", "classifier", "ddgan"),
+                   help="diffusion: the eps-model eps_theta(x_t, t); classifier: p_phi(y | x_t, t) for guidance (G4); "
+                        "ddgan: a Denoising Diffusion GAN (Xiao et al. 2022), whose untyped flags take DDGAN's "
+                        "CIFAR-10 recipe: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in
+                                                        DDGAN_DEFAULTS.items()))
     g.add_argument("--class-cond", action="store_true",
                    help="condition eps_theta on the class label y (for classifier-free guidance, G5)")
     g.add_argument("--p-uncond", type=float, default=0.1, help="with --class-cond: probability of replacing y by the "
@@ -131,6 +165,17 @@ def build_parser():
                    "timestep embedding (ADM)")
     g.add_argument("--pool", default="attention", choices=("adaptive", "attention"),
                    help="classifier head: average pooling, or ADM's attention pooling")
+    g = p.add_argument_group("DDGAN (--task ddgan; defaults: the paper's CIFAR-10 recipe)")
+    g.add_argument("--latent-dim", type=int, default=_R["latent_dim"], help="nz: G(x_t, z, t) draws z ~ N(0, I_nz) "
+                   "(DDGAN eq. 6; the paper: 100)")
+    g.add_argument("--d-ch", type=int, default=_R["d_ch"], help="base channels of the discriminator D(x_{t-1}, x_t, "
+                   "t), an EncoderUNet on the concatenated pair (the paper's ngf: 64)")
+    g.add_argument("--lr-d", type=float, default=_R["lr_d"], help="the discriminator's Adam learning rate (the paper: "
+                   "1.25e-4; --lr is the generator's, 1.6e-4 under --task ddgan)")
+    g.add_argument("--r1-gamma", type=float, default=_R["r1_gamma"], help="gamma of the R1 penalty gamma/2 "
+                   "||grad D(real)||^2 (Mescheder et al. 2018 eq. 9; the authors' CIFAR-10 command: 0.02)")
+    g.add_argument("--lazy-reg", type=int, default=_R["lazy_reg"], help="R1 on every N-th discriminator step only "
+                   "(lazy regularisation, StyleGAN2 §B; the paper: 15)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=800_000, help="training steps (DDPM: 800k on CIFAR-10)")
     g.add_argument("--batch-size", type=int, default=128, help="global batch size, split over processes (DDPM: 128)")
@@ -212,13 +257,22 @@ def check_args(args):
     elif args.num_head_channels < 1 or any(w % args.num_head_channels for w in widths):
         raise UsageError(f"--num-head-channels: {args.num_head_channels} does not divide the attention widths "
                          f"{widths}; pick a divisor of {math.gcd(*widths)} or -1 (use --num-heads)")
-    if args.task == "classifier":
+    if args.task in ("classifier", "ddgan"):
         for flag, value, default in (("--class-cond", args.class_cond, False), ("--loss", args.loss, "mse"),
                                      ("--t-sampler", args.t_sampler, "uniform")):
             if value != default:
-                raise UsageError(f"{flag}: applies to --task diffusion only; drop it for a classifier")
+                raise UsageError(f"{flag}: applies to --task diffusion only; drop it for --task {args.task}")
     if args.out is not None and not args.out.strip():
         raise UsageError("--out: empty; give a run folder, or leave --out out for runs/<dataset>")
+    if args.task == "ddgan":
+        num("--lr-d", args.lr_d, 0, lo_open=True)
+        num("--r1-gamma", args.r1_gamma, 0)
+        for flag in ("--latent-dim", "--d-ch", "--lazy-reg"):
+            num(flag, getattr(args, flag[2:].replace("-", "_")), 1)
+        if args.compile:  # R1 differentiates D's gradient: torch.compile has no double backward
+            raise UsageError("--compile: --task ddgan trains eagerly (R1 needs a double backward); drop --compile")
+        if args.grad_clip > 0:  # ddgan.ddgan_train_step steps its optimizers itself, unclipped, as the paper
+            raise UsageError("--grad-clip: --task ddgan does not clip gradients (nor does the paper); drop --grad-clip")
     if args.dataset == "synthetic" and args.data_dir is not None:
         raise UsageError("--data-dir: --dataset synthetic generates its images; drop --data-dir")
 
@@ -236,26 +290,52 @@ def build_model_args(args, num_classes, channels):
               resblock_updown=args.resblock_updown, use_scale_shift_norm=args.scale_shift_norm)
     if args.task == "classifier":
         return "classifier", dict(kw, out_dim=num_classes, pool=args.pool)
+    if args.task == "ddgan":
+        # DDGAN's generator G(x_t, z, t) -> x_0' (DDGAN eq. 6): the U-Net with z ~ N(0, I_nz) added to its embedding
+        return "ddgan", dict(kw, latent_dim=args.latent_dim)
     # --class-cond: K classes plus the null label of classifier-free guidance; learned variances double the output
     return "diffusion", dict(kw, num_classes=num_classes if args.class_cond else None, learn_sigma=args.loss != "mse")
 
 
+def discriminator_args_of(args, channels):
+    """D(x_{t-1}, x_t, t) of --task ddgan: unet.EncoderUNet on the pair concatenated along the channels (2C in), one
+    logit out (DDGAN §3.2), --d-ch base channels, G's resolutions and blocks, average pooling and no attention (their
+    CIFAR-10 discriminator is a plain ResNet; R1's double backward through attention would also need the slow
+    math kernel)."""
+    return dict(image_size=args.image_size, in_channels=2 * channels, ch=args.d_ch,
+                ch_mult=tuple(cli.parse_ints(args.ch_mult, "--ch-mult")), num_res_blocks=args.num_res_blocks,
+                attn_resolutions=(), dropout=0.0, use_scale_shift_norm=args.scale_shift_norm, out_dim=1,
+                pool="adaptive")
+
+
 def diffusion_args_of(args):
     """The diffusion's own settings, as a checkpoint stores them: L_simple samples with sigma_t^2 = beta_t
-    (DDPM's CIFAR-10 choice); the hybrid and kl losses learn the variance (iDDPM eq. 15)."""
+    (DDPM's CIFAR-10 choice); the hybrid and kl losses learn the variance (iDDPM eq. 15). DDGAN's chain needs only
+    the schedule: its reverse step is the posterior q(x_{t-1} | x_t, x_0') (F3), no variance choice."""
+    if args.task == "ddgan":
+        return dict(schedule=args.schedule, timesteps=args.diffusion_steps)
     return dict(schedule=args.schedule, timesteps=args.diffusion_steps,
                 var_type="fixed_large" if args.loss == "mse" else "learned_range", loss_type=args.loss)
 
 
-def make_optimizer(model, args):
-    """AdamW (fused into one kernel per step on CUDA); the learning rate is set every step by `get_lr`."""
-    return torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                             fused=next(model.parameters()).is_cuda)
+def make_optimizer(model, args, lr=None):
+    """AdamW (fused into one kernel per step on CUDA); the learning rate is set every step by `get_lr`.
+    --task ddgan: betas (0.5, 0.9) for G and D, as DDGAN trains both (and most GANs since DCGAN)."""
+    betas = ddgan.CIFAR10_RECIPE["adam_betas"] if args.task == "ddgan" else (0.9, 0.999)
+    return torch.optim.AdamW(model.parameters(), lr=args.lr if lr is None else lr, betas=betas,
+                             weight_decay=args.weight_decay, fused=next(model.parameters()).is_cuda)
 
 
-def get_lr(step, args):
-    """The learning rate of step `step` (0-based): linear warm-up over --warmup steps (DDPM: 5000), then constant."""
-    return args.lr * min(1.0, (step + 1) / max(1, args.warmup))
+def get_lr(step, args, base=None):
+    """The learning rate of step `step` (0-based): linear warm-up over --warmup steps (DDPM: 5000), then constant.
+    --task ddgan: cosine decay from `base` (--lr for G, --lr-d for D) to 1e-5 at --steps, as the authors' code
+    (CosineAnnealingLR, here per step rather than per epoch), after the warm-up (none in their recipe)."""
+    base = args.lr if base is None else base
+    lr = base * min(1.0, (step + 1) / max(1, args.warmup))
+    if args.task == "ddgan":
+        low = min(DDGAN_MIN_LR, base)
+        lr = low + (lr - low) * 0.5 * (1 + math.cos(math.pi * min(step, args.steps) / args.steps))
+    return lr
 
 
 class EMA:
@@ -347,6 +427,28 @@ def train_step(step, x0, y, model, net, diffusion, optimizer, ema, args, t_sampl
     # the moving average the samples come from
     ema.update()
     return loss.detach()
+
+
+def train_step_ddgan(step, x0, G, D, diffusion, opt_g, opt_d, ema, args):
+    """One DDGAN iteration on the batch x0 (a D step, then a G step: ddgan.ddgan_train_step, DDGAN eqs. 4-6 with R1);
+    returns [d_loss, g_loss], left on the device.
+
+    A function of its own rather than a branch of `train_step`: two networks, two optimizers and a penalty on every
+    --lazy-reg-th step share nothing with Algorithm 1's one loss, and `train_step` stays what bench.py times.
+    """
+    # the learning rates of this step: cosine decay to 1e-5 from --lr (G) and --lr-d (D)
+    for opt, base in ((opt_g, args.lr), (opt_d, args.lr_d)):
+        for group in opt.param_groups:
+            group["lr"] = get_lr(step, args, base)
+    with cli.autocast(x0.device, args.precision):
+        # D: softplus(-D(real)) + softplus(D(fake)) (DDGAN eq. 4), + gamma/2 ||grad D(real)||^2 (R1, Mescheder et al.
+        # eq. 9) on every --lazy-reg-th step only (lazy regularisation, same gamma, as the authors' code);
+        # G: softplus(-D(fake)) (DDGAN eq. 5), x_{t-1} ~ q(x_{t-1} | x_t, x_0' = G(x_t, z, t)) (DDGAN eq. 6)
+        out = ddgan.ddgan_train_step(diffusion, G, D, opt_g, opt_d, x0, args.latent_dim, args.r1_gamma,
+                                     apply_r1=step % args.lazy_reg == 0)
+    # the moving average of G's weights, which samples are drawn from
+    ema.update()
+    return torch.stack([out["d_loss"], out["g_loss"]]).float()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -457,8 +559,12 @@ def setup(argv):
     parser = build_parser()
     args = parser.parse_args(argv)
     given = given_flags(parser, argv)
+    if args.task == "ddgan":  # the paper's recipe wherever the user typed nothing (DDGAN_DEFAULTS)
+        for key, value in DDGAN_DEFAULTS.items():
+            if key not in given:
+                setattr(args, key, value)
     check_args(args)
-    out = args.out or os.path.join("runs", args.dataset + ("-classifier" if args.task == "classifier" else ""))
+    out = args.out or os.path.join("runs", args.dataset + ("" if args.task == "diffusion" else f"-{args.task}"))
     ckpt_path = os.path.join(out, checkpoint.FILENAME)
     rank, world_size, device = setup_distributed(args)
     run = SimpleNamespace(args=args, given=given, out=out, ckpt_path=ckpt_path, rank=rank, world_size=world_size,
@@ -497,6 +603,9 @@ def setup_run(run, t_start):
         if args.steps <= run.step:
             raise UsageError(f"--steps: the run in {run.out} is already at step {run.step}; pass --steps above "
                              f"{run.step} to train on")
+    if args.task == "ddgan" and run.world_size > 1:
+        raise UsageError("--task: ddgan trains in one process (R1's double backward is not supported by "
+                         "DistributedDataParallel); run python train.py without torchrun")
     if args.batch_size % run.world_size:
         raise UsageError(f"--batch-size: {args.batch_size} is not divisible by the {run.world_size} processes; "
                          f"use a multiple of {run.world_size}")
@@ -528,6 +637,14 @@ def setup_run(run, t_start):
     run.diffusion = checkpoint.build_diffusion(run.diffusion_args)
     run.optimizer = make_optimizer(model, args)
     run.ema = EMA(model, args.ema)
+    run.disc = run.opt_d = None
+    run.loss_names = ("d_loss", "g_loss") if run.kind == "ddgan" else ("loss",)
+    if run.kind == "ddgan":  # DDGAN's discriminator D(x_{t-1}, x_t, t) and its own Adam (--lr-d)
+        run.disc_args = ckpt["discriminator_args"] if ckpt else discriminator_args_of(args, int(x.shape[1]))
+        run.disc = EncoderUNet(**run.disc_args).to(device)
+        if device.type == "cuda":
+            run.disc = run.disc.to(memory_format=torch.channels_last)
+        run.opt_d = make_optimizer(run.disc, args, lr=args.lr_d)
     run.t_sampler = (ImportanceSampler(run.diffusion.num_timesteps, device=device)
                      if args.t_sampler == "importance" else None)
     if ckpt:
@@ -581,8 +698,12 @@ def resume_state(run, model, ckpt):
     model.load_state_dict(ckpt["model"])
     run.ema.load_state_dict(ckpt["ema"], ckpt["ema_updates"])
     run.optimizer.load_state_dict(ckpt["optimizer"])
-    for group in run.optimizer.param_groups:  # --weight-decay may have changed; the lr is set every step
-        group["weight_decay"] = args.weight_decay
+    if run.disc is not None:  # --task ddgan: the discriminator and its optimizer
+        run.disc.load_state_dict(ckpt["discriminator"])
+        run.opt_d.load_state_dict(ckpt["optimizer_d"])
+    for opt in (run.optimizer, run.opt_d):
+        for group in opt.param_groups if opt is not None else ():  # --weight-decay may have changed; lr: every step
+            group["weight_decay"] = args.weight_decay
     state = ckpt["batches"]
     if state["world_size"] != run.world_size:
         # another number of processes: the same epoch and the same fraction of it, split the new way
@@ -630,6 +751,15 @@ def probe_loss(run):
     checkpoint holds still computes a sane loss (a diverging step can leave finite but useless weights)."""
     p, model = run.probe, run.model
     model.eval()
+    if run.kind == "ddgan":
+        # D's loss (DDGAN eq. 4, no R1) + G's (eq. 5) on fixed pairs at every t, with z and noise from a fixed seed
+        g = torch.Generator(run.device).manual_seed(0)
+        x_prev, x_t = ddgan.q_sample_pairs(run.diffusion, p.x0, p.t, g)
+        fake, _ = ddgan.denoising_step(run.diffusion, model, x_t, p.t, run.args.latent_dim, False, g)
+        loss = ddgan.discriminator_loss(run.diffusion, run.disc, x_prev, fake, x_t, p.t)["loss"]
+        loss = loss + ddgan.generator_loss(run.diffusion, run.disc, fake, x_t, p.t)
+        model.train()
+        return loss.item()
     if run.args.task == "classifier":
         loss = noisy_classifier_loss(run.diffusion, model, p.x0, p.y, p.t, torch.Generator(run.device).manual_seed(0))
     else:
@@ -656,13 +786,18 @@ def announce(run, x, changed, ckpt):
     params = sum(p.numel() for p in run.model.parameters())
     what = (f"{args.loss} loss, {args.schedule} schedule, T={args.diffusion_steps}" if args.task == "diffusion"
             else f"noisy classifier over {args.num_classes} classes, T={args.diffusion_steps}")
+    if args.task == "ddgan":
+        d_params = sum(p.numel() for p in run.disc.parameters())
+        what = (f"DDGAN generator (nz {args.latent_dim}) + EncoderUNet discriminator, {d_params / 1e6:.2f}M parameters; "
+                f"{args.schedule} schedule, T={args.diffusion_steps}, R1 gamma {args.r1_gamma:g} every {args.lazy_reg} "
+                f"steps")
     say(f"model: {type(run.model).__name__}, {params / 1e6:.2f}M parameters; {what}")
     if changed:
         say("resume: " + ", ".join(f"--{k.replace('_', '-')} {a} -> {b}" for k, (a, b) in changed.items())
             + " (applied from here on; recorded in config.json)")
     minutes = f" or after {args.save_minutes:g} min, whichever comes first" if args.save_minutes else ""
     first = min(args.steps, (run.step // args.save_every + 1) * args.save_every)
-    grid = ", with a sample grid (samples.png)" if args.task == "diffusion" and args.n_sample else ""
+    grid = ", with a sample grid (samples.png)" if args.task in ("diffusion", "ddgan") and args.n_sample else ""
     say(f"first checkpoint: step {first:,}{minutes}{grid}; then every {args.save_every:,} steps; loss.png is "
         f"redrawn at every save" + (f"; the run stops within --max-minutes {args.max_minutes:g}" if args.max_minutes
                                     else ""))
@@ -697,7 +832,7 @@ def what_now(run):
     steps and combined over the ranks in one all_reduce(MAX), so every rank takes the same decision at the same step.
     """
     args, step, t = run.args, run.step, run.times
-    grids = args.task == "diffusion" and args.n_sample > 0
+    grids = args.task in ("diffusion", "ddgan") and args.n_sample > 0
     due = SimpleNamespace(save=step % args.save_every == 0, stop=None,
                           sample=grids and args.sample_every > 0 and step % args.sample_every == 0,
                           evaluate=args.task == "classifier" and step % args.eval_every == 0)
@@ -741,7 +876,8 @@ class RunFailed(Exception):
 def train(run):
     """Algorithm 1 until --steps, the time budget, a signal or a failure. Returns why it stopped."""
     args, model = run.args, run.model
-    loss_sum = torch.zeros((), device=run.device)  # summed on the device, read every --log-every steps
+    # summed on the device, read every --log-every steps: [loss], or [d_loss, g_loss] for --task ddgan
+    loss_sum = torch.zeros(len(run.loss_names), device=run.device)
     n_since, t_log = 0, time.perf_counter()
     bar = cli.progress(args.steps, "train", unit="step", disable=not run.is_main or args.no_progress,
                        initial=run.step)
@@ -752,8 +888,12 @@ def train(run):
         while True:
             # -- lines 2-5: x_0 ~ q(x_0) (drawn on the device) and one gradient step
             x0, y = run.batches.next()
-            loss_sum += train_step(run.step, x0, y, model, run.net, run.diffusion, run.optimizer, run.ema, args,
-                                   run.t_sampler)
+            if run.kind == "ddgan":  # DDGAN: a D step and a G step (DDGAN eqs. 4-6)
+                loss_sum += train_step_ddgan(run.step, x0, model, run.disc, run.diffusion, run.optimizer, run.opt_d,
+                                             run.ema, args)
+            else:
+                loss_sum += train_step(run.step, x0, y, model, run.net, run.diffusion, run.optimizer, run.ema, args,
+                                       run.t_sampler)
             run.step += 1
             n_since += 1
             bar.update(1)
@@ -773,11 +913,12 @@ def train(run):
                     dist.all_reduce(loss_sum)
                     loss_sum /= run.world_size
                 now = time.perf_counter()
-                mean_loss, run.times.step_s = (loss_sum / n_since).item(), (now - t_log) / n_since
-                if not math.isfinite(mean_loss):
-                    raise RunFailed(diverged(run, f"the loss is {mean_loss}"))
-                run.last_loss = mean_loss
-                log(run, bar, mean_loss, n_since * args.batch_size / (now - t_log), accuracy)
+                means, run.times.step_s = (loss_sum / n_since).tolist(), (now - t_log) / n_since
+                for name, value in zip(run.loss_names, means):
+                    if not math.isfinite(value):
+                        raise RunFailed(diverged(run, f"the {name} is {value}"))
+                run.last_loss = means[0] if len(means) == 1 else dict(zip(run.loss_names, means))
+                log(run, bar, dict(zip(run.loss_names, means)), n_since * args.batch_size / (now - t_log), accuracy)
                 loss_sum.zero_()
                 n_since, t_log = 0, time.perf_counter()
 
@@ -800,23 +941,25 @@ def train(run):
             signal.signal(s, h)
 
 
-def log(run, bar, loss, img_s, accuracy):
-    """One line of metrics.jsonl, and the bar's postfix (or a printed line with --no-progress)."""
+def log(run, bar, losses, img_s, accuracy):
+    """One line of metrics.jsonl, and the bar's postfix (or a printed line with --no-progress).
+    losses: {"loss": ...}, or {"d_loss": ..., "g_loss": ...} for --task ddgan."""
     args = run.args
     if not run.is_main:
         return
     elapsed = time.perf_counter() - run.times.start
-    record = {"step": run.step, "loss": round(loss, 6), "lr": get_lr(run.step - 1, args), "img_per_s": round(img_s, 2),
-              "elapsed_s": round(elapsed, 1), **accuracy}
+    record = {"step": run.step, **{k: round(v, 6) for k, v in losses.items()}, "lr": get_lr(run.step - 1, args),
+              "img_per_s": round(img_s, 2), "elapsed_s": round(elapsed, 1), **accuracy}
     if run.device.type == "cuda":
         record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(run.device) / 2 ** 30, 2)
     run.metrics.write(json.dumps(record) + "\n")
     run.metrics.flush()
     rate = f"{img_s:,.0f}" if img_s >= 10 else f"{img_s:.2g}"
-    bar.set_postfix_str(f"loss {loss:.4f}, {rate} img/s", refresh=False)
+    shown = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
+    bar.set_postfix_str(f"{shown}, {rate} img/s", refresh=False)
     if args.no_progress:
         eta = cli.human_time((args.steps - run.step) * run.times.step_s)
-        say(f"step {run.step:,}/{args.steps:,} | loss {loss:.4f} | {rate} img/s | ETA {eta}")
+        say(f"step {run.step:,}/{args.steps:,} | {shown.replace(', ', ' | ')} | {rate} img/s | ETA {eta}")
 
 
 def diverged(run, what):
@@ -838,6 +981,8 @@ def save(run):
     # batch (not 10x above the last good checkpoint's). The weights are identical on every rank: each rank checks,
     # all stop alike. (The loss of the steps that produced them was checked by the log just before.)
     bad = checkpoint.non_finite_count(run.model.state_dict()) + checkpoint.non_finite_count(run.ema.state_dict())
+    if run.disc is not None:
+        bad += checkpoint.non_finite_count(run.disc.state_dict())
     if bad:
         raise RunFailed(diverged(run, f"{bad:,} weights are not finite (the last logged loss was {run.last_loss})"))
     probe = probe_loss(run)
@@ -859,6 +1004,9 @@ def save(run):
                 "ema_updates": run.ema.updates, "optimizer": run.optimizer.state_dict(),
                 "batches": run.batches.state_dict(), "rng": rngs,
                 "t_sampler": run.t_sampler.state_dict() if run.t_sampler is not None else None}
+        if run.disc is not None:  # --task ddgan: model/ema are G; D and its optimizer, to resume exactly
+            ckpt.update(discriminator_args=run.disc_args, discriminator=run.disc.state_dict(),
+                        optimizer_d=run.opt_d.state_dict())
         try:
             checkpoint.save(ckpt, run.ckpt_path)
         except checkpoint.NonFiniteError as e:  # the check above already caught it; this is the library's guard
@@ -892,6 +1040,7 @@ def sample_grid(run, final):
     run.grids += 1
     run.times.sampled = time.perf_counter()
     steps = min(GRID_STEPS, run.diffusion.num_timesteps)
+    method = "DDGAN" if run.kind == "ddgan" else "DDIM"  # DDGAN: all T steps of its chain (T = 4)
     per_image = steps * run.times.step_s / (3 * (args.batch_size // run.world_size))
     budget = extra_budget(run, final)
     n = min(args.n_sample, int(budget / per_image) if per_image > 0 else args.n_sample)
@@ -901,20 +1050,24 @@ def sample_grid(run, final):
                    else f"a grid may take {cli.human_time(budget)} now (5% of the run so far, at least "
                         f"{EXTRA_MIN_SECONDS} s)")
         say(f"step {run.step:,}: sample grid skipped: {least} images would take ~{cli.human_time(least * per_image)} "
-            f"(DDIM {steps} steps), and {allowed}")
+            f"({method} {steps} steps), and {allowed}")
         return
     if n < args.n_sample:
         n = max(4, math.isqrt(n) ** 2)  # a full square grid
     if n * per_image > 2:
         shrunk = f" (of --n-sample {args.n_sample}: the time left allows {n})" if n < args.n_sample else ""
-        say(f"step {run.step:,}: sampling {n} images{shrunk} with DDIM {steps} steps from the EMA weights, "
+        say(f"step {run.step:,}: sampling {n} images{shrunk} with {method} {steps} steps from the EMA weights, "
             f"~{cli.human_time(n * per_image)} ...")
     g = torch.Generator(run.device).manual_seed(args.seed)
     kwargs = {"y": torch.arange(n, device=run.device) % args.num_classes} if args.class_cond else {}
     shape = (n, run.cfg["channels"], args.image_size, args.image_size)
     with cli.autocast(run.device, args.precision):
-        imgs = ddim_sample_loop(run.diffusion.respace(steps), run.ema.module, shape, generator=g, model_kwargs=kwargs,
-                                device=run.device)
+        if run.kind == "ddgan":  # DG4: the EMA generator's T-step chain, x_0' -> posterior (DDGAN eq. 6)
+            imgs = ddgan.ddgan_sample_loop(run.diffusion, run.ema.module, shape, args.latent_dim, generator=g,
+                                           device=run.device)
+        else:
+            imgs = ddim_sample_loop(run.diffusion.respace(steps), run.ema.module, shape, generator=g,
+                                    model_kwargs=kwargs, device=run.device)
     try:
         data.save_grid(imgs.float(), os.path.join(run.out, f"samples_{run.step:07d}.png"))
         data.save_grid(imgs.float(), os.path.join(run.out, "samples.png"))
@@ -947,29 +1100,30 @@ def evaluate_classifier(run, final):
 
 
 def plot_loss(metrics_path, png_path):
-    """loss.png: the logged loss against the step on a log scale, and its exponential moving average (the trend)."""
+    """loss.png: the logged loss against the step on a log scale, and its exponential moving average (the trend);
+    for --task ddgan, D's and G's losses (DDGAN eqs. 4 and 5), one colour each."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (~1 s to import: only when saving)
     from matplotlib.figure import Figure  # noqa: PLC0415
 
-    steps, losses = [], []
     with open(metrics_path) as f:
-        for line in f:
-            r = json.loads(line)
-            steps.append(r["step"])
-            losses.append(max(r["loss"], 1e-12))
-    if not losses:
+        records = [json.loads(line) for line in f]
+    names = [k for k in ("loss", "d_loss", "g_loss") if records and k in records[0]]
+    if not names:
         return
-    # the trend: an exponential moving average in log space (the loss spans decades), bias-corrected so it starts at
-    # the first point, averaging over about 1/20 of the points so far
-    beta, avg, smooth = 1 - 1 / (1 + len(losses) / 20), 0.0, []
-    for k, v in enumerate(losses, 1):
-        avg = beta * avg + (1 - beta) * math.log(v)
-        smooth.append(math.exp(avg / (1 - beta ** k)))
     fig = Figure(figsize=(7, 4), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
-    ax.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss (mean over each log interval)")
-    ax.plot(steps, smooth, color="tab:blue", linewidth=2, label="moving average")
+    for name, color in zip(names, ("tab:blue", "tab:orange")):
+        steps = [r["step"] for r in records]
+        losses = [max(r[name], 1e-12) for r in records]
+        # the trend: an exponential moving average in log space (the loss spans decades), bias-corrected so it
+        # starts at the first point, averaging over about 1/20 of the points so far
+        beta, avg, smooth = 1 - 1 / (1 + len(losses) / 20), 0.0, []
+        for k, v in enumerate(losses, 1):
+            avg = beta * avg + (1 - beta) * math.log(v)
+            smooth.append(math.exp(avg / (1 - beta ** k)))
+        ax.plot(steps, losses, color=color, alpha=0.35, linewidth=1, label=f"{name} (mean over each log interval)")
+        ax.plot(steps, smooth, color=color, linewidth=2, label=f"{name}: moving average")
     ax.set_yscale("log")
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
@@ -1006,6 +1160,8 @@ def finish(run, outcome):
     files = [f for f in RUN_FILES if os.path.exists(os.path.join(out, f))]
     if args.task == "diffusion":
         nxt = f"python sample.py --checkpoint {shlex.quote(out)} --sampler ddim --steps 50"
+    elif args.task == "ddgan":
+        nxt = f"python sample.py --checkpoint {shlex.quote(out)} --sampler ddgan"
     else:  # a classifier guides a diffusion run of the same data
         nxt = (f"python sample.py --checkpoint runs/{args.dataset} --classifier {shlex.quote(out)} --classifier-scale 4 "
                f"--class {min(3, args.num_classes - 1)}")

@@ -474,3 +474,60 @@ def test_a_new_sampler_is_one_line(runs, monkeypatch):
     with pytest.raises(cli.UsageError, match="--classifier: the euler sampler takes no classifier guidance"):
         sampling.from_checkpoint(ckpt, sampling.Settings(sampler="euler", steps=3),
                                  classifier=sampling.checkpoint.load(runs["clf"]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# DDGAN (Xiao et al. 2022): its generator draws only with its own 4-step chain
+# ----------------------------------------------------------------------------------------------------------------
+
+def ddgan_run(path, seed=4):
+    """A tiny kind-"ddgan" run as train.py --task ddgan writes it: a random UNet(latent_dim=4) generator on the
+    4-step vp diffusion (the discriminator is not needed to sample)."""
+    args = dict(tiny.NET, latent_dim=4)
+    G = tiny.randomize(sampling.checkpoint.UNet(**args), seed)
+    os.makedirs(path, exist_ok=True)
+    sampling.checkpoint.save({"format": 2, "kind": "ddgan", "model_args": args,
+                              "diffusion_args": {"schedule": "vp", "timesteps": 4}, "model": G.state_dict(),
+                              "ema": G.state_dict(), "step": 10, "config": {"dataset": "synthetic"}},
+                             os.path.join(path, "ckpt.pt"))
+    return path
+
+
+def test_ddgan_sampler_is_seeded_and_draws_images_in_range(runs, tmp_path, monkeypatch):
+    gan = ddgan_run(str(tmp_path / "gan"))
+    floats, calls = [], []
+    to_uint8 = data.to_uint8_images
+    monkeypatch.setattr(sampling.data, "to_uint8_images", lambda x: floats.append(x.clone()) or to_uint8(x))
+    common = ["--checkpoint", gan, "--sampler", "ddgan", "--n", "5", "--batch-size", "3", "--no-progress"]
+    run(common + ["--out", str(tmp_path / "a")])
+    run(common + ["--out", str(tmp_path / "b")])
+    run(common + ["--out", str(tmp_path / "c"), "--seed", "1"])
+    a = images(str(tmp_path / "a"))
+    assert a.shape == (5, 8, 8, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, images(str(tmp_path / "b"))), "same seed, same images"
+    assert not np.array_equal(a, images(str(tmp_path / "c"))), "another seed, other images"
+    x = torch.cat(floats[:2])  # the first command's two batches, as the chain returned them
+    assert torch.isfinite(x).all() and x.abs().max() <= 1 and x.std() > 0.01, (x.min(), x.max(), x.std())
+    # 4 NFE: the generator is called once per step of the chain, with a latent z
+    G = sampling.from_checkpoint(sampling.checkpoint.load(gan), sampling.Settings(sampler="ddgan"))
+    assert G.steps == 4 and G.name(0) == "ddgan4_seed0"
+    real = G.model.forward
+    monkeypatch.setattr(G.model, "forward", lambda x, t, z=None: calls.append((int(t[0]), z)) or real(x, t, z=z))
+    G.generate(2, show_progress=False)
+    assert [(t, tuple(z.shape)) for t, z in calls] == [(3, (2, 4)), (2, (2, 4)), (1, (2, 4)), (0, (2, 4))]
+    # a fresh z ~ N(0, I) at every step (DDGAN eq. 6), not a constant
+    z = torch.stack([z for _, z in calls])
+    assert all(not torch.equal(z[0], z[i]) for i in (1, 2, 3)) and 0.3 < z.std() < 3, z
+
+
+@pytest.mark.parametrize("which, extra, flag", [
+    ("gan", ["--sampler", "ddim"], "--sampler"),        # a generator is not an eps-model
+    ("gan", ["--sampler", "ddpm"], "--sampler"),
+    ("uncond", ["--sampler", "ddgan"], "--sampler"),    # an eps-model is not a generator
+    ("gan", ["--sampler", "ddgan", "--steps", "2"], "--steps"),  # the chain is the T steps G learned
+    ("gan", ["--sampler", "ddgan", "--eta", "1"], "--eta"),
+])
+def test_ddgan_and_other_samplers_refuse_each_others_checkpoints(runs, tmp_path, capsys, which, extra, flag):
+    path = ddgan_run(str(tmp_path / "gan")) if which == "gan" else runs[which]
+    line = exits_2(["--checkpoint", path, "--out", str(tmp_path / "x")] + extra, capsys, flag)
+    assert not os.path.exists(tmp_path / "x.png"), line

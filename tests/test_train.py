@@ -9,6 +9,7 @@ and stderr, but without a fresh interpreter's ~5 s import of torch); one case ru
 import errno
 import fcntl
 import json
+import math
 import os
 import re
 import shlex
@@ -582,3 +583,91 @@ def test_ddp_ranks_agree_on_a_sigterm_and_resume_on_one_process(tmp_path, capsys
                        "--save-every", "1000"])
     assert "data order and noise are no longer those of the uninterrupted run" in capsys.readouterr().out
     assert load(out)["step"] == ckpt["step"] + 2
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# --task ddgan: Denoising Diffusion GANs (Xiao et al. 2022) on the same machinery
+# ----------------------------------------------------------------------------------------------------------------
+
+# TINY's network and data, without the DDPM-only choices (--diffusion-steps, --warmup): those come from the recipe
+DDGAN_TINY = ["--task", "ddgan", "--dataset", "synthetic", "--synthetic-n", "32", "--image-size", "8", "--ch", "16",
+              "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn", "4", "--batch-size", "8", "--d-ch", "8",
+              "--latent-dim", "8", "--lazy-reg", "2", "--lr", "1e-3", "--lr-d", "1e-3", "--log-every", "1",
+              "--save-every", "3", "--sample-every", "0", "--n-sample", "4", "--no-progress", "--device", "cpu"]
+
+
+def test_ddgan_trains_with_the_recipe_and_resumes_exactly(tmp_path, capsys, monkeypatch):
+    full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
+    train.main(DDGAN_TINY + ["--steps", "6", "--out", full])
+    said = capsys.readouterr().out
+
+    # the losses of both players are logged, finite, every step; the grid is the EMA generator's 4-step chain
+    m = metrics(full)
+    assert [r["step"] for r in m] == [1, 2, 3, 4, 5, 6]
+    assert all(math.isfinite(r["d_loss"]) and math.isfinite(r["g_loss"]) for r in m), m
+    assert f"wrote {full}/samples.png (" in said, said
+    for words in ("DDGAN generator (nz 8)", "vp schedule, T=4", "R1 gamma 0.02 every 2 steps",
+                  f"next: python sample.py --checkpoint {full} --sampler ddgan"):
+        assert words in said, (words, said)
+    for name in ("samples.png", "loss.png"):
+        with Image.open(os.path.join(full, name)) as im:
+            assert im.format == "PNG"
+
+    # the checkpoint: kind ddgan, G's model_args (+ nz), D's, the 4-step vp diffusion, D and its optimizer
+    ckpt = load(full)
+    assert ckpt["kind"] == "ddgan" and ckpt["step"] == 6
+    assert ckpt["model_args"]["latent_dim"] == 8 and ckpt["model_args"]["ch"] == 16
+    assert ckpt["discriminator_args"]["in_channels"] == 6 and ckpt["discriminator_args"]["out_dim"] == 1
+    assert ckpt["diffusion_args"] == {"schedule": "vp", "timesteps": 4}
+    assert {"discriminator", "optimizer_d", "optimizer", "ema", "rng"} <= set(ckpt)
+    assert ckpt["ema_updates"] == 6  # the EMA of G follows every step
+    for key in ("optimizer", "optimizer_d"):  # DDGAN's Adam betas, G and D alike
+        assert tuple(ckpt[key]["param_groups"][0]["betas"]) == (0.5, 0.9), key
+    # untyped flags took the paper's recipe, typed ones stayed
+    cfg = ckpt["config"]
+    assert (cfg["diffusion_steps"], cfg["schedule"], cfg["dropout"], cfg["scale_shift_norm"], cfg["warmup"],
+            cfg["grad_clip"], cfg["r1_gamma"]) == (4, "vp", 0.0, True, 0, 0.0, 0.02)
+    assert cfg["ch"] == 16 and cfg["lr"] == 1e-3
+    G = checkpoint.build_network(checkpoint.load(full))  # KINDS["ddgan"]: the EMA generator
+    assert G.latent_dim == 8 and all(torch.equal(v, ckpt["ema"][k]) for k, v in G.state_dict().items())
+
+    # the same run, stopped by a SIGTERM after step 4 (a save at 4, exit 143), then resumed to 6: bit for bit the
+    # uninterrupted run (G, its EMA, D, both optimizers, and every logged loss)
+    real = train.train_step_ddgan
+
+    def stop_after_4(step, *a, **kw):
+        out = real(step, *a, **kw)
+        if step == 3:
+            train.STOP["signum"] = signal.SIGTERM
+        return out
+
+    monkeypatch.setattr(train, "train_step_ddgan", stop_after_4)
+    with pytest.raises(SystemExit) as e:
+        train.main(DDGAN_TINY + ["--steps", "6", "--out", cut])
+    assert e.value.code == 143 and load(cut)["step"] == 4
+    monkeypatch.setattr(train, "train_step_ddgan", real)
+    train.main(DDGAN_TINY + ["--steps", "6", "--out", cut, "--resume"])
+    a, b = load(full), load(cut)
+    assert b["step"] == 6
+    for key in ("model", "ema", "discriminator"):
+        for name in a[key]:
+            assert torch.equal(a[key][name], b[key][name]), (key, name)
+    for key in ("optimizer", "optimizer_d"):
+        for i, state in a[key]["state"].items():
+            assert all(torch.equal(v, b[key]["state"][i][k]) for k, v in state.items()), (key, i)
+    assert [(r["d_loss"], r["g_loss"]) for r in metrics(cut)] == [(r["d_loss"], r["g_loss"]) for r in m]
+
+
+@pytest.mark.parametrize("extra, flag", [
+    (["--compile"], "--compile"),
+    (["--grad-clip", "1"], "--grad-clip"),
+    (["--loss", "hybrid"], "--loss"),
+    (["--lazy-reg", "0"], "--lazy-reg"),
+    (["--r1-gamma", "-1"], "--r1-gamma"),
+    (["--lr-d", "nan"], "--lr-d"),
+    (["--latent-dim", "0"], "--latent-dim"),
+])
+def test_ddgan_bad_input_exits_2_with_one_line(tmp_path, extra, flag):
+    out = str(tmp_path / "r")
+    assert_one_line_exit(forked(DDGAN_TINY + ["--steps", "1", "--out", out] + extra), 2, "error:", flag)
+    assert not os.path.exists(os.path.join(out, "config.json"))  # refused before any work
