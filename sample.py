@@ -19,6 +19,7 @@ line around it.
     python sample.py --edit cifar10:7 --strength 0.5    # SDEdit: noise to t0 = 0.5 T, denoise: 8 variations
     python sample.py --edit stroke.png --mask keep.png --strength 0.6      # repaint only the black part of the mask
     python sample.py --edit cifar10:7 --classifier runs/cifar10-classifier --class 3 --classifier-scale 4  # translation
+    python sample.py --checkpoint runs/cifar10-ddgan --sampler ddgan    # DDGAN's 4-step chain (train.py --task ddgan)
 
 EDITING (--edit IMAGE, E1-E2 of edit.py). SDEdit (Meng et al. 2022, Alg. 1): x_{t0} = sqrt(abar_{t0}) x + sqrt(1 -
 abar_{t0}) eps (DDPM eq. 4), then the reverse chain from t0 = strength * T' (T' = the --steps of the chain, all T by
@@ -29,7 +30,6 @@ white part is replaced by the input noised to that level, so it ends as the inpu
 --class K the chain is classifier-guided towards class K (Dhariwal & Nichol: G1 for ddpm, G2 for ddim): translation.
 The PNG has one row per 8 variations, each row input | mask | edits; the .npz holds the edits (`x`), the `input`
 and the `mask` (uint8, 255 = keep).
-    python sample.py --checkpoint runs/cifar10-ddgan --sampler ddgan    # DDGAN's 4-step chain (train.py --task ddgan)
 
 OUTPUTS. Each command writes NAME.png (a grid) and NAME.npz (`x`: uint8 [N, H, W, 3], `y`: the labels of a
 conditional run: what evaluate.py reads) into <run>/samples/, where NAME says what made them: the sampler and its
