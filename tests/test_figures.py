@@ -104,15 +104,27 @@ def test_no_silent_overwrite(runs):
     (["ddpm-x0", "--steps", "0"], "--steps"),
     (["ddpm-x0", "--steps", "21"], "--steps"),
     (["ddpm-x0", "--columns", "0,5"], "--columns"),
+    (["ddim-consistency", "--columns", "10,x"], "--columns"),
     (["guidance", "--scales", "1,nan"], "--scales"),
     (["guidance"], "--classifier"),
     (["ddim-interp", "--n", "0"], "--n"),
+    (["ddim-interp", "--device", "tpu"], "--device"),
     (["ddim-interp", "--check", "x"], "unrecognized"),
 ])
-def test_bad_input_is_one_line_exit_2(runs, argv, flag):
+def test_bad_input_is_one_line_exit_2_before_any_work(runs, argv, flag, capsys, monkeypatch):
     _, uncond, _, _ = runs
-    r = subprocess.run([sys.executable, "figures.py", *argv, "--checkpoint", uncond, "--device", "cpu"], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stderr
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and flag in lines[0] and "Traceback" not in r.stderr
+    monkeypatch.setattr(figures, "draw", lambda *a: pytest.fail("drew a figure for bad input"))
+    with pytest.raises(SystemExit) as e:
+        figures.cli.main_guard(figures.main, [*argv, "--checkpoint", uncond, "--device", "cpu"]
+                               if "--device" not in argv else [*argv, "--checkpoint", uncond])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and flag in err[0]
+
+
+def test_bad_input_in_a_real_process_has_no_traceback(runs):
+    _, uncond, _, _ = runs
+    r = subprocess.run([sys.executable, "figures.py", "ddpm-x0", "--steps", "0", "--checkpoint", uncond],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "--steps" in r.stderr
