@@ -78,6 +78,8 @@ from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # loss.png, drawn without a display
+from matplotlib.figure import Figure
 
 import checkpoint
 import cli
@@ -771,7 +773,7 @@ def probe_loss(run):
 
 def estimate_save_seconds(model):
     """A first guess of a save's time before one is measured: model + EMA + AdamW's two moments at ~200 MB/s, and
-    a second or so to draw loss.png (matplotlib's import included)."""
+    a second or so to draw loss.png."""
     return 1.5 + 16 * sum(p.numel() for p in model.parameters()) / 200e6
 
 
@@ -1102,9 +1104,6 @@ def evaluate_classifier(run, final):
 def plot_loss(metrics_path, png_path):
     """loss.png: the logged loss against the step on a log scale, and its exponential moving average (the trend);
     for --task ddgan, D's and G's losses (DDGAN eqs. 4 and 5), one colour each."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415 (~1 s to import: only when saving)
-    from matplotlib.figure import Figure  # noqa: PLC0415
-
     with open(metrics_path) as f:
         records = [json.loads(line) for line in f]
     names = [k for k in ("loss", "d_loss", "g_loss") if records and k in records[0]]

@@ -192,6 +192,7 @@ def test_max_minutes_includes_the_end_of_the_run(tmp_path, capsys, monkeypatch):
         real(obj, path)
 
     monkeypatch.setattr(checkpoint, "save", slow_save)
+    import torch._dynamo  # noqa: F401 (AdamW imports it once per process, seconds on a busy machine: not measured here)
     t0 = time.perf_counter()
     # a 256-image grid at the end would take seconds too: it must shrink to fit, or be skipped, inside the budget
     train.main(TINY + ["--steps", "100000", "--max-minutes", "0.1", "--n-sample", "256", "--out", out])
