@@ -76,8 +76,9 @@ STRENGTH = 0.5  # --edit's default t0 / T, inside SDEdit's useful range 0.3-0.6 
 
 
 def build_parser():
-    p = Parser(description="Sample from a trained diffusion run (DDPM, DDIM, Langevin, predictor-corrector; "
-                           "classifier and classifier-free guidance; DDIM interpolation and inversion).")
+    p = Parser(description="Sample from a trained diffusion run (DDPM, DDIM, Langevin, predictor-corrector, "
+                           "DPM-Solver++(2M), Heun; classifier and classifier-free guidance; DDIM interpolation and "
+                           "inversion; SDEdit editing and classifier-guided translation).")
     p.add_argument("--checkpoint", default=None, help="a ckpt.pt, a run folder or a diffusers model folder "
                    "(default: runs/cifar10, else the newest diffusion run under runs/)")
     sampling.add_arguments(p)
