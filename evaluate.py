@@ -498,7 +498,7 @@ def cmd_bpd(args):
 # with `--samplers ddim,dpmpp2m,heun` it is issue 12's comparison of first- and second-order ODE samplers.
 
 # The paper's numbers printed beside ours. Only numbers quoted in ../shared/EQUATIONS.md ("Published figures to compare
-# against", DDIM Table 1, CIFAR-10 column) are here; every other cell shows '-' (not quoted, so not guessed).
+# against", DDIM Table 1, CIFAR-10 column) are here; every other cell shows ours alone (not quoted, so not guessed).
 PAPER_SOURCE = "DDIM Table 1, CIFAR-10, FID-50k of the DDPM L_simple model, as quoted in ../shared/EQUATIONS.md"
 PAPER = {("ddim", 0.0): {10: 13.36, 20: 6.84, 50: 4.67, 100: 4.16},
          ("ddim", 1.0): {50: 8.01}}
@@ -692,8 +692,8 @@ def cmd_table(args):
              f"seed {args.seed}, S = steps of the respaced diffusion (--skip {args.skip}, DDIM §4.2)")
     notes = []
     if paper:
-        notes.append(f"In parentheses: {PAPER_SOURCE}; '-' where none is quoted (never guessed). Comparable only with "
-                     "--n 50000 on a CIFAR-10 run against cifar10-train.")
+        notes.append(f"In parentheses: {PAPER_SOURCE}; a cell without one has no number quoted there (none is "
+                     "guessed). Comparable only with --n 50000 on a CIFAR-10 run against cifar10-train.")
     if any(r[0] in SOLVERS for r in rows):
         notes.append(SOLVER_ANCHOR + ".")
     if any(r[3] == "sigma-hat" for r in rows):
