@@ -416,7 +416,7 @@ def cmd_fid(args):
                 wrote(path)
         o = s.settings
         extra = {"checkpoint": args.checkpoint, "checkpoint_step": ckpt.get("step"), "sampler": o.sampler,
-                 "steps": s.steps, "eta": o.eta, "skip": o.skip, "settings": s.name(), "seed": args.seed,
+                 "steps": s.steps, "eta": o.eta, "skip": s.skip, "settings": s.name(), "seed": args.seed,
                  "ema": o.ema, "cfg_scale": o.cfg_scale, "classifier_scale": o.classifier_scale,
                  "sample_batch_size": args.sample_batch_size, "sample_seconds": round(seconds, 1)}
     else:
