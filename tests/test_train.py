@@ -198,7 +198,7 @@ def test_max_minutes_includes_the_end_of_the_run(tmp_path, capsys, monkeypatch):
     train.main(TINY + ["--steps", "100000", "--max-minutes", "0.1", "--n-sample", "256", "--out", out])
     took = time.perf_counter() - t0
     said = capsys.readouterr().out
-    assert took < 6 + 1.0, (took, said)
+    assert took < 6 + 2.0, (took, said)  # 2 s: a margin for a CI machine whose other core runs other tests
     assert "--max-minutes 0.1 reached" in said and "resume with: python train.py --resume" in said
     assert re.search(r"sampling \d+ images \(of --n-sample 256|sample grid skipped", said), said
     assert 0 < load(out)["step"] < 100000
