@@ -541,20 +541,6 @@ def resume_command(run):
 # Setup: every check that can fail on the user's input runs here, before any work
 # ----------------------------------------------------------------------------------------------------------------
 
-def setup_distributed(args):
-    """(rank, world_size, device). torchrun sets WORLD_SIZE/RANK/LOCAL_RANK; one process otherwise."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    device = cli.resolve_device(args.device)
-    if world_size == 1:
-        return 0, 1, device
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    if device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return rank, world_size, device
-
-
 def setup(argv):
     """Parse and check the command line, lock the run folder, load the data, build (or resume) everything."""
     t_start = time.perf_counter()
@@ -568,7 +554,7 @@ def setup(argv):
     check_args(args)
     out = args.out or os.path.join("runs", args.dataset + ("" if args.task == "diffusion" else f"-{args.task}"))
     ckpt_path = os.path.join(out, checkpoint.FILENAME)
-    rank, world_size, device = setup_distributed(args)
+    rank, world_size, device = cli.distributed(args.device)  # torchrun: the process group, cuda:LOCAL_RANK
     run = SimpleNamespace(args=args, given=given, out=out, ckpt_path=ckpt_path, rank=rank, world_size=world_size,
                           is_main=rank == 0, device=device, step=0, saved_step=None, lock=None, metrics=None,
                           grids=0, last_loss=None)
