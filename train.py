@@ -486,7 +486,7 @@ def trim_metrics(path, step):
                 if json.loads(line)["step"] <= step:
                     keep.append(line if line.endswith("\n") else line + "\n")
             except (ValueError, KeyError, TypeError):
-                pass  # a line cut short by a kill
+                continue  # a line cut short by a kill is dropped
     with open(path + ".tmp", "w") as f:
         f.writelines(keep)
     os.replace(path + ".tmp", path)
