@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
-from cli import UsageError, main_guard  # noqa: E402
+from cli import UsageError  # noqa: E402
 from data import DataError  # noqa: E402
 from evaluate import (feature_stats, find_inception, frechet_distance,  # noqa: E402
                       inception_features, load_inception, load_samples, reference_stats)
@@ -40,19 +40,11 @@ needs_inception = pytest.mark.skipif(
 
 
 def main(argv):
-    """evaluate.py's command line in-process, as `python evaluate.py ...` runs it: 0, or the exit code of a bad input."""
-    try:
-        main_guard(evaluate.main, argv)
-    except SystemExit as e:
-        return e.code
-    return 0
+    """evaluate.py's command line in-process: 0, or the exit code of a bad input."""
+    return tiny.run(evaluate, argv)
 
 
-def one_line_error(capsys):
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err
-    assert err.startswith("error: ")
-    return err
+one_line_error = tiny.one_line_error
 
 
 def spd(rng, d):

@@ -21,24 +21,11 @@ sys.path.insert(0, str(ROOT))
 import evaluate  # noqa: E402
 import sample  # noqa: E402
 import sampling  # noqa: E402
-from cli import main_guard  # noqa: E402
 from ddim import ddim_sample_loop  # noqa: E402
 from tests import tiny  # noqa: E402
 
 
-def run(module, argv):
-    """A script's command line in-process: 0, or the exit code of a bad input."""
-    try:
-        main_guard(module.main, argv)
-    except SystemExit as e:
-        return e.code
-    return 0
-
-
-def one_line_error(capsys):
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err and "Traceback" not in err and err.startswith("error: ")
-    return err
+run, one_line_error = tiny.run, tiny.one_line_error
 
 
 def fake_features(images, net=None, batch_size=200, **kwargs):

@@ -46,3 +46,21 @@ def write(path, kind="diffusion", num_classes=None, learn_sigma=False, seed=0, s
     ckpt.update(edits)
     checkpoint.save(ckpt, os.path.join(path, checkpoint.FILENAME))
     return path
+
+
+def run(module, argv):
+    """A script's command line in-process, as `python SCRIPT ...` runs it: 0, or the exit code of a bad input."""
+    from cli import main_guard  # noqa: PLC0415
+
+    try:
+        main_guard(module.main, argv)
+    except SystemExit as e:
+        return e.code
+    return 0
+
+
+def one_line_error(capsys):
+    """The captured stderr of a bad input: exactly one line, `error: ...`, no traceback; returned for more checks."""
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err and err.startswith("error: "), err
+    return err
