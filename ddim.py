@@ -80,7 +80,7 @@ def ddim_step(diffusion, model, x_t, t, eta=0.0, clip_denoised=True, cond_fn=Non
     through the x_0 it trusts.) `diffusion` is usually a respaced one, so "t - 1" is the previous kept step.
     """
     model_kwargs = model_kwargs or {}
-    out = diffusion.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs)
+    out = diffusion.denoise(model, x_t, t, clip_denoised, model_kwargs)
     pred_x0 = out["pred_x0"]
     if cond_fn is not None:
         abar_t = diffusion.extract(diffusion.alphas_cumprod, t, x_t)
@@ -134,7 +134,7 @@ def ddim_invert(diffusion, model, x0, model_kwargs=None, refine=0, progress=Fals
         abar_prev = diffusion.extract(diffusion.alphas_cumprod_prev, t, x)
         x_next = x
         for _ in range(1 + refine):
-            eps = diffusion.p_mean_variance(model, x_next, t, False, model_kwargs)["eps"]
+            eps = diffusion.denoise(model, x_next, t, False, model_kwargs)["eps"]
             # D5: x0_pred from the current point, which sits at noise level abar_{t-1}  (DDPM eq. 4 solved for x_0)
             pred_x0 = (x - (1 - abar_prev).sqrt() * eps) / abar_prev.sqrt()
             # D5: DDIM eq. 12 with sigma = 0, one level up: x_t = sqrt(abar_t) x0_pred + sqrt(1 - abar_t) eps

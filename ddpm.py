@@ -213,19 +213,36 @@ class GaussianDiffusion:
 
     # -- reverse process (R1-R3, I1) -------------------------------------------------------------------------------
 
+    def denoise(self, model, x_t, t, clip_denoised=True, model_kwargs=None):
+        """What the network says at x_t: its eps, the x_0 that eps implies, and its raw output (R2).
+
+        Returns a dict: eps, pred_x0 (clipped to [-1, 1] when clip_denoised), model_output. This is all that DDIM,
+        the solvers, inversion and the score samplers use; p_mean_variance adds the variance and the posterior mean.
+        The model is given the ORIGINAL timestep of code index t (the same t on a respaced diffusion, D4).
+        """
+        model_kwargs = model_kwargs or {}
+        model_output = model(x_t, self.original_t(t), **model_kwargs).to(x_t.dtype)
+        C = x_t.shape[1]
+        if self.var_type == "learned_range" and model_output.shape[1] != 2 * C:
+            raise ValueError(f"model: var_type 'learned_range' needs {2 * C} output channels (eps and v), "
+                             f"got {model_output.shape[1]}")
+        eps = model_output[:, :C]
+        # DDPM eq. 4 solved for x_0: x0_pred = (x_t - sqrt(1 - abar_t) eps_theta) / sqrt(abar_t)
+        pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
+        if clip_denoised:
+            # R2: clipping the predicted x_0 to the data range [-1, 1] (an implementation choice of DDPM's code)
+            pred_x0 = pred_x0.clamp(-1, 1)
+        return {"eps": eps, "pred_x0": pred_x0, "model_output": model_output}
+
     def p_mean_variance(self, model, x_t, t, clip_denoised=True, model_kwargs=None):
         """The reverse step p(x_{t-1} | x_t) = N(mean, variance) (R1) the model defines at x_t.
 
         Returns a dict: mean, variance, log_variance, pred_x0, eps (the model's eps), and model_output (raw).
         """
-        model_kwargs = model_kwargs or {}
-        model_output = model(x_t, self.original_t(t), **model_kwargs).to(x_t.dtype)
+        out = self.denoise(model, x_t, t, clip_denoised, model_kwargs)
         C = x_t.shape[1]
         if self.var_type == "learned_range":
-            if model_output.shape[1] != 2 * C:
-                raise ValueError(f"model: var_type 'learned_range' needs {2 * C} output channels (eps and v), "
-                                 f"got {model_output.shape[1]}")
-            eps, v = model_output[:, :C], model_output[:, C:]
+            v = out["model_output"][:, C:]
             # the network's v in [-1, 1] is mapped to the interpolation weight in [0, 1]
             frac = (v + 1) / 2
             log_beta = self.extract(self.log_betas, t, x_t)
@@ -233,25 +250,18 @@ class GaussianDiffusion:
             # iDDPM eq. 15: Sigma_theta = exp(v log beta_t + (1 - v) log beta~_t)
             log_variance = frac * log_beta + (1 - frac) * log_beta_tilde
             variance = torch.exp(log_variance)
+        elif self.var_type == "fixed_large":
+            # R3 (DDPM §3.2): sigma_t^2 = beta_t (with beta~_2 at the first step, see __init__)
+            variance = self.extract(self.large_variance, t, x_t)
+            log_variance = self.extract(self.large_log_variance, t, x_t)
         else:
-            eps = model_output[:, :C]
-            if self.var_type == "fixed_large":
-                # R3 (DDPM §3.2): sigma_t^2 = beta_t (with beta~_2 at the first step, see __init__)
-                variance = self.extract(self.large_variance, t, x_t)
-                log_variance = self.extract(self.large_log_variance, t, x_t)
-            else:
-                # R3 (DDPM §3.2): sigma_t^2 = beta~_t, the posterior variance
-                variance = self.extract(self.posterior_variance, t, x_t)
-                log_variance = self.extract(self.posterior_log_variance_clipped, t, x_t)
-        pred_x0 = self.predict_x0_from_eps(x_t, t, eps)
-        if clip_denoised:
-            # R2: clipping the predicted x_0 to the data range [-1, 1] (an implementation choice of DDPM's code)
-            pred_x0 = pred_x0.clamp(-1, 1)
+            # R3 (DDPM §3.2): sigma_t^2 = beta~_t, the posterior variance
+            variance = self.extract(self.posterior_variance, t, x_t)
+            log_variance = self.extract(self.posterior_log_variance_clipped, t, x_t)
         # R2: mu_theta = mu~_t(x_t, x0_pred); unclipped this is DDPM eq. 11:
         #     mu_theta = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - abar_t) eps_theta(x_t, t))
-        mean, _, _ = self.q_posterior_mean_variance(pred_x0, x_t, t)
-        return {"mean": mean, "variance": variance, "log_variance": log_variance, "pred_x0": pred_x0,
-                "eps": eps, "model_output": model_output}
+        mean, _, _ = self.q_posterior_mean_variance(out["pred_x0"], x_t, t)
+        return {"mean": mean, "variance": variance, "log_variance": log_variance, **out}
 
     def p_sample(self, model, x_t, t, clip_denoised=True, cond_fn=None, model_kwargs=None, generator=None):
         """One step of Algorithm 2 (A2): x_{t-1} ~ p(x_{t-1} | x_t), with classifier guidance when cond_fn is given."""

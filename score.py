@@ -76,7 +76,7 @@ delta = 2 eps_i; "when sampling a large batch ... we replace the norm with the a
 1 / (1 - alpha_i r^2) <= 1 / (1 - r^2), 2.6% of the variance at r = 0.16.
 
 Respacing: both samplers visit every level of the diffusion they are given; the caller respaces it (D4) once, so
-"t - 1" is the previous kept level and the model and cond_fn receive ORIGINAL timesteps (p_mean_variance translates them).
+"t - 1" is the previous kept level and the model and cond_fn receive ORIGINAL timesteps (GaussianDiffusion.denoise translates them).
 This file imports only ddpm.py and ddim.py: no network, no guidance, no command line.
 """
 
@@ -96,11 +96,11 @@ PREDICTORS = ("ddpm", "ddim")
 def score_from_eps(diffusion, model, x_t, t, model_kwargs=None, cond_fn=None):
     """grad_{x_t} log q_t(x_t) (or log q_t(x_t | y) with cond_fn) from the model's eps (SC1).
 
-    t is a batch of code indices of `diffusion` (which may be respaced: p_mean_variance hands the model the original t).
+    t is a batch of code indices of `diffusion` (which may be respaced: GaussianDiffusion.denoise hands the model the original t).
     """
     model_kwargs = model_kwargs or {}
     # the raw eps (no clipping): also the first block of a learned-sigma model's output (iDDPM)
-    eps = diffusion.p_mean_variance(model, x_t, t, clip_denoised=False, model_kwargs=model_kwargs)["eps"]
+    eps = diffusion.denoise(model, x_t, t, clip_denoised=False, model_kwargs=model_kwargs)["eps"]
     # SC1: score = grad log q_t(x_t) ~ -eps_theta(x_t, t) / sqrt(1 - abar_t)
     score = -eps / diffusion.extract(diffusion.sqrt_one_minus_alphas_cumprod, t, x_t)
     if cond_fn is not None:

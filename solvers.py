@@ -51,10 +51,10 @@ ORDERS = (1, 2)
 def denoise(diffusion, model, x_t, t, clip_denoised=True, model_kwargs=None):
     """D(x_t, t) = x0_pred = (x_t - sqrt(1 - abar_t) eps_theta(x_t, t)) / sqrt(abar_t), the data prediction (DDPM eq. 4).
 
-    Through p_mean_variance, so the model gets the ORIGINAL t of a respaced diffusion (and a learned-variance model
-    its eps channels only); clipped to [-1, 1] when clip_denoised.
+    Through GaussianDiffusion.denoise, so the model gets the ORIGINAL t of a respaced diffusion (and a learned-variance
+    model its eps channels only); clipped to [-1, 1] when clip_denoised.
     """
-    return diffusion.p_mean_variance(model, x_t, t, clip_denoised, model_kwargs)["pred_x0"]
+    return diffusion.denoise(model, x_t, t, clip_denoised, model_kwargs)["pred_x0"]
 
 
 def dpmpp_step(diffusion, x_s, t, d_now, d_before=None, t_before=None):
