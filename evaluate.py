@@ -374,7 +374,8 @@ def load_sampler(args, device):
     """The checkpoint's network, diffusion and guidance as a sampling.Sampler (checked before any work)."""
     ckpt = checkpoint.load(args.checkpoint)
     clf = checkpoint.load(args.classifier, flag="--classifier") if args.classifier else None
-    s = sampling.from_checkpoint(ckpt, sampling.settings_from_args(args), device, args.precision, clf)
+    s = sampling.from_checkpoint(ckpt, sampling.settings_from_args(args), device, args.precision, clf,
+                                 compile=args.compile)
     return s, ckpt
 
 
@@ -629,7 +630,8 @@ def cmd_table(args):
     rows = table_rows(args, ckpt["diffusion_args"].get("var_type"))
     first = sampling.Settings(sampler=rows[0][0], steps=steps[0], eta=rows[0][1], var=rows[0][2], skip=args.skip,
                               ema=not args.no_ema)
-    base = sampling.from_checkpoint(ckpt, first, device, args.precision)  # the network, loaded once
+    # the network, loaded (and with --compile compiled) once
+    base = sampling.from_checkpoint(ckpt, first, device, args.precision, compile=args.compile)
     diffusion = checkpoint.build_diffusion(ckpt["diffusion_args"])
     cells = []
     for sampler, eta, var, label in rows:
@@ -801,6 +803,8 @@ def build_parser():
     p.add_argument("--no-ema", action="store_true", help="sample from the raw weights instead of their EMA")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
                    help="auto: bf16 autocast on CUDA, fp32 on a CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the network (on CUDA also replayed as a "
+                   "CUDA graph), compiled once for every cell")
     p.add_argument("--ref", default="cifar10-train",
                    help=f"reference: {' or '.join(REFS)}, or an .npz with mu/sigma or x")
     p.add_argument("--inception", default=None, help="FID Inception TorchScript file (default: default_1.pt of the "

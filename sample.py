@@ -341,7 +341,7 @@ def main(argv=None):
     # what to sample from, checked and built before any work (checkpoint.py: every problem is one line)
     ckpt = checkpoint.load(args.checkpoint or default_checkpoint())
     clf = checkpoint.load(args.classifier, flag="--classifier") if args.classifier else None
-    s = sampling.from_checkpoint(ckpt, settings, device, args.precision, clf)
+    s = sampling.from_checkpoint(ckpt, settings, device, args.precision, clf, compile=args.compile)
     size, channels = s.image_shape[1], s.image_shape[0]
 
     # where the outputs go, checked before the work

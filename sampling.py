@@ -186,6 +186,9 @@ def add_arguments(p):
         flag("--no-ema", action="store_true", help="sample from the raw weights instead of their EMA"),
         flag("--precision", default="auto", choices=("auto", "bf16", "fp32"),
              help="auto: bf16 autocast on CUDA, fp32 on a CPU"),
+        flag("--compile", action="store_true",
+             help="torch.compile the network (on CUDA also replayed as a CUDA graph): the same images up to "
+                  "round-off, faster after a first call that compiles (tens of seconds); needs a C compiler"),
     ]
 
 
@@ -211,6 +214,30 @@ class IgnoreLabels(nn.Module):
 
     def forward(self, x, t, y=None, **kwargs):
         return self.model(x, t, **kwargs)
+
+
+class Compiled(nn.Module):
+    """The network under torch.compile, for sampling (--compile): the same function in fewer, fused kernels.
+
+    A sampler calls the network with the same shapes at every step, which is what compilation wants: dynamic=False
+    compiles one graph per batch shape (a call's last, smaller batch gets its own), the first call of each shape
+    paying the compilation (tens of seconds). On CUDA the mode is "reduce-overhead", which also records the compiled
+    network as a CUDA graph and replays it: one launch per call instead of one per kernel, what a sampling step at a
+    small batch is bound by. A replay writes its output into the same memory every time, so each call's output is
+    copied out before the next call can overwrite it (the loops keep a step's output while they call again: Heun's
+    second evaluation, DPM-Solver++'s previous x_0). The weights must not change once compiled (they are the EMA's).
+    """
+
+    def __init__(self, model, device):
+        super().__init__()
+        self.cuda_graphs = torch.device(device).type == "cuda"
+        self.net = torch.compile(model, mode="reduce-overhead" if self.cuda_graphs else None, dynamic=False)
+
+    def forward(self, x, t, **kwargs):
+        if not self.cuda_graphs:
+            return self.net(x, t, **kwargs)
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: the last replay's output has been copied out
+        return self.net(x, t, **kwargs).clone()
 
 
 class Ticker(nn.Module):
@@ -270,7 +297,7 @@ class Sampler:
     """
 
     def __init__(self, model, diffusion, image_shape, settings=DEFAULTS, num_classes=None, classifier=None,
-                 classifier_classes=None, device="cpu", precision="auto"):
+                 classifier_classes=None, device="cpu", precision="auto", compile=False):
         o = settings
         self.settings, self.image_shape, self.num_classes = o, tuple(image_shape), num_classes
         # the labels: the network's classes, or (classifier guidance on an unconditional network) the classifier's
@@ -310,6 +337,11 @@ class Sampler:
                 f"(the low-noise end is denser than one step); sampling on {self.kept}")
         self.check_ranges()
 
+        # --compile: the network itself is compiled (guidance's arithmetic around it stays eager); once only, so that
+        # samplers built on one compiled network share its graphs (evaluate.py's table)
+        self.latent_dim = getattr(model, "latent_dim", None)  # a DDGAN generator's nz
+        if compile and not isinstance(model, Compiled):
+            model = Compiled(model, self.device)
         # guidance: wrap the network (G5) and/or add a cond_fn (G3); the loop does not know which
         self.model, self.cond_fn = model, None
         if o.cfg_scale is not None:
@@ -386,7 +418,7 @@ class Sampler:
         o = self.settings
         kw = {keyword: getattr(o, field) for field, (_, keyword) in OPTIONS.items() if takes(o.sampler, keyword)}
         if takes(o.sampler, "latent_dim"):  # a DDGAN generator's nz (the Ticker around it does not carry it)
-            kw["latent_dim"] = self.model.latent_dim
+            kw["latent_dim"] = self.latent_dim
         if self.cond_fn is not None:
             kw["cond_fn"] = self.cond_fn
         return kw
@@ -533,8 +565,9 @@ class Sampler:
 # From a checkpoint, and to files
 # ----------------------------------------------------------------------------------------------------------------
 
-def from_checkpoint(ckpt, settings=DEFAULTS, device="cpu", precision="auto", classifier=None):
-    """A Sampler for a loaded diffusion checkpoint (checkpoint.load) and, for guidance, a loaded classifier one."""
+def from_checkpoint(ckpt, settings=DEFAULTS, device="cpu", precision="auto", classifier=None, compile=False):
+    """A Sampler for a loaded diffusion checkpoint (checkpoint.load) and, for guidance, a loaded classifier one.
+    compile: torch.compile the network (Compiled: CUDA graphs on CUDA)."""
     where = ckpt.get("path", "the checkpoint")
     # DDGAN (Xiao et al. 2022): its generator G(x_t, z, t) predicts x_0', not eps: only its own chain can draw with it,
     # and its chain needs a generator
@@ -565,7 +598,8 @@ def from_checkpoint(ckpt, settings=DEFAULTS, device="cpu", precision="auto", cla
                              f"{cargs['image_size']}x{cargs['image_size']} images, the diffusion run on "
                              f"{own or 'unlabelled'} {args['image_size']}x{args['image_size']} images")
         net = checkpoint.build_network(classifier, device=device, flag="--classifier")
-    return Sampler(model, diffusion, shape, settings, checkpoint.num_classes_of(ckpt), net, classes, device, precision)
+    return Sampler(model, diffusion, shape, settings, checkpoint.num_classes_of(ckpt), net, classes, device, precision,
+                   compile)
 
 
 def check_outputs(out, force=False, flag="--out"):
