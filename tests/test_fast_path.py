@@ -1,0 +1,253 @@
+"""What the fast path relies on, checked on the CPU and, where a GPU is present, on CUDA.
+
+The fast path (bf16 autocast, channels_last, torch.compile, a training loop that never waits for the device) is
+written for CUDA, but most of what it promises is device-independent and is checked here on the CPU too: bf16
+autocast exists on the CPU, so does channels_last, and a host-device synchronisation is, on any device, a tensor
+read by the host (`.item()`, `bool(t)`, `.tolist()`, ...). Every test runs on "cpu" and again on "cuda" when
+torch sees a GPU (skipped otherwise); the CUDA runs use CUDA's own instruments (set_sync_debug_mode) where they
+exist. Tolerances were set on the CPU; the CUDA rows use the same ones.
+
+torch.compile on the CPU: inductor's cold C++ compilation of even a tiny U-Net takes ~40 s on two cores, too long for
+the suite, so the CPU runs compile with backend="aot_eager": dynamo traces the network (what breaks on a new
+torch version or a new model feature) and AOTAutograd runs the traced graph, without generating kernels. On CUDA
+the test compiles exactly as sample.py --compile does (inductor, CUDA graphs).
+"""
+
+import contextlib
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import checkpoint
+import cli
+import data
+import sampling
+import train
+from tests import tiny
+from tests.test_train import TINY
+from unet import UNet
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
+NET = dict(tiny.NET, ch=32, use_scale_shift_norm=False)  # 32 channels: GroupNorm groups of one channel at the top
+
+
+def network(device, memory_format=torch.contiguous_format):
+    return tiny.randomize(UNet(**NET), seed=0).to(device=device, memory_format=memory_format)
+
+
+def diffusion():
+    return checkpoint.build_diffusion({"schedule": "linear", "timesteps": 100})
+
+
+def train_args(precision):
+    args = train.build_parser().parse_args(["--precision", precision, "--warmup", "1"])
+    args.task = "diffusion"
+    return args
+
+
+def one_training_step(device, precision, memory_format=torch.contiguous_format):
+    """train.train_step once on a fixed batch: (loss, the clipped gradient as one vector)."""
+    model = network(device, memory_format)
+    x0 = torch.rand((8, 3, 8, 8), generator=torch.Generator().manual_seed(1)).mul(2).sub(1)
+    x0 = x0.to(device).contiguous(memory_format=memory_format)
+    args = train_args(precision)
+    optimizer, ema = train.make_optimizer(model, args), train.EMA(model, 0.9999)
+    torch.manual_seed(2)  # the step's t and eps (torch.manual_seed seeds every device)
+    loss = train.train_step(0, x0, None, model, model, diffusion(), optimizer, ema, args)
+    return loss.item(), torch.cat([p.grad.flatten() for p in model.parameters()]).float().cpu()
+
+
+def ddim_run(device, precision, memory_format=torch.contiguous_format, compile=False, sampler="ddim", model=None):
+    """10 steps of `sampler` from a fixed x_T, as the Sampler runs it: float images in [-1, 1] and uint8 ones."""
+    model = model if model is not None else network(device, memory_format).eval().requires_grad_(False)
+    s = sampling.Sampler(model, diffusion(), (3, 8, 8), sampling.Settings(sampler=sampler, steps=10), device=device,
+                         precision=precision, compile=compile)
+    x_T = torch.randn((4, 3, 8, 8), generator=torch.Generator().manual_seed(3)).to(device)
+    with s.amp:
+        x = sampling.SAMPLERS[sampler](s.diffusion, s.model, x_T.shape, noise=x_T, generator=torch.Generator(device),
+                                       **s.loop_kwargs()).float()
+    images, _ = s.generate(4, batch_size=4, seed=0, show_progress=False)
+    return x.cpu(), images
+
+
+# -- bf16 autocast against fp32 ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_training_step_agrees_with_fp32(device):
+    """One step of Algorithm 1 under bf16 autocast: the same loss to 1% and the same gradient direction (cosine
+    > 0.99) as in fp32. bf16 keeps 8 bits of mantissa (relative error 2^-9 per rounding): a wrong cast (a loss or a
+    GroupNorm computed in bf16, say) shows up as percent-level disagreement."""
+    loss32, grad32 = one_training_step(device, "fp32")
+    loss16, grad16 = one_training_step(device, "bf16")
+    assert loss16 == pytest.approx(loss32, rel=1e-2)
+    cos = torch.nn.functional.cosine_similarity(grad32, grad16, dim=0).item()
+    assert cos > 0.99, cos
+    assert torch.isfinite(grad16).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_bf16_sampling_agrees_with_fp32(device):
+    """DDIM-10 from one x_T under bf16 autocast ends within 0.01 (mean) of the fp32 run, in data units [-1, 1]
+    (measured on the CPU: 0.0017 mean, 0.025 at the 99th percentile, 0.23 at the worst pixel, where a random network's
+    trajectory hinges on a clip at +-1): the sampler's arithmetic stays fp32, only the network runs in bf16."""
+    x32, _ = ddim_run(device, "fp32")
+    x16, _ = ddim_run(device, "bf16")
+    assert (x16 - x32).abs().mean() < 0.01
+    assert (x16 - x32).abs().max() < 0.5
+
+
+# -- channels_last -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_channels_last_is_the_same_function(device):
+    """channels_last changes only how the tensors lie in memory: the same training step (loss and gradient) and the
+    same DDIM images as the default layout, up to the round-off of other convolution algorithms. And the layout
+    survives the network: a channels_last input gives a channels_last output."""
+    loss, grad = one_training_step(device, "fp32")
+    loss_cl, grad_cl = one_training_step(device, "fp32", torch.channels_last)
+    assert loss_cl == pytest.approx(loss, rel=1e-4)
+    torch.testing.assert_close(grad_cl, grad, rtol=1e-3, atol=1e-5)
+    x, _ = ddim_run(device, "fp32")
+    x_cl, _ = ddim_run(device, "fp32", torch.channels_last)
+    torch.testing.assert_close(x_cl, x, rtol=1e-3, atol=1e-4)
+    model = network(device, torch.channels_last)
+    x_in = torch.randn(2, 3, 8, 8, device=device).contiguous(memory_format=torch.channels_last)
+    assert model(x_in, torch.tensor([5, 50], device=device)).is_contiguous(memory_format=torch.channels_last)
+
+
+# -- torch.compile of the sampling network (sample.py --compile) -----------------------------------------------------
+
+@pytest.fixture
+def compile_for(monkeypatch):
+    """On the CPU, torch.compile with backend="aot_eager" (see the module docstring); on CUDA as it is."""
+    def use(device):
+        if device == "cpu":
+            real = torch.compile
+            monkeypatch.setattr(torch, "compile", lambda model, **kw: real(model, **dict(kw, backend="aot_eager")))
+        torch._dynamo.reset()
+    yield use
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_compiled_sampling_draws_the_same_images(device, compile_for):
+    """Sampler(compile=True) (sample.py --compile) draws the images the eager network draws, with every kind of loop:
+    one call per step (ddim, ddpm), and loops that keep an earlier output while they call again (dpmpp2m's previous
+    x_0, heun's two evaluations per step), which CUDA graphs would overwrite if the output were not copied out.
+    One compiled network serves every sampler, as in evaluate.py's table; it must not recompile per sampler."""
+    compile_for(device)
+    eager = network(device).eval().requires_grad_(False)
+    compiled = sampling.Compiled(eager, device)
+    for sampler in ("ddim", "ddpm", "dpmpp2m", "heun"):
+        x, images = ddim_run(device, "fp32", sampler=sampler, model=eager)
+        x_c, images_c = ddim_run(device, "fp32", sampler=sampler, model=compiled, compile=True)
+        torch.testing.assert_close(x_c, x, rtol=1e-3, atol=1e-3 if device == "cuda" else 1e-5)
+        assert np.abs(images_c.astype(int) - images.astype(int)).max() <= 1
+    s = sampling.Sampler(compiled, diffusion(), (3, 8, 8), device=device, compile=True)
+    assert s.model is compiled  # an already compiled network is not wrapped twice
+
+
+def test_sample_takes_compile(tmp_path, compile_for):
+    """--compile reaches the Sampler from sample.py's command line: the same images as without it."""
+    import sample  # noqa: PLC0415
+    compile_for("cpu")
+    run = tiny.write(str(tmp_path / "run"))
+    images = []
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = str(tmp_path / name)
+        assert tiny.run(sample, ["--checkpoint", run, "--n", "4", "--steps", "3", "--device", "cpu", "--out", out,
+                                 "--no-progress", *extra]) == 0
+        with np.load(out + ".npz") as f:
+            images.append({k: f[k] for k in f.files})
+    assert images[0].keys() == images[1].keys()
+    for k in images[0]:
+        np.testing.assert_array_equal(images[0][k], images[1][k])
+
+
+# -- a training loop that never waits for the device -----------------------------------------------------------------
+
+class HostReads(TorchDispatchMode):
+    """Records every read of a tensor's value by the host, which on a GPU is a synchronisation: `.item()`,
+    `bool(t)`, `float(t)`, `int(t)` and `if t:` all go through aten._local_scalar_dense; `.tolist()`, `.numpy()`,
+    `.cpu()` and `.to("cpu")` do not reach the dispatcher for a CPU tensor, so they are recorded by wrapping them."""
+
+    READERS = ("tolist", "numpy", "cpu")
+
+    def __init__(self):
+        super().__init__()
+        self.events, self.active = [], False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.active and func is torch.ops.aten._local_scalar_dense.default:
+            self.events.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+    @contextlib.contextmanager
+    def wrapping(self, monkeypatch):
+        for name in self.READERS:
+            real = getattr(torch.Tensor, name)
+
+            def reader(t, *a, _real=real, _name=name, **k):
+                if self.active:
+                    self.events.append(_name)
+                return _real(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, name, reader)
+        with self:
+            yield self
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_training_loop_reads_nothing_from_the_device_between_log_steps(tmp_path, monkeypatch, device):
+    """train.py's loop, run for real: from the batch draw to the end-of-step decision (train_step, the EMA, the
+    loss sum, what_now) the host reads no tensor, at any step, so on a GPU the CPU runs ahead and the device never
+    idles; the loss is read every --log-every steps only. Checked by recording every host read in each step's window
+    (the CPU) and with CUDA's sync debug mode (on CUDA), and the same recorder sees the log steps' reads (it can fail).
+    """
+    steps, log_every = 12, 4
+    windows, log_reads = [], {}
+    mode = HostReads()
+    real_next, real_what_now = data.Batches.next, train.what_now
+
+    def close_log_window():  # what the host read after the last log step's decision (its loss, its log line)
+        if mode.active and log_at is not None:
+            log_reads[log_at[0]] = list(mode.events)
+        mode.active = False
+
+    def next_batch(batches):  # a step begins: x_0 ~ q(x_0)
+        close_log_window()
+        mode.events.clear()
+        mode.active = True
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("warn")
+        return real_next(batches)
+
+    def what_now(run):  # ... and its hot part ends with the decision what to do next
+        due = real_what_now(run)
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        mode.active = False
+        windows.append((run.step, list(mode.events)))
+        mode.events.clear()
+        # after a log step's decision, record its reads too: the recorder must see the loss being read
+        log_at[0] = run.step if run.step % log_every == 0 else None
+        mode.active = log_at[0] is not None
+        return due
+
+    log_at = [None]
+    monkeypatch.setattr(data.Batches, "next", next_batch)
+    monkeypatch.setattr(train, "what_now", what_now)
+    argv = [a if a != "cpu" else device for a in TINY] + ["--out", str(tmp_path / "run"), "--steps", str(steps),
+                                                           "--log-every", str(log_every), "--save-every", "1000"]
+    with warnings.catch_warnings(record=True) as caught, mode.wrapping(monkeypatch):
+        warnings.simplefilter("always")
+        assert tiny.run(train, argv) == 0
+        close_log_window()
+    assert [step for step, _ in windows] == list(range(1, steps + 1))
+    assert [(step, events) for step, events in windows if events] == []
+    assert not [w for w in caught if "synchroniz" in str(w.message)], [str(w.message) for w in caught]
+    # the log steps do read the loss (the recorder works), and nothing else reads between them
+    assert sorted(log_reads) == [4, 8, 12] and all(log_reads[s] for s in log_reads)
