@@ -14,6 +14,7 @@ the test compiles exactly as sample.py --compile does (inductor, CUDA graphs).
 """
 
 import contextlib
+import json
 import warnings
 
 import numpy as np
@@ -251,3 +252,22 @@ def test_training_loop_reads_nothing_from_the_device_between_log_steps(tmp_path,
     assert not [w for w in caught if "synchroniz" in str(w.message)], [str(w.message) for w in caught]
     # the log steps do read the loss (the recorder works), and nothing else reads between them
     assert sorted(log_reads) == [4, 8, 12] and all(log_reads[s] for s in log_reads)
+
+
+def test_train_compile_trains_the_same_network(tmp_path, compile_for):
+    """train.py --compile (torch.compile of the network the loop runs; see the module docstring for the CPU backend):
+    the same losses as the eager run step for step, a checkpoint of the plain network (no compile wrapper in its
+    keys: sample.py and UNet(**model_args) load it), and --resume of a compiled run."""
+    compile_for("cpu")
+    argv = TINY + ["--steps", "10", "--log-every", "5"]
+    losses = {}
+    for name, extra in (("eager", []), ("compiled", ["--compile"])):
+        out = str(tmp_path / name)
+        assert tiny.run(train, argv + ["--out", out, *extra]) == 0
+        with open(f"{out}/metrics.jsonl") as f:
+            losses[name] = [json.loads(line)["loss"] for line in f]
+        ckpt = torch.load(f"{out}/ckpt.pt", weights_only=True)
+        UNet(**ckpt["model_args"]).load_state_dict(ckpt["ema"])  # strict: no "_orig_mod." prefixes
+    assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
+    assert tiny.run(train, TINY + ["--steps", "15", "--log-every", "5", "--out", str(tmp_path / "compiled"),
+                                   "--resume", "--compile"]) == 0
