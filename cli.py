@@ -169,6 +169,23 @@ def distributed(name="auto", flag="--device"):
     return rank, world, device
 
 
+def check_compiler(flag="--compile"):
+    """torch.compile's code generator builds C/C++ (its CPU kernels; on CUDA, Triton's launchers) against Python's
+    headers: without a C compiler or Python.h, --compile would fail minutes into a run, after setup and data loading.
+    Checked first, as every bad input is."""
+    import shutil  # noqa: PLC0415
+    import sysconfig  # noqa: PLC0415
+
+    compiler = os.environ.get("CC") or next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+    if compiler is None or shutil.which(compiler.split()[0]) is None:
+        raise UsageError(f"{flag}: torch.compile needs a C compiler and none is on PATH (cc, gcc, clang, or $CC); "
+                         f"install one (apt install gcc) or drop {flag}")
+    headers = os.path.join(sysconfig.get_paths()["include"], "Python.h")
+    if not os.path.isfile(headers):
+        raise UsageError(f"{flag}: torch.compile needs Python's C headers and {headers} is missing; install them "
+                         f"(apt install python3-dev, or your Python's -dev package) or drop {flag}")
+
+
 def uses_bf16(device, precision):
     """--precision auto is bf16 on CUDA (the fast path) and fp32 on a CPU."""
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")

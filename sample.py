@@ -64,8 +64,8 @@ import torch
 import checkpoint
 import data
 import sampling
-from cli import (Parser, UsageError, check_number, distributed, main_guard, precision_name, progress, say,
-                 wrote)
+from cli import (Parser, UsageError, check_compiler, check_number, distributed, main_guard, precision_name, progress,
+                 say, wrote)
 from ddim import ddim_invert, slerp
 from edit import SAMPLERS as EDIT_SAMPLERS
 from edit import sdedit, sdedit_steps
@@ -120,6 +120,8 @@ def check_args(args):
         args.n = N_EDITS if args.edit else N_SAMPLES
     check_number("--n", args.n, lo=1, integer=True)
     check_number("--batch-size", args.batch_size, lo=1, integer=True)
+    if args.compile:
+        check_compiler()
     chosen = [flag for flag, on in (("--interpolate", args.interpolate), ("--invert", args.invert),
                                     ("--edit", args.edit)) if on]
     if len(chosen) > 1:

@@ -277,6 +277,8 @@ def check_args(args):
             raise UsageError("--grad-clip: --task ddgan does not clip gradients (nor does the paper); drop --grad-clip")
     if args.dataset == "synthetic" and args.data_dir is not None:
         raise UsageError("--data-dir: --dataset synthetic generates its images; drop --data-dir")
+    if args.compile:
+        cli.check_compiler()
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,9 @@ the test compiles exactly as sample.py --compile does (inductor, CUDA graphs).
 
 import contextlib
 import json
+import os
+import subprocess
+import sys
 import warnings
 
 import numpy as np
@@ -28,7 +31,7 @@ import data
 import sampling
 import train
 from tests import tiny
-from tests.test_train import TINY
+from tests.test_train import ROOT, TINY
 from unet import UNet
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU"))]
@@ -271,3 +274,34 @@ def test_train_compile_trains_the_same_network(tmp_path, compile_for):
     assert losses["compiled"] == pytest.approx(losses["eager"], rel=1e-4)
     assert tiny.run(train, TINY + ["--steps", "15", "--log-every", "5", "--out", str(tmp_path / "compiled"),
                                    "--resume", "--compile"]) == 0
+
+
+@pytest.mark.parametrize("script,argv", [
+    ("train.py", ["--dataset", "synthetic", "--compile", "--steps", "1"]),
+    ("sample.py", ["--checkpoint", "RUN", "--compile", "--n", "1"]),
+])
+def test_compile_without_a_c_compiler_is_one_line_before_any_work(tmp_path, script, argv):
+    """--compile on a machine without a C compiler: one line naming the flag and the fix, exit 2, before the data,
+    the network or a run folder (a real process whose PATH holds no compiler)."""
+    run = tiny.write(str(tmp_path / "run"))
+    env = {k: v for k, v in os.environ.items() if k != "CC"}
+    env["PATH"] = str(tmp_path / "empty")  # no cc, gcc or clang
+    out = str(tmp_path / "out")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, script), *[run if a == "RUN" else a for a in argv],
+                           "--out", out], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    err = proc.stderr.strip()
+    assert proc.returncode == 2 and "\n" not in err, err
+    assert err.startswith("error: --compile: torch.compile needs a C compiler") and "drop --compile" in err
+    assert not os.path.exists(out)
+
+
+def test_evaluate_compile_without_headers_is_one_line(tmp_path, monkeypatch, capsys):
+    """evaluate.py table --compile where Python's headers are missing: the same one-line refusal, naming them."""
+    import evaluate  # noqa: PLC0415
+    import sysconfig  # noqa: PLC0415
+    real = sysconfig.get_paths
+    monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: dict(real(*a, **k), include=str(tmp_path)))
+    run = tiny.write(str(tmp_path / "run"))
+    assert tiny.run(evaluate, ["table", "--checkpoint", run, "--compile", "--out", str(tmp_path / "r.jsonl")]) == 2
+    err = tiny.one_line_error(capsys)
+    assert "--compile: torch.compile needs Python's C headers" in err and "Python.h is missing" in err
