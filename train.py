@@ -1047,7 +1047,7 @@ def sample_grid(run, final):
         return
     if n < args.n_sample:
         n = max(4, math.isqrt(n) ** 2)  # a full square grid
-    if n * per_image > 2:
+    if n < args.n_sample or n * per_image > 2:  # a smaller grid than asked is always said, however fast
         shrunk = f" (of --n-sample {args.n_sample}: the time left allows {n})" if n < args.n_sample else ""
         say(f"step {run.step:,}: sampling {n} images{shrunk} with {method} {steps} steps from the EMA weights, "
             f"~{cli.human_time(n * per_image)} ...")
