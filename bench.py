@@ -4,7 +4,9 @@ diffusers' port of the same network and lucidrains' denoising_diffusion_pytorch 
 
     python bench.py                          # GPU: the full benchmark; prints a markdown table for BENCHMARKS.md
     python bench.py --json bench.json        # ... and writes every number (repeat times included) as JSON
+    python bench.py --profile prof           # ... then profiles this repo's rows: traces, time by category, top kernels
     python bench.py --peers none --no-compile          # this repository only, eager only
+    python bench.py --peers none --tasks sample --sample-n 10000 --sample-batch 2000 --repeats 3   # 10k DDIM-50
     python bench.py --tiny                   # seconds on a CPU: a tiny U-Net, batch 4 (what the tests run)
 
 WHAT IS MEASURED
@@ -17,6 +19,8 @@ WHAT IS MEASURED
            train.make_optimizer / train.EMA), around their own network and loss. Rows:
              this repo (eager)          UNet(**model_args) of train.py's defaults + train.train_step (L_simple)
              this repo (torch.compile)  the same with torch.compile(model), as `train.py --compile`
+             this repo (eager, contiguous)  on CUDA, the eager step again in NCHW (--formats): what channels_last
+                                        buys, or costs (PyTorch's GroupNorm makes its input contiguous)
              diffusers                  UNet2DModel configured as google/ddpm-cifar10-32 (the DDPM CIFAR-10 network
                                         ported to diffusers), dropout 0.1, noised by DDPMScheduler.add_noise,
                                         loss = MSE(eps_pred, eps)
@@ -25,13 +29,14 @@ WHAT IS MEASURED
                                         objective='pred_noise', beta_schedule='linear'); loss = diffusion(x).
                                         NOT the same network: linear attention at every level, full attention at
                                         the bottom, 2 res blocks per level; its FLOPs are counted and shown.
-           Every row uses the same harness (optimizer, clipping, EMA, data, batch, bf16 autocast, channels_last,
-           TF32 on): only the network and the loss differ.
+           Every row uses the same harness (optimizer, clipping, EMA, data, batch, bf16 autocast, the first of
+           --formats, TF32 on): only the network and the loss differ.
   sample   images/s of DDIM with 50 steps (eta 0, x_0 clipped) for --sample-n 1000 images in batches of
-           --sample-batch 500, eval mode, bf16 autocast, channels_last: ddim.ddim_sample_loop against diffusers'
+           --sample-batch 500, eval mode, bf16 autocast, the first of --formats: ddim.ddim_sample_loop against diffusers'
            DDIMPipeline (output_type="pt", so the images stay on the GPU) and lucidrains' GaussianDiffusion.sample
-           with sampling_timesteps=50. The weights are random (initialised, not trained): throughput does not depend
-           on them. Weight tensors that a library initialises to exactly zero (this repo's output convolutions) are
+           with sampling_timesteps=50; "this repo (torch.compile)" is sample.py --compile (sampling.Compiled:
+           torch.compile, on CUDA with CUDA graphs), compiled during the warm-up draws (one per batch size). The
+           weights are random (initialised, not trained): throughput does not depend on them. Weight tensors that a library initialises to exactly zero (this repo's output convolutions) are
            filled with small random values first in every row, so no row runs its matmuls on zeros (faster on GPUs).
   FLOPs    counted with torch.utils.flop_counter.FlopCounterMode on one forward, and one forward + backward, of each
            network at batch 1 on the meta device (no arithmetic is done, so it takes a second on any machine). The
@@ -40,10 +45,22 @@ WHAT IS MEASURED
            37.32 GFLOP forward + backward (the training step's model FLOPs; the 3x rule gives 37.33). diffusers'
            google/ddpm-cifar10-32 network counts exactly the same (and has the same 35.75M parameters); lucidrains'
            Unet: 8.97 / 26.87 GFLOP, 28.54M parameters.
-  MFU      model FLOP utilisation: counted FLOPs per image x images/s, over the bf16 matmul peak MEASURED here at
-           the start of the run (an 8192^3 bf16 torch.matmul, timed), not the datasheet's number.
+  MFU      model FLOP utilisation: counted FLOPs per image x images/s, over the device's dense bf16 peak from
+           its datasheet (DATASHEET_TFLOPS: H100 SXM and H200 989.4 TFLOP/s, H100 PCIe 756; --peak-tflops for
+           another GPU; none on a CPU). Beside it, "% of matmul": over the FLOP/s of a large matmul MEASURED at the
+           start of the run (8192^3 bf16 on CUDA; 2048^3 fp32 on a CPU, 1024^3 with --tiny), the ceiling this
+           device reaches in practice.
   syncs    on CUDA, the host-device synchronisations in one training step (or one sampling call) counted with
            torch.cuda.set_sync_debug_mode("warn") outside the timed loops: 0 means the CPU can run ahead of the GPU.
+  memory   on CUDA, a row's peak: what it holds (weights, optimizer, EMA, data), measured over its set-up and
+           warm-up, plus the most one of its repeats allocates on top.
+  profile  --profile DIR: after timing, torch.profiler over 5 training steps (or one sampling batch) of this repo's
+           baseline row and its torch.compile row: a Chrome/Perfetto trace per row in DIR, and in the report the
+           time per step by category (convolution, matmul, attention, normalization, copy / layout / cast, ...),
+           the 15 most expensive kernels (CUDA: device time) or operators (CPU: self time), the number of launches
+           per step, and the wall time beside the busy time (busy well under wall: launch-bound).
+Interleaved: every row of a table is set up and warmed up first, then each of --repeats rounds times one repeat of
+every row in turn, the order rotated each round, so a clock that ramps or a busy neighbour touches every row alike.
 Timing: torch.cuda.synchronize() before and after each timed repeat and nowhere inside it.
 
 THE PEERS ARE OPTIONAL. Neither is in requirements.txt; a missing one gets a row that says how to install it:
@@ -85,6 +102,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import checkpoint
 import cli
 import data
+import sampling
 import train
 from cli import UsageError
 from ddim import ddim_sample_loop
@@ -98,6 +116,12 @@ DEFAULTS = dict(batch_size=128, repeats=5, steps_per_repeat=20, warmup=5, sample
                 sample_steps=50)
 TINY_DEFAULTS = dict(batch_size=4, repeats=2, steps_per_repeat=2, warmup=1, sample_n=8, sample_batch=4,
                      sample_steps=5)
+FORMATS = ("channels_last", "contiguous")
+# Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s: the MFU denominator. The first name
+# contained in torch.cuda.get_device_name() wins, so the more specific names come first. H100 SXM's name is
+# "NVIDIA H100 80GB HBM3".
+DATASHEET_TFLOPS = (("H100 PCIe", 756.0), ("H100 NVL", 835.0), ("H200 NVL", 835.0), ("H100", 989.4),
+                    ("H200", 989.4), ("A100", 312.0))
 # the tiny network (all three implementations get its analogue): 16x16 images, two levels, attention at 8x8
 TINY_ARCH = ["--image-size", "16", "--ch", "32", "--ch-mult", "1,2", "--num-res-blocks", "1", "--attn", "8"]
 
@@ -120,7 +144,22 @@ def build_parser():
     p.add_argument("--sample-batch", type=int, default=None, help="images per sampling call (default 500)")
     p.add_argument("--sample-steps", type=int, default=None, help="DDIM steps (default 50)")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="add the torch.compile row for this repo's training step (default: on CUDA yes, on CPU no)")
+                   help="add the torch.compile rows for this repo: train.py --compile's training step, and sampling "
+                        "with sample.py --compile (CUDA graphs on CUDA) (default: on CUDA yes, on CPU no: inductor "
+                        "compiles for a minute there)")
+    p.add_argument("--formats", default=None, metavar="LIST",
+                   help="memory formats of this repo's eager rows, comma-separated from channels_last, contiguous; "
+                        "the first is the baseline and the one every other row uses (default: on CUDA "
+                        "channels_last,contiguous, i.e. both measured; on CPU contiguous)")
+    p.add_argument("--tasks", default="train,sample", metavar="LIST",
+                   help="which tables: train, sample or both (default train,sample)")
+    p.add_argument("--peak-tflops", type=float, default=None, metavar="TFLOPS",
+                   help="the device's dense bf16 datasheet peak for the MFU column, where bench.DATASHEET_TFLOPS does "
+                        "not know the device")
+    p.add_argument("--profile", default=None, metavar="DIR",
+                   help="after timing, profile this repo's training step and sampling step with torch.profiler: "
+                        "a trace per row in DIR (.json.gz, for chrome://tracing or Perfetto), and device time by "
+                        "category and the top kernels in the report")
     p.add_argument("--peers", default="all", choices=("all", "none") + PEERS, help="which libraries to compare with")
     p.add_argument("--device", default="auto", help="auto, cuda, cuda:N or cpu")
     p.add_argument("--json", default=None, metavar="PATH", help="also write all results to this JSON file")
@@ -146,7 +185,31 @@ def resolve_args(args):
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder):
             raise UsageError(f"--json: folder {folder} does not exist; create it or pick another path")
+    if args.formats is not None:
+        args.formats = parse_list("--formats", args.formats, FORMATS)
+    args.tasks = parse_list("--tasks", args.tasks, ("train", "sample"))
+    if args.sample_n == 0:
+        args.tasks = tuple(t for t in args.tasks if t != "sample")  # --sample-n 0: no sampling rows
+    if not args.tasks:
+        raise UsageError("--sample-n 0 leaves no table to run with --tasks sample; give --sample-n > 0")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise UsageError(f"--peak-tflops: must be > 0 (TFLOP/s, dense bf16), got {args.peak_tflops}")
+    if args.profile is not None:
+        parent = os.path.dirname(os.path.abspath(args.profile))
+        if not os.path.isdir(parent):
+            raise UsageError(f"--profile: folder {parent} does not exist; create it or pick another path")
+        if os.path.exists(args.profile) and not os.path.isdir(args.profile):
+            raise UsageError(f"--profile: {args.profile} is a file; give a folder for the traces")
     return args
+
+
+def parse_list(flag, text, allowed):
+    """'a,b' -> ('a', 'b'), each one of `allowed`, none twice, at least one."""
+    items = tuple(x.strip() for x in text.split(",") if x.strip())
+    bad = [x for x in items if x not in allowed]
+    if not items or bad or len(set(items)) < len(items):
+        raise UsageError(f"{flag}: a comma-separated list of {', '.join(allowed)} (each at most once), got {text!r}")
+    return items
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -271,6 +334,11 @@ def network_flops(name, cfg):
         return model_flops(build, forward, cfg.image_size, device="cpu")
 
 
+def datasheet_tflops(name):
+    """The dense bf16 datasheet peak of a GPU named `name` (TFLOP/s), or None for a device not in the table."""
+    return next((tf for key, tf in DATASHEET_TFLOPS if key in name), None)
+
+
 def matmul_peak(device, dtype, n, iters, repeats=3):
     """Measured FLOP/s of a square n x n x n matmul of random data in `dtype` (the MFU denominator): the best of
     `repeats` timings of `iters` products, after as many untimed ones (the clocks ramp up first)."""
@@ -348,24 +416,26 @@ def peak_memory_gib(device):
 # One training step, the same harness for every network
 # ----------------------------------------------------------------------------------------------------------------
 
-def random_batches(cfg, args, device):
+def random_batches(cfg, args, device, fmt):
     """A device-resident uint8 "dataset" of random images, drawn by data.Batches as train.py draws CIFAR-10."""
     n = max(64, 8 * args.batch_size)
     g = torch.Generator().manual_seed(args.seed)
     x = torch.randint(0, 256, (n, 3, cfg.image_size, cfg.image_size), dtype=torch.uint8, generator=g)
     return data.Batches(x, torch.zeros(n, dtype=torch.long), args.batch_size, device, seed=args.seed, flip=True,
-                        channels_last=device.type == "cuda")
+                        channels_last=fmt == "channels_last")
 
 
-def our_training_step(cfg, args, device, compiled=False):
+def in_format(module, fmt):
+    return module.to(memory_format=torch.channels_last) if fmt == "channels_last" else module
+
+
+def our_training_step(cfg, args, device, fmt, compiled=False):
     """A function running one step of train.py exactly: its `train_step` on its network, optimizer and EMA."""
     torch.manual_seed(0)
-    model = dezero(build_ours(cfg)).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-    net = torch.compile(model) if compiled else model
+    model = in_format(dezero(build_ours(cfg)).to(device), fmt)
+    net = torch.compile(model) if compiled else model  # as train.py --compile
     diffusion = checkpoint.build_diffusion(cfg.diffusion_args)
-    batches = random_batches(cfg, args, device)
+    batches = random_batches(cfg, args, device, fmt)
     optimizer, ema = train.make_optimizer(model, cfg), train.EMA(model, cfg.ema)
     state = {"step": 0, "loss_sum": torch.zeros((), device=device)}
     model.train()
@@ -380,10 +450,10 @@ def our_training_step(cfg, args, device, compiled=False):
     return step
 
 
-def peer_training_step(model, loss_of, cfg, args, device):
+def peer_training_step(model, loss_of, cfg, args, device, fmt="contiguous"):
     """train.train_step's harness around a peer's `model` and `loss_of(x0) -> 0-dim loss`: the same data, warm-up
     learning rate, autocast, clipping, AdamW and EMA (built by train.py's own make_optimizer and EMA)."""
-    batches = random_batches(cfg, args, device)
+    batches = random_batches(cfg, args, device, fmt)
     optimizer, ema = train.make_optimizer(model, cfg), train.EMA(model, cfg.ema)
     state = {"step": 0, "loss_sum": torch.zeros((), device=device)}
     model.train()
@@ -408,15 +478,12 @@ def peer_training_step(model, loss_of, cfg, args, device):
     return step
 
 
-def peer_setup(impl, cfg, device):
+def peer_setup(impl, cfg, device, fmt):
     """(model whose parameters train, loss_of(x0)) for a peer implementation."""
-    cuda = device.type == "cuda"
     torch.manual_seed(0)
     if impl == "diffusers":
         DDPMScheduler = import_diffusers()[2]
-        model = dezero(build_diffusers_unet(cfg)).to(device)
-        if cuda:
-            model = model.to(memory_format=torch.channels_last)
+        model = in_format(dezero(build_diffusers_unet(cfg)).to(device), fmt)
         scheduler = DDPMScheduler(num_train_timesteps=cfg.diffusion_steps, beta_schedule="linear",
                                   beta_start=1e-4, beta_end=0.02)
         T = cfg.diffusion_steps
@@ -430,40 +497,36 @@ def peer_setup(impl, cfg, device):
         return model, loss_of
     if impl == "lucidrains":
         unet = dezero(build_lucidrains_unet(cfg))
-        diffusion = lucidrains_diffusion(unet, cfg).to(device)
-        if cuda:
-            diffusion = diffusion.to(memory_format=torch.channels_last)
+        diffusion = in_format(lucidrains_diffusion(unet, cfg).to(device), fmt)
         return diffusion, lambda x0: diffusion(x0)
     raise ValueError(impl)
 
 
-def sample_setup(impl, cfg, args, device):
+def sample_setup(impl, cfg, args, device, fmt, compiled=False):
     """draw(n): n images with DDIM (args.sample_steps steps) for one implementation, random weights.
 
     draw.params is the network's parameter count.
     """
-    cuda = device.type == "cuda"
     amp = cli.autocast(device, "auto")
     size = cfg.image_size
     torch.manual_seed(0)
     if impl == "ours":
-        # what sample.py does with a run's EMA weights: eval, no grad, channels_last; DDIM under bf16 autocast
-        model = dezero(build_ours(cfg)).to(device).eval().requires_grad_(False)
-        if cuda:
-            model = model.to(memory_format=torch.channels_last)
-        diffusion = checkpoint.build_diffusion(cfg.diffusion_args)
+        # what sample.py does with a run's EMA weights: eval, no grad, channels_last on CUDA; DDIM under bf16
+        # autocast; with --compile, sample.py's sampling.Compiled (torch.compile; on CUDA with CUDA graphs)
+        model = in_format(dezero(build_ours(cfg)).to(device).eval().requires_grad_(False), fmt)
+        net = sampling.Compiled(model, device) if compiled else model
+        diffusion = checkpoint.build_diffusion(cfg.diffusion_args).respace(args.sample_steps)
 
         def draw(n):
             with amp:
-                return ddim_sample_loop(diffusion.respace(args.sample_steps), model, (n, 3, size, size), device=device)
+                return ddim_sample_loop(diffusion, net, (n, 3, size, size), device=device)
 
         draw.params = sum(p.numel() for p in model.parameters())
+        draw.net = net
         return draw
     if impl == "diffusers":
         _, _, _, DDIMScheduler, DDIMPipeline = import_diffusers()
-        unet = dezero(build_diffusers_unet(cfg)).to(device).eval().requires_grad_(False)
-        if cuda:
-            unet = unet.to(memory_format=torch.channels_last)
+        unet = in_format(dezero(build_diffusers_unet(cfg)).to(device).eval().requires_grad_(False), fmt)
         scheduler = DDIMScheduler(num_train_timesteps=cfg.diffusion_steps, beta_schedule="linear",
                                   beta_start=1e-4, beta_end=0.02, clip_sample=True)
         pipe = DDIMPipeline(unet=unet, scheduler=scheduler)
@@ -480,9 +543,7 @@ def sample_setup(impl, cfg, args, device):
         lucid.tqdm = lambda iterable, *a, **k: iterable  # its sampling loop has a progress bar and no switch
         unet = dezero(build_lucidrains_unet(cfg))
         diffusion = lucidrains_diffusion(unet, cfg, sampling_steps=args.sample_steps).to(device).eval()
-        diffusion.requires_grad_(False)
-        if cuda:
-            diffusion = diffusion.to(memory_format=torch.channels_last)
+        diffusion = in_format(diffusion.requires_grad_(False), fmt)
 
         def draw(n):
             with amp:
@@ -494,64 +555,100 @@ def sample_setup(impl, cfg, args, device):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Rows
+# Rows: what each line of a table runs
 # ----------------------------------------------------------------------------------------------------------------
 
-def label_of(impl, version=None, compiled=False):
+def label_of(impl, version=None, compiled=False, fmt=None):
     if impl == "ours":
-        return "this repo (torch.compile)" if compiled else "this repo (eager)"
-    return f"{'diffusers' if impl == 'diffusers' else 'denoising_diffusion_pytorch'} {version}"
+        how = "torch.compile" if compiled else "eager"
+        return f"this repo ({how}{', ' + fmt if fmt else ''})"
+    name = "diffusers" if impl == "diffusers" else "denoising_diffusion_pytorch"
+    return f"{name} {version}" if version else name
 
 
-def run_train_row(impl, cfg, args, device, flops, compiled=False):
+class Runner:
+    """What the timing loop needs of a row: warm it up, run one timed repeat, then its row's other numbers."""
+
+    def __init__(self, call, calls, images, warmup, finish, profile_calls):
+        self.call, self.calls, self.images = call, calls, images
+        self.warmup, self.finish, self.profile_calls = warmup, finish, profile_calls
+
+    def repeat(self):
+        for _ in range(self.calls):
+            self.call()
+
+
+def train_runner(impl, cfg, args, device, fmt, compiled=False):
+    """A training row: `steps_per_repeat` steps of batch_size images per repeat, after `warmup` steps (at least one
+    for a compiled step: compilation is never timed)."""
     if impl == "ours":
-        step = our_training_step(cfg, args, device, compiled)
+        step = our_training_step(cfg, args, device, fmt, compiled)
     else:
-        step = peer_training_step(*peer_setup(impl, cfg, device), cfg, args, device)
-    times = timed_repeats(step, device, args.warmup, args.repeats, args.steps_per_repeat)
-    syncs = count_syncs(step, device)
-    loss = float(step.loss_sum())  # read once, after timing: the steps really ran and produced numbers
-    if not math.isfinite(loss):
-        raise RuntimeError(f"the loss is {loss}")
-    img_s = args.batch_size * args.steps_per_repeat / statistics.median(times)
-    params = sum(p.numel() for p in step.model.parameters() if p.requires_grad)
-    row = {"img_per_s": img_s, "times_s": times, "params": params, "syncs": syncs,
-           "flop_per_img": flops[1] if flops else None, "peak_mem_gib": peak_memory_gib(device)}
-    del step
-    if compiled:
-        torch._dynamo.reset()
-    return row
+        step = peer_training_step(*peer_setup(impl, cfg, device, fmt), cfg, args, device, fmt)
+
+    def warmup():
+        for _ in range(max(args.warmup, 1 if compiled else 0)):
+            step()
+
+    def finish():
+        syncs = count_syncs(step, device)
+        loss = float(step.loss_sum())  # read once, after timing: the steps really ran and produced numbers
+        if not math.isfinite(loss):
+            raise RuntimeError(f"the loss is {loss}")
+        return {"syncs": syncs, "params": sum(p.numel() for p in step.model.parameters() if p.requires_grad)}
+
+    return Runner(step, args.steps_per_repeat, args.batch_size * args.steps_per_repeat, warmup, finish,
+                  profile_calls=min(args.steps_per_repeat, 5))
 
 
-def run_sample_row(impl, cfg, args, device, flops):
-    draw = sample_setup(impl, cfg, args, device)
+def sample_runner(impl, cfg, args, device, fmt, compiled=False):
+    """A sampling row: all --sample-n images in batches of --sample-batch per repeat, after one untimed draw of every
+    batch size the repeat uses (a compiled network compiles once per shape: never while timed)."""
+    draw = sample_setup(impl, cfg, args, device, fmt, compiled)
     sizes = [min(args.sample_batch, args.sample_n - i) for i in range(0, args.sample_n, args.sample_batch)]
 
     def all_images():
         for n in sizes:
+            draw(n)
+
+    def warmup():
+        for n in dict.fromkeys(sizes):
             out = draw(n)
-        return out
+            if tuple(out.shape) != (n, 3, cfg.image_size, cfg.image_size):
+                raise RuntimeError(f"drew images of shape {tuple(out.shape)}")
 
-    out = draw(sizes[0])  # warm-up (and a check that it draws images of the right shape)
-    if tuple(out.shape[1:]) != (3, cfg.image_size, cfg.image_size):
-        raise RuntimeError(f"drew images of shape {tuple(out.shape)}")
-    times = timed_repeats(all_images, device, 0, args.repeats, 1)
-    syncs = count_syncs(lambda: draw(sizes[0]), device)
-    row = {"img_per_s": args.sample_n / statistics.median(times), "times_s": times, "syncs": syncs,
-           "params": draw.params,
-           "flop_per_img": flops[0] * args.sample_steps if flops else None, "peak_mem_gib": peak_memory_gib(device),
-           "batch": args.sample_batch}
-    del draw
-    return row
+    def finish():
+        return {"syncs": count_syncs(lambda: draw(sizes[0]), device), "params": draw.params,
+                "batch": args.sample_batch}
+
+    runner = Runner(all_images, 1, args.sample_n, warmup, finish, profile_calls=1)
+    runner.profile_call = lambda: draw(sizes[0])  # one batch: the sampling loop, its 50 network calls and steps
+    return runner
 
 
-def guarded(run):
-    """Run a row; an exception becomes the row's status (with its traceback on stderr), not the end of the run."""
-    try:
-        return dict(run(), status="ok")
-    except Exception as e:
-        traceback.print_exc()
-        return {"status": f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+def plan_rows(args, cfg, device, flops, peers, compiled):
+    """The rows of both tables, in order, each with `make` (-> Runner) or a status saying why it cannot run."""
+    formats = args.formats
+    rows = []
+    for task in args.tasks:
+        runner = train_runner if task == "train" else sample_runner
+        for fmt in formats:
+            key = "ours" if fmt == formats[0] else f"ours@{fmt}"
+            rows.append(dict(task=task, key=key, impl=label_of("ours", fmt=fmt if len(formats) > 1 else None),
+                             flops=flops.get("ours"), profile=fmt == formats[0], format=fmt,
+                             make=lambda r=runner, f=fmt: r("ours", cfg, args, device, f)))
+        if compiled:
+            rows.append(dict(task=task, key="ours+compile", impl=label_of("ours", compiled=True),
+                             flops=flops.get("ours"), profile=True, format=formats[0],
+                             make=lambda r=runner: r("ours", cfg, args, device, formats[0], compiled=True)))
+        for name, label, missing in peers:
+            row = dict(task=task, key=name, impl=label, flops=flops.get(name), profile=False, format=formats[0])
+            if missing:
+                row["status"] = missing
+            else:
+                row["make"] = lambda r=runner, n=name: r(n, cfg, args, device, formats[0])
+            rows.append(row)
+    return rows
 
 
 def peer_status(name):
@@ -564,23 +661,186 @@ def peer_status(name):
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# Timing, interleaved
+# ----------------------------------------------------------------------------------------------------------------
+
+def error_status(e):
+    traceback.print_exc()
+    return f"error: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+
+
+def guarded(run):
+    """Run a row; an exception becomes the row's status (with its traceback on stderr), not the end of the run."""
+    try:
+        return dict(run(), status="ok")
+    except Exception as e:
+        return {"status": error_status(e)}
+
+
+def allocated(device):
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def measure(rows, args, device):
+    """Time the rows of one table interleaved: set up and warm up every row, then run `repeats` rounds, each timing
+    one repeat of every row in turn, the order rotated by one each round. A clock that ramps or throttles, or a busy
+    neighbour, then touches every row alike instead of whichever ran last. Each row's img/s is from its median repeat.
+
+    All rows of the table are resident together. A row's peak memory is what it holds (its weights, optimizer, EMA,
+    data; measured across its set-up and warm-up) plus the most any of its repeats allocated on top (CUDA only).
+    With --profile, the rows marked for it are profiled after timing (profile_runner).
+    """
+    live = []
+    for row in rows:
+        if "make" not in row:
+            continue
+        log(f"{row['task']}: {row['impl']}: setting up, warming up ...")
+        before = allocated(device)
+        try:
+            runner = row.pop("make")()
+            runner.warmup()
+            sync(device)
+        except Exception as e:
+            row["status"] = error_status(e)
+            continue
+        row.update(times_s=[], resident=allocated(device) - before, transient=0)
+        live.append((row, runner))
+    for k in range(args.repeats):
+        turn = live[k % len(live):] + live[:k % len(live)] if live else []
+        for row, runner in turn:
+            if "status" in row:
+                continue
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
+            base = allocated(device)
+            try:
+                t0 = time.perf_counter()
+                runner.repeat()
+                sync(device)
+                row["times_s"].append(time.perf_counter() - t0)
+            except Exception as e:
+                row["status"] = error_status(e)
+                continue
+            if device.type == "cuda":
+                row["transient"] = max(row["transient"], torch.cuda.max_memory_allocated(device) - base)
+        log(f"round {k + 1}/{args.repeats}: " + ", ".join(
+            f"{row['impl']} {runner.images / row['times_s'][-1]:.1f} img/s" for row, runner in turn
+            if "status" not in row))
+    for row, runner in live:
+        if "status" not in row:
+            try:
+                row.update(runner.finish())
+                row["img_per_s"] = runner.images / statistics.median(row["times_s"])
+                row["status"] = "ok"
+            except Exception as e:
+                row["status"] = error_status(e)
+        resident, transient = row.pop("resident"), row.pop("transient")
+        row["peak_mem_gib"] = round((resident + transient) / 2 ** 30, 2) if device.type == "cuda" else None
+        if args.profile and row["status"] == "ok" and row.get("profile"):
+            row["profile"] = guarded(lambda: profile_runner(runner, row, args.profile, device))
+    live.clear()
+    runner = None  # noqa: F841 (the last row's network and optimizer go now, before the next table's)
+    free_memory(device)
+    torch._dynamo.reset()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Where the time goes (--profile)
+# ----------------------------------------------------------------------------------------------------------------
+
+# kernel or operator name -> category, first match wins (names lower-cased). On CUDA these are kernel names
+# (cuDNN/CUTLASS convolutions are "...fprop/dgrad/wgrad..." or "...conv..."; layout changes are nchwToNhwc /
+# nhwcToNchw or copies); on a CPU, aten operator names.
+CATEGORIES = (
+    ("compiled (triton)", ("triton",)),  # inductor's kernels name the ops they fuse: first, or they would scatter
+    ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
+    ("copy / layout / cast", ("nchwtonhwc", "nhwctonchw", "copy", "contiguous", "clone", "transpose", "permute")),
+    ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")),
+    ("matmul", ("gemm", "matmul", "addmm", "bmm", "aten::mm", "cutlass", "cublas", "linear")),
+    # PyTorch's CUDA GroupNorm is RowwiseMoments + ComputeFusedParams (+ GammaBetaBackward, ...) kernels
+    ("normalization", ("group_norm", "groupnorm", "layer_norm", "batch_norm", "rowwisemoments", "fusedparams",
+                       "gammabeta")),
+    ("optimizer / EMA", ("adam", "multi_tensor", "foreach", "lerp")),
+    ("reduction", ("reduce", "sum", "mean", "norm")),
+    ("elementwise", ("elementwise", "silu", "sigmoid", "add", "mul", "sub", "div", "where", "fill", "cat", "index",
+                     "vectorized", "random", "bernoulli", "dropout", "gelu", "relu", "pow", "sqrt", "exp", "clamp",
+                     "upsample")),
+)
+
+
+def category_of(name):
+    low = name.lower()
+    return next((cat for cat, keys in CATEGORIES if any(k in low for k in keys)), "other")
+
+
+def profile_runner(runner, row, folder, device):
+    """torch.profiler over a few calls of a row (training steps, or one sampling batch): the trace, and the time per
+    call by category and by kernel (device time on CUDA: kernels; self CPU time on a CPU: operators)."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+    cuda = device.type == "cuda"
+    call = getattr(runner, "profile_call", runner.call)
+    calls = runner.profile_calls
+    os.makedirs(folder, exist_ok=True)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    t0 = time.perf_counter()
+    with profile(activities=activities) as prof:
+        for _ in range(calls):
+            call()
+        sync(device)
+    wall = (time.perf_counter() - t0) / calls
+    name = f"{row['task']}_{row['key'].replace('+', '_').replace('@', '_')}.json.gz"
+    trace = os.path.join(folder, name)
+    prof.export_chrome_trace(trace)
+    events = list(prof.key_averages())
+    if cuda:
+        kernels = [e for e in events if e.device_type == DeviceType.CUDA] or \
+                  [e for e in events if getattr(e, "self_device_time_total", 0) > 0]
+        times = {e.key: (e.self_device_time_total, e.count) for e in kernels}
+    else:
+        times = {e.key: (e.self_cpu_time_total, e.count) for e in events if e.device_type == DeviceType.CPU}
+    total = sum(t for t, _ in times.values()) or 1e-9
+    by_cat = {}
+    for key, (t, _) in times.items():
+        by_cat[category_of(key)] = by_cat.get(category_of(key), 0.0) + t
+    top = sorted(times.items(), key=lambda kv: -kv[1][0])[:15]
+    log(f"  profiled {row['impl']} ({calls} call{'s' if calls > 1 else ''}): {trace}")
+    return {
+        "trace": trace, "calls": calls, "what": "kernels (device time)" if cuda else "operators (self CPU time)",
+        "wall_ms_per_call": 1e3 * wall, "busy_ms_per_call": total / 1e3 / calls,
+        "launches_per_call": sum(c for _, c in times.values()) / calls,
+        "categories": sorted(((cat, t / 1e3 / calls, t / total) for cat, t in by_cat.items()), key=lambda c: -c[1]),
+        "top": [(key, t / 1e3 / calls, c / calls, t / total) for key, (t, c) in top],
+    }
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # Report
 # ----------------------------------------------------------------------------------------------------------------
 
 def git_commit():
-    """The checked-out commit, read from .git without running git (None where there is no .git)."""
+    """The checked-out commit, read from .git without running git (None where there is none). In a worktree .git is
+    a file naming the real git folder; branch refs may live in the common folder it shares with the main tree."""
     git = os.path.join(ROOT, ".git")
     try:
+        if os.path.isfile(git):
+            with open(git) as f:
+                git = os.path.join(ROOT, f.read().strip().removeprefix("gitdir: "))
+        common = git
+        if os.path.isfile(os.path.join(git, "commondir")):
+            with open(os.path.join(git, "commondir")) as f:
+                common = os.path.normpath(os.path.join(git, f.read().strip()))
         with open(os.path.join(git, "HEAD")) as f:
             head = f.read().strip()
         if not head.startswith("ref: "):
             return head[:12]
         ref = head[5:]
-        path = os.path.join(git, ref)
-        if os.path.isfile(path):
-            with open(path) as f:
-                return f.read().strip()[:12]
-        with open(os.path.join(git, "packed-refs")) as f:
+        for folder in (git, common):
+            if os.path.isfile(os.path.join(folder, ref)):
+                with open(os.path.join(folder, ref)) as f:
+                    return f.read().strip()[:12]
+        with open(os.path.join(common, "packed-refs")) as f:
             for line in f:
                 if line.strip().endswith(" " + ref):
                     return line.split()[0][:12]
@@ -603,20 +863,24 @@ def markdown(results):
     m = results["meta"]
     a = m["args"]
     peak_name = "bf16" if m["precision"] == "bf16" else "fp32"
+    n, matmul = m["matmul_n"], m["peak_tflops"]
+    sheet = (f"datasheet dense bf16 peak {m['datasheet_tflops']:.4g} TFLOP/s ({m['datasheet_source']}); "
+             if m["datasheet_tflops"] else "no datasheet peak for this device (MFU column empty; --peak-tflops); ")
     lines = [
         f"### {m['date']}: {m['device']}, torch {m['torch']}, commit {m['commit'] or 'unknown'}"
         + (" (--tiny: a tiny U-Net, not the benchmark)" if a["tiny"] else ""),
         "",
-        f"Precision {'bf16 autocast' if m['precision'] == 'bf16' else 'fp32'}, "
-        f"channels_last {'on' if m['channels_last'] else 'off'}. "
-        f"Measured {peak_name} matmul peak (the MFU denominator): {m['peak_tflops']:.4g} TFLOP/s.",
+        f"Precision {'bf16 autocast' if m['precision'] == 'bf16' else 'fp32'}; memory format of the baseline and "
+        f"every other row: {m['formats'][0]}. Peaks: {sheet}measured {n}^3 {peak_name} matmul "
+        f"{matmul:.4g} TFLOP/s.",
         f"Training: batch {a['batch_size']}, median of {a['repeats']} x {a['steps_per_repeat']} steps after "
         f"{a['warmup']} warm-up steps. Sampling: DDIM {a['sample_steps']} steps, {a['sample_n']} images in batches "
-        f"of {a['sample_batch']}, median of {a['repeats']}; random weights.",
+        f"of {a['sample_batch']}, median of {a['repeats']}; random weights. The rows of a table are timed "
+        "interleaved, round by round.",
         "",
         "| task | implementation | params | GFLOP/img (fwd / train step) | img/s | vs this repo | TFLOP/s | MFU "
-        "| host syncs | peak GiB |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| % of matmul | host syncs | peak GiB |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in results["rows"]:
         fl = r.get("flops")
@@ -624,25 +888,45 @@ def markdown(results):
         task = (f"train (batch {a['batch_size']})" if r["task"] == "train"
                 else f"sample (DDIM {a['sample_steps']})")
         if r["status"] != "ok":
-            lines.append(f"| {task} | {r['impl']} | | | {r['status']} | | | | | |")
+            lines.append(f"| {task} | {r['impl']} | | | {r['status']} | | | | | | |")
             continue
         params = f"{r['params'] / 1e6:.1f}M" if r.get("params") else "-"
-        mfu = r.get("mfu")
+        mfu, of_matmul = r.get("mfu"), r.get("of_matmul")
         lines.append(f"| {task} | {r['impl']} | {params} | {gflop} | {r['img_per_s']:.1f} | "
                      f"{fmt(r.get('ratio'), '.2f')}{'x' if r.get('ratio') else ''} | {fmt(r.get('tflops'), '.3g')} | "
-                     f"{fmt(mfu and 100 * mfu, '.1f')}{'%' if mfu else ''} | {fmt(r.get('syncs'), 'd')} | "
-                     f"{fmt(r.get('peak_mem_gib'), '.2f')} |")
+                     f"{fmt(mfu and 100 * mfu, '.1f')}{'%' if mfu else ''} | "
+                     f"{fmt(of_matmul and 100 * of_matmul, '.1f')}{'%' if of_matmul else ''} | "
+                     f"{fmt(r.get('syncs'), 'd')} | {fmt(r.get('peak_mem_gib'), '.2f')} |")
     lines.append("")
     lines.append("vs this repo: img/s over this repository's eager row of the same task (above 1: faster than it). "
                  "GFLOP/img: counted by FlopCounterMode (2 per multiply-add); a sampling row's TFLOP/s and MFU use "
-                 f"{a['sample_steps']} forwards per image. Host syncs: per training step / per sampling call.")
+                 f"{a['sample_steps']} forwards per image. MFU: over the datasheet peak; % of matmul: over the "
+                 "measured matmul. Host syncs: per training step / per sampling call.")
     for line in results["summary"]:
         lines.append(f"- {line}")
+    for r in results["rows"]:
+        p = r.get("profile")
+        if not isinstance(p, dict):
+            continue
+        lines += ["", f"#### Profile: {r['task']}, {r['impl']}"]
+        if p.get("status") != "ok":
+            lines.append(f"{p.get('status')}")
+            continue
+        per = "step" if r["task"] == "train" else f"sampling call ({a['sample_batch']} images, "\
+            f"{a['sample_steps']} steps)"
+        lines += [f"Per {per}: wall {p['wall_ms_per_call']:.2f} ms under the profiler, {p['what']} "
+                  f"{p['busy_ms_per_call']:.2f} ms in {p['launches_per_call']:.0f} calls; trace: `{p['trace']}` "
+                  f"({p['calls']} {'steps' if r['task'] == 'train' else 'call'}).", "",
+                  "| category | ms | share |", "| --- | ---: | ---: |"]
+        lines += [f"| {cat} | {ms:.3f} | {100 * share:.1f}% |" for cat, ms, share in p["categories"]]
+        lines += ["", "| top kernels / operators | ms | calls | share |", "| --- | ---: | ---: | ---: |"]
+        lines += [f"| `{name[:100]}` | {ms:.3f} | {calls:.0f} | {100 * share:.1f}% |"
+                  for name, ms, calls, share in p["top"]]
     return "\n".join(lines)
 
 
 def summarise(rows):
-    """Ratios against this repo's eager rows, and one sentence per comparison."""
+    """Ratios against this repo's baseline rows (eager, first format), and one sentence per comparison."""
     base = {task: next((r for r in rows if r["task"] == task and r["key"] == "ours" and r["status"] == "ok"), None)
             for task in ("train", "sample")}
     out = []
@@ -653,7 +937,7 @@ def summarise(rows):
             if r is not b:
                 word = "faster" if r["ratio"] > 1 else "slower"
                 speed = r["ratio"] if r["ratio"] > 1 else 1 / r["ratio"]
-                out.append(f"{r['task']}: {r['impl']} is {speed:.2f}x {word} than this repo (eager)")
+                out.append(f"{r['task']}: {r['impl']} is {speed:.2f}x {word} than {b['impl']}")
     return out
 
 
@@ -671,56 +955,53 @@ def benchmark(args):
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
     compiled = cuda if args.compile is None else args.compile
+    if compiled:
+        cli.check_compiler()
+    args.formats = args.formats or (FORMATS if cuda else ("contiguous",))
     cfg = our_config(args.tiny)
-    peers = PEERS if args.peers == "all" else () if args.peers == "none" else (args.peers,)
+    names = PEERS if args.peers == "all" else () if args.peers == "none" else (args.peers,)
 
-    log(f"bench: {device_name(device)}, torch {torch.__version__}")
-    peak = matmul_peak(device, torch.bfloat16, 8192, 20) if cuda else matmul_peak(device, torch.float32, 512, 5)
-    log(f"matmul peak {peak / 1e12:.4g} TFLOP/s")
+    name = device_name(device)
+    log(f"bench: {name}, torch {torch.__version__}")
+    # the measured ceiling: a large square matmul (bf16 on CUDA; fp32 on a CPU, big enough that oneDNN's own
+    # convolutions do not beat it)
+    n = 8192 if cuda else 1024 if args.tiny else 2048
+    peak = matmul_peak(device, torch.bfloat16, n, 20) if cuda else matmul_peak(device, torch.float32, n, 2)
+    sheet = args.peak_tflops or (datasheet_tflops(name) if cuda else None)
+    source = "--peak-tflops" if args.peak_tflops else "NVIDIA datasheet" if sheet else None
+    log(f"matmul {n}^3: {peak / 1e12:.4g} TFLOP/s measured" + (f"; peak {sheet} TFLOP/s ({source})" if sheet else ""))
 
-    impls = [("ours", "this repo", None)]
-    for name in peers:
-        version, missing = peer_status(name)
-        impls.append((name, label_of(name, version), missing))
+    peers = []
+    for pname in names:
+        version, missing = peer_status(pname)
+        peers.append((pname, label_of(pname, version), missing))
 
-    flops = {}
-    for key, _, missing in impls:
+    flops = {"ours": network_flops("ours", cfg)}
+    for pname, _, missing in peers:
         if missing is None:
-            flops[key] = network_flops(key, cfg)
-            log(f"{key}: {flops[key][0] / 1e9:.3f} GFLOP forward, {flops[key][1] / 1e9:.3f} forward+backward per image")
+            flops[pname] = network_flops(pname, cfg)
+    for key, (fwd, step) in flops.items():
+        log(f"{key}: {fwd / 1e9:.3f} GFLOP forward, {step / 1e9:.3f} forward+backward per image")
 
-    rows = []
-
-    def add(task, key, label, missing, run):
-        """Run one row (`run()` returns its numbers), unless its library is missing; derive TFLOP/s and MFU."""
-        log(f"{task}: {label} ...")
-        free_memory(device)
-        row = {"status": missing} if missing else guarded(run)
-        row.update(task=task, key=key, impl=label, flops=flops.get(key.split("+")[0]))
-        if row["status"] == "ok":
-            if row.get("flop_per_img"):
-                row["tflops"] = row["flop_per_img"] * row["img_per_s"] / 1e12
-                row["mfu"] = row["flop_per_img"] * row["img_per_s"] / peak
-            log(f"  {row['img_per_s']:.1f} img/s" + (f", MFU {100 * row['mfu']:.1f}%" if "mfu" in row else ""))
-        else:
-            log(f"  {row['status']}")
-        rows.append(row)
-
-    for key, label, missing in impls:
-        add("train", key, label_of("ours") if key == "ours" else label, missing,
-            lambda: run_train_row(key, cfg, args, device, flops.get(key)))
-        if key == "ours" and compiled:
-            add("train", "ours+compile", label_of("ours", compiled=True), None,
-                lambda: run_train_row("ours", cfg, args, device, flops.get("ours"), compiled=True))
-    if args.sample_n:
-        for key, label, missing in impls:
-            add("sample", key, label_of("ours") if key == "ours" else label, missing,
-                lambda: run_sample_row(key, cfg, args, device, flops.get(key)))
+    rows = plan_rows(args, cfg, device, flops, peers, compiled)
+    for task in args.tasks:
+        measure([r for r in rows if r["task"] == task], args, device)
+    for row in rows:
+        if row["status"] == "ok" and row.get("flops"):
+            per_image = row["flops"][1] if row["task"] == "train" else row["flops"][0] * args.sample_steps
+            row["flop_per_img"] = per_image
+            row["tflops"] = per_image * row["img_per_s"] / 1e12
+            row["of_matmul"] = per_image * row["img_per_s"] / peak
+            if sheet:
+                row["mfu"] = row["tflops"] / sheet
+        log(f"{row['task']}: {row['impl']}: " + (f"{row['img_per_s']:.1f} img/s" if row["status"] == "ok"
+                                                 else row["status"]))
 
     results = {
-        "meta": {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": device_name(device),
+        "meta": {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": name,
                  "commit": args.commit or git_commit(), "python": platform.python_version(),
-                 "precision": "bf16" if cuda else "fp32", "channels_last": cuda, "peak_tflops": peak / 1e12,
+                 "precision": "bf16" if cuda else "fp32", "formats": list(args.formats), "matmul_n": n,
+                 "peak_tflops": peak / 1e12, "datasheet_tflops": sheet, "datasheet_source": source,
                  "args": vars(args), "model_args": cfg.model_args},
         "flops": {k: {"forward": v[0], "train_step": v[1]} for k, v in flops.items()},
         "rows": rows,

@@ -3,9 +3,11 @@
 The peers (diffusers, denoising_diffusion_pytorch) are optional: their test runs only where both are installed.
 """
 
+import gzip
 import importlib.util
 import json
 import math
+import os
 import statistics
 
 import pytest
@@ -35,7 +37,8 @@ def test_tiny_run_prints_and_returns_positive_throughput(tmp_path, capsys):
         assert r["img_per_s"] > 0 and math.isfinite(r["img_per_s"])
         assert len(r["times_s"]) == 2 and all(t > 0 for t in r["times_s"])  # --tiny: 2 repeats
         assert r["ratio"] == pytest.approx(1.0)                            # the baseline of its own task
-        assert 0 < r["mfu"] and r["tflops"] > 0
+        assert 0 < r["of_matmul"] and r["tflops"] > 0
+        assert r.get("mfu") is None                                        # a CPU has no datasheet peak here
         assert r["syncs"] is None                                          # counted on CUDA only
     fwd, step = results["flops"]["ours"]["forward"], results["flops"]["ours"]["train_step"]
     assert 0 < fwd < step
@@ -52,6 +55,85 @@ def test_tiny_run_prints_and_returns_positive_throughput(tmp_path, capsys):
     saved = json.loads(out.read_text())
     assert [r["impl"] for r in saved["rows"]] == [r["impl"] for r in results["rows"]]
     assert saved["meta"]["args"]["batch_size"] == 4 and saved["meta"]["peak_tflops"] > 0
+    assert saved["meta"]["matmul_n"] == 1024 and saved["meta"]["formats"] == ["contiguous"]
+
+
+def test_rows_are_timed_interleaved_after_every_warm_up(monkeypatch):
+    """All rows are set up and warmed up before the first timed repeat; then round k times every row once, starting
+    one row later than round k - 1 (a, b, c / b, c, a / c, a, b). Three rows of this repo without a peer: the
+    baseline format, the other format and the compiled step."""
+    log = []
+
+    def fake_runner(impl, cfg, args, device, fmt, compiled=False):
+        key = "compile" if compiled else fmt
+        log.append(("setup", key))
+        runner = bench.Runner(lambda: log.append(("call", key)), 2, 10, lambda: log.append(("warmup", key)),
+                              lambda: {"params": 1, "syncs": None}, profile_calls=1)
+        return runner
+
+    monkeypatch.setattr(bench, "train_runner", fake_runner)
+    monkeypatch.setattr(bench.cli, "check_compiler", lambda: None)
+    results = bench.main(TINY + ["--peers", "none", "--tasks", "train", "--compile", "--repeats", "3",
+                                 "--formats", "channels_last,contiguous"])
+    rows = rows_by(results, "train")
+    assert [r["impl"] for r in rows] == ["this repo (eager, channels_last)", "this repo (eager, contiguous)",
+                                         "this repo (torch.compile)"]
+    assert all(r["status"] == "ok" and len(r["times_s"]) == 3 for r in rows)
+    keys = ["channels_last", "contiguous", "compile"]
+    assert log[:6] == [(what, k) for k in keys for what in ("setup", "warmup")]
+    calls = [k for what, k in log[6:]]
+    assert all(what == "call" for what, _ in log[6:])
+    rounds = [keys, keys[1:] + keys[:1], keys[2:] + keys[:2]]
+    assert calls == [k for rnd in rounds for k in rnd for _ in range(2)]  # 2 calls per repeat
+    assert not rows_by(results, "sample")  # --tasks train
+
+
+def test_a_row_failing_mid_run_stops_alone(monkeypatch):
+    """A row whose repeat raises gets an error status; the other rows keep their rounds."""
+    def fake_runner(impl, cfg, args, device, fmt, compiled=False):
+        def call():
+            if fmt == "contiguous":
+                raise RuntimeError("out of memory (pretend)")
+        return bench.Runner(call, 1, 4, lambda: None, lambda: {"params": 1, "syncs": None}, profile_calls=1)
+
+    monkeypatch.setattr(bench, "train_runner", fake_runner)
+    results = bench.main(TINY + ["--peers", "none", "--tasks", "train", "--repeats", "3",
+                                 "--formats", "channels_last,contiguous"])
+    ok, failed = rows_by(results, "train")
+    assert ok["status"] == "ok" and len(ok["times_s"]) == 3
+    assert failed["status"] == "error: RuntimeError: out of memory (pretend)"
+
+
+def test_sampling_warms_up_every_batch_size_and_compiles_with_sample_pys_wrapper(monkeypatch):
+    """The compiled sampling row is sample.py --compile's network (sampling.Compiled), and each batch size a timed
+    repeat uses is drawn once before timing (10 images in batches of 4: sizes 4 and 2), so nothing compiles while
+    timed."""
+    wrapped, shapes = [], []
+    real_compiled, real_loop = bench.sampling.Compiled, bench.ddim_sample_loop
+
+    class Recording(real_compiled):
+        def __init__(self, model, device):
+            wrapped.append(model)
+            super().__init__(model, device)
+
+    def loop(diffusion, model, shape, **kw):
+        shapes.append((type(model).__name__, shape[0]))
+        return real_loop(diffusion, model, shape, **kw)
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: real_compile(m, **dict(kw, backend="eager")))
+    monkeypatch.setattr(bench.sampling, "Compiled", Recording)
+    monkeypatch.setattr(bench, "ddim_sample_loop", loop)
+    monkeypatch.setattr(bench.cli, "check_compiler", lambda: None)
+    results = bench.main(TINY + ["--peers", "none", "--tasks", "sample", "--compile", "--repeats", "1",
+                                 "--sample-n", "10", "--sample-batch", "4", "--sample-steps", "2"])
+    eager, compiled = rows_by(results, "sample")
+    assert compiled["impl"] == "this repo (torch.compile)" and compiled["status"] == "ok"
+    assert len(wrapped) == 1
+    compiled_calls = [n for name, n in shapes if name == "Recording"]
+    # warm-up: one draw per distinct size; then one timed repeat: 4, 4, 2; then the sync count's draw (CPU: none)
+    assert compiled_calls == [4, 2, 4, 4, 2]
+    assert eager["img_per_s"] > 0 and compiled["img_per_s"] > 0
 
 
 def test_missing_peer_gets_an_install_row(monkeypatch, capsys):
@@ -112,6 +194,90 @@ def test_commit_is_read_without_git():
     assert commit is None or (len(commit) == 12 and all(c in "0123456789abcdef" for c in commit))
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_commit_is_read_in_a_worktree(tmp_path, monkeypatch, packed):
+    """In a `git worktree`, .git is a file naming the tree's git folder, whose HEAD names a branch whose ref lives
+    in the common folder (loose, or in packed-refs)."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    common = tmp_path / "main" / ".git"
+    gitdir = common / "worktrees" / "wt"
+    gitdir.mkdir(parents=True)
+    (gitdir / "HEAD").write_text("ref: refs/heads/bench\n")
+    (gitdir / "commondir").write_text("../..\n")
+    if packed:
+        (common / "packed-refs").write_text(f"# pack-refs with: peeled\n{sha} refs/heads/bench\n")
+    else:
+        (common / "refs" / "heads").mkdir(parents=True)
+        (common / "refs" / "heads" / "bench").write_text(sha + "\n")
+    tree = tmp_path / "wt"
+    tree.mkdir()
+    (tree / ".git").write_text(f"gitdir: {gitdir}\n")
+    monkeypatch.setattr(bench, "ROOT", str(tree))
+    assert bench.git_commit() == sha[:12]
+
+
+@pytest.mark.parametrize("name, tflops", [
+    ("NVIDIA H100 80GB HBM3", 989.4),   # H100 SXM
+    ("NVIDIA H100 PCIe", 756.0),
+    ("NVIDIA H100 NVL", 835.0),
+    ("NVIDIA H200", 989.4),
+    ("NVIDIA A100-SXM4-80GB", 312.0),
+    ("NVIDIA GeForce RTX 4090", None),
+])
+def test_datasheet_peak_by_device_name(name, tflops):
+    assert bench.datasheet_tflops(name) == tflops
+
+
+def test_mfu_is_over_the_given_peak_and_beside_the_measured_matmul(capsys):
+    results = bench.main(TINY + ["--peers", "none", "--sample-n", "0", "--repeats", "1", "--peak-tflops", "0.5"])
+    row = rows_by(results, "train")[0]
+    assert row["mfu"] == pytest.approx(row["tflops"] / 0.5)
+    assert row["of_matmul"] == pytest.approx(row["tflops"] / results["meta"]["peak_tflops"])
+    assert results["meta"]["datasheet_source"] == "--peak-tflops"
+    assert "datasheet dense bf16 peak 0.5 TFLOP/s (--peak-tflops)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("name, category", [
+    ("sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc_nhwc_tilesize128x128x64", "convolution"),
+    ("void cutlass__5x_cudnn::Kernel<cutlass_tensorop_bf16_s16816dgrad_optimized_bf16_128x128_32x5_nhwc>",
+     "convolution"),
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x128x64_warpgroupsize1x1x1", "matmul"),
+    ("void cudnn::engines_precompiled::nchwToNhwcKernel<__nv_bfloat16, __nv_bfloat16, float, false>", "copy / layout / cast"),
+    ("void at::native::elementwise_kernel<128, 2, at::native::direct_copy_kernel_cuda(at::TensorIteratorBase&)>",
+     "copy / layout / cast"),
+    ("void at::native::(anonymous namespace)::RowwiseMomentsCUDAKernel<c10::BFloat16>(long, float, ...)",
+     "normalization"),
+    ("aten::native_group_norm_backward", "normalization"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4, false, false>>", "attention"),
+    ("void at::native::multi_tensor_apply_kernel<at::native::FusedAdamMathFunctor<float, 4>>", "optimizer / EMA"),
+    ("triton_poi_fused_convolution_native_group_norm_silu_3", "compiled (triton)"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::CUDAFunctor_add<c10::BFloat16>>",
+     "elementwise"),
+    ("void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float, at::native::func_wrapper_t>>",
+     "reduction"),
+    ("aten::empty", "other"),
+])
+def test_profile_categories_of_kernel_names(name, category):
+    assert bench.category_of(name) == category
+
+
+def test_profile_writes_traces_and_says_where_the_time_goes(tmp_path, capsys):
+    folder = tmp_path / "prof"
+    results = bench.main(TINY + ["--peers", "none", "--repeats", "1", "--profile", str(folder)])
+    table = capsys.readouterr().out
+    for task in ("train", "sample"):
+        p = rows_by(results, task)[0]["profile"]
+        assert p["status"] == "ok" and os.path.isfile(p["trace"]) and p["trace"].endswith(".json.gz")
+        with gzip.open(p["trace"]) as f:
+            assert json.load(f)["traceEvents"]
+        assert sum(share for _, _, share in p["categories"]) == pytest.approx(1.0)
+        cats = {cat: ms for cat, ms, _ in p["categories"]}
+        assert cats["convolution"] == max(cats.values())  # a U-Net's time is in its convolutions
+        assert len(p["top"]) == 15 and p["launches_per_call"] > 100 and 0 < p["busy_ms_per_call"]
+        assert f"#### Profile: {task}, this repo (eager)" in table
+    assert "| convolution |" in table and "`aten::mkldnn_convolution`" in table
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--batch-size", "0"], "--batch-size"),
     (["--repeats", "-1"], "--repeats"),
@@ -120,6 +286,11 @@ def test_commit_is_read_without_git():
     (["--peers", "everyone"], "--peers"),
     (["--json", "/no/such/folder/bench.json"], "--json"),
     (["--device", "tpu9"], "--device"),
+    (["--formats", "nhwc"], "--formats"),
+    (["--formats", "contiguous,contiguous"], "--formats"),
+    (["--tasks", ""], "--tasks"),
+    (["--peak-tflops", "0"], "--peak-tflops"),
+    (["--profile", "/no/such/folder/prof"], "--profile"),
     (["--steps-per-repeat", "many"], "--steps-per-repeat"),
 ])
 def test_bad_input_is_one_line_and_exit_2(argv, flag, capsys):
