@@ -752,7 +752,9 @@ def measure(rows, args, device):
 # (cuDNN/CUTLASS convolutions are "...fprop/dgrad/wgrad..." or "...conv..."; layout changes are nchwToNhwc /
 # nhwcToNchw or copies); on a CPU, aten operator names.
 CATEGORIES = (
-    ("compiled (triton)", ("triton",)),  # inductor's kernels name the ops they fuse: first, or they would scatter
+    # inductor's kernels (CUDA: triton_*; CPU: fused C++ inside "## Call CompiledFxGraph ... ##") name the ops they
+    # fuse: first, or they would scatter over the categories below
+    ("compiled (inductor)", ("triton", "compiledfxgraph", "cpp_fused", "compiledfunction", "torchdynamo")),
     ("attention", ("flash", "fmha", "attention", "sdpa", "softmax")),
     ("copy / layout / cast", ("nchwtonhwc", "nhwctonchw", "copy", "contiguous", "clone", "transpose", "permute")),
     ("convolution", ("conv", "fprop", "dgrad", "wgrad", "implicit_gemm", "winograd")),
