@@ -37,7 +37,7 @@ def test_tiny_run_prints_and_returns_positive_throughput(tmp_path, capsys):
         assert r["img_per_s"] > 0 and math.isfinite(r["img_per_s"])
         assert len(r["times_s"]) == 2 and all(t > 0 for t in r["times_s"])  # --tiny: 2 repeats
         assert r["ratio"] == pytest.approx(1.0)                            # the baseline of its own task
-        assert 0 < r["of_matmul"] and r["tflops"] > 0
+        assert 0 < r["of_ceiling"] and r["tflops"] > 0
         assert r.get("mfu") is None                                        # a CPU has no datasheet peak here
         assert r["syncs"] is None                                          # counted on CUDA only
     fwd, step = results["flops"]["ours"]["forward"], results["flops"]["ours"]["train_step"]
@@ -56,6 +56,15 @@ def test_tiny_run_prints_and_returns_positive_throughput(tmp_path, capsys):
     assert [r["impl"] for r in saved["rows"]] == [r["impl"] for r in results["rows"]]
     assert saved["meta"]["args"]["batch_size"] == 4 and saved["meta"]["peak_tflops"] > 0
     assert saved["meta"]["matmul_n"] == 1024 and saved["meta"]["formats"] == ["contiguous"]
+    assert "matmul" in saved["meta"]["ceiling"] and "convolution" in saved["meta"]["ceiling"]
+
+
+def test_conv_peak_counts_the_convolution_by_hand(monkeypatch):
+    """conv_peak's FLOPs are FlopCounterMode's count of the same convolution; its time is the best repeat's."""
+    monkeypatch.setattr(bench, "timed_repeats", lambda fn, device, warmup, repeats, calls: [2.0, 1.0, 3.0])
+    conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False)
+    x = torch.randn(2, 256, 32, 32)
+    assert bench.conv_peak(torch.device("cpu"), torch.float32, 2, 5) == bench.count_flops(lambda: conv(x)) * 5 / 1.0
 
 
 def test_rows_are_timed_interleaved_after_every_warm_up(monkeypatch):
@@ -228,11 +237,11 @@ def test_datasheet_peak_by_device_name(name, tflops):
     assert bench.datasheet_tflops(name) == tflops
 
 
-def test_mfu_is_over_the_given_peak_and_beside_the_measured_matmul(capsys):
+def test_mfu_is_over_the_given_peak_and_beside_the_measured_ceiling(capsys):
     results = bench.main(TINY + ["--peers", "none", "--sample-n", "0", "--repeats", "1", "--peak-tflops", "0.5"])
     row = rows_by(results, "train")[0]
     assert row["mfu"] == pytest.approx(row["tflops"] / 0.5)
-    assert row["of_matmul"] == pytest.approx(row["tflops"] / results["meta"]["peak_tflops"])
+    assert row["of_ceiling"] == pytest.approx(row["tflops"] / results["meta"]["peak_tflops"])
     assert results["meta"]["datasheet_source"] == "--peak-tflops"
     assert "datasheet dense bf16 peak 0.5 TFLOP/s (--peak-tflops)" in capsys.readouterr().out
 
