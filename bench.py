@@ -928,7 +928,7 @@ def markdown(results):
             f"{a['sample_steps']} steps)"
         lines += [f"Per {per}: wall {p['wall_ms_per_call']:.2f} ms under the profiler, {p['what']} "
                   f"{p['busy_ms_per_call']:.2f} ms in {p['launches_per_call']:.0f} calls; trace: `{p['trace']}` "
-                  f"({p['calls']} {'steps' if r['task'] == 'train' else 'call'}).", "",
+                  f"({p['calls']} {'step' if r['task'] == 'train' else 'call'}{'s' if p['calls'] > 1 else ''}).", "",
                   "| category | ms | share |", "| --- | ---: | ---: |"]
         lines += [f"| {cat} | {ms:.3f} | {100 * share:.1f}% |" for cat, ms, share in p["categories"]]
         lines += ["", "| top kernels / operators | ms | calls | share |", "| --- | ---: | ---: | ---: |"]
