@@ -32,12 +32,13 @@ WHAT IS MEASURED
            Every row uses the same harness (optimizer, clipping, EMA, data, batch, bf16 autocast, the first of
            --formats, TF32 on): only the network and the loss differ.
   sample   images/s of DDIM with 50 steps (eta 0, x_0 clipped) for --sample-n 1000 images in batches of
-           --sample-batch 500, eval mode, bf16 autocast, the first of --formats: ddim.ddim_sample_loop against diffusers'
-           DDIMPipeline (output_type="pt", so the images stay on the GPU) and lucidrains' GaussianDiffusion.sample
-           with sampling_timesteps=50; "this repo (torch.compile)" is sample.py --compile (sampling.Compiled:
-           torch.compile, on CUDA with CUDA graphs), compiled during the warm-up draws (one per batch size). The
-           weights are random (initialised, not trained): throughput does not depend on them. Weight tensors that a library initialises to exactly zero (this repo's output convolutions) are
-           filled with small random values first in every row, so no row runs its matmuls on zeros (faster on GPUs).
+           --sample-batch 500, eval mode, bf16 autocast, the first of --formats: ddim.ddim_sample_loop against
+           diffusers' DDIMPipeline (output_type="pt", so the images stay on the GPU) and lucidrains'
+           GaussianDiffusion.sample with sampling_timesteps=50; "this repo (torch.compile)" is sample.py --compile
+           (sampling.Compiled: torch.compile, on CUDA with CUDA graphs), compiled during the warm-up draws (one per
+           batch size). The weights are random (initialised, not trained): throughput does not depend on them.
+           Weight tensors that a library initialises to exactly zero (this repo's output convolutions) are filled
+           with small random values first in every row, so no row runs its matmuls on zeros (faster on GPUs).
   FLOPs    counted with torch.utils.flop_counter.FlopCounterMode on one forward, and one forward + backward, of each
            network at batch 1 on the meta device (no arithmetic is done, so it takes a second on any machine). The
            counter counts a convolution or matmul as 2 FLOPs per multiply-add; attention's two batched matmuls are
@@ -798,7 +799,7 @@ def profile_runner(runner, row, folder, device):
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     sync(device)
     t0 = time.perf_counter()
-    with profile(activities=activities) as prof:
+    with profile(activities=activities, acc_events=True) as prof:  # one cycle; True silences torch 2.11's warning
         for _ in range(calls):
             call()
         sync(device)
