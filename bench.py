@@ -353,7 +353,7 @@ def matmul_peak(device, dtype, n, iters, repeats=3):
 def conv_peak(device, dtype, batch, iters, repeats=3):
     """Measured FLOP/s of a 256 -> 256 channel 3x3 convolution on 32x32 maps, `batch` images (no bias, no grad): the
     U-Net's own kind of work. On a CPU this is the ceiling: oneDNN's convolutions beat MKL's matmul (on AMD EPYC,
-    where MKL takes a slower path: 0.18 against 0.29-0.35 TFLOP/s on 2 cores), so a matmul alone reads as >100%."""
+    where MKL takes a slower path: 0.17-0.20 against 0.29-0.44 TFLOP/s on 2 cores), so a matmul alone reads as >100%."""
     conv = torch.nn.Conv2d(256, 256, 3, padding=1, bias=False, device=device, dtype=dtype).requires_grad_(False)
     x = torch.randn(batch, 256, 32, 32, device=device, dtype=dtype)
     times = timed_repeats(lambda: conv(x), device, iters, repeats, iters)
