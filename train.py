@@ -563,12 +563,34 @@ def setup(argv):
     run = SimpleNamespace(args=args, given=given, out=out, ckpt_path=ckpt_path, rank=rank, world_size=world_size,
                           is_main=rank == 0, device=device, step=0, saved_step=None, lock=None, metrics=None,
                           grids=0, last_loss=None)
+    made = missing_folders(out) if run.is_main else []  # what check_writable_dir will create
     try:
         setup_run(run, t_start)
     except BaseException:
         close(run)
+        remove_if_unused(made)  # a refused start leaves no run folder behind (train.lock was all it held)
         raise
     return run
+
+
+def missing_folders(path):
+    """The folders of `path` that do not exist yet, deepest first: what os.makedirs(path) would create."""
+    made, path = [], os.path.abspath(path)
+    while not os.path.exists(path):
+        made.append(path)
+        path = os.path.dirname(path)
+    return made
+
+
+def remove_if_unused(made):
+    """Remove the folders this process created (deepest first), each only if it holds nothing but train.lock."""
+    for folder in made:
+        try:
+            if os.path.isfile(os.path.join(folder, "train.lock")) and os.listdir(folder) == ["train.lock"]:
+                os.remove(os.path.join(folder, "train.lock"))
+            os.rmdir(folder)  # fails, harmlessly, on a folder that holds anything else
+        except OSError:
+            return
 
 
 def setup_run(run, t_start):

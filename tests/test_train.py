@@ -512,7 +512,7 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, capsys, monkeypatch):
 def test_bad_input_exits_2_with_one_line(tmp_path, extra, flag):
     out = str(tmp_path / "r")
     assert_one_line_exit(forked(TINY + ["--steps", "1", "--out", out] + extra), 2, "error:", flag)
-    assert not os.path.exists(os.path.join(out, "config.json"))  # refused before any work
+    assert not os.path.exists(out)  # refused before any work, and the run folder it made is gone with its lock
 
 
 # ----------------------------------------------------------------------------------------------------------------
