@@ -1134,13 +1134,17 @@ def plot_loss(metrics_path, png_path):
         for k, v in enumerate(losses, 1):
             avg = beta * avg + (1 - beta) * math.log(v)
             smooth.append(math.exp(avg / (1 - beta ** k)))
-        ax.plot(steps, losses, color=color, alpha=0.35, linewidth=1, label=f"{name} (mean over each log interval)")
+        # a dot on each point while there are few: a line through one point draws nothing (a run stopped early)
+        ax.plot(steps, losses, color=color, alpha=0.35, linewidth=1, label=f"{name} (mean over each log interval)",
+                marker="o" if len(losses) < 50 else None, markersize=4)
         ax.plot(steps, smooth, color=color, linewidth=2, label=f"{name}: moving average")
     ax.set_yscale("log")
+    values = [max(r[k], 1e-12) for r in records for k in names]
+    ax.set_ylim(min(values) / 1.5, max(values) * 1.5)  # room above and below, even for a single point
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(loc="upper right")
+    ax.legend(loc="best")
     fig.tight_layout()
     tmp = f"{png_path}.tmp{os.getpid()}"
     try:

@@ -21,6 +21,7 @@ import tempfile
 import time
 import traceback
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -442,6 +443,18 @@ def test_sigterm_saves_and_a_second_trainer_is_refused_naming_the_pid(tmp_path, 
     stdout, stderr = proc.communicate(timeout=60)
     assert proc.returncode == 143 and "Traceback" not in stderr, stderr
     assert f"stopped by SIGTERM at step {load(out)['step']}" in stdout and "resume with: " in stdout
+
+
+def test_loss_png_shows_a_run_stopped_after_one_log_line(tmp_path):
+    """A run stopped early (Ctrl-C after a few steps of the full recipe on a CPU) has one logged loss: loss.png draws
+    it as a dot in the middle of the plot, not an empty frame (a line through one point draws nothing)."""
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 0.9991}) + "\n")
+    train.plot_loss(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png"))
+    with Image.open(tmp_path / "loss.png") as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    blue = (rgb[..., 2] - rgb[..., 0]) > 60  # tab:blue, at the raw line's alpha
+    h, w = blue.shape
+    assert blue[h // 4: 3 * h // 4, w // 3: 2 * w // 3].sum() > 10  # the middle of the axes: the dot, no legend
 
 
 def test_a_second_ctrl_c_stops_at_once(tmp_path, capsys, monkeypatch):
