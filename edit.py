@@ -54,9 +54,13 @@ def sdedit_steps(diffusion, strength):
 
 def known_region(diffusion, x_in, t, generator=None):
     """x_in noised to the level of code step t - 1, the level a reverse step from t arrives at (RePaint eq. 8):
-    q(x_{t-1} | x_in) by F2 with fresh noise, and x_in itself after the last step (abar_0 = 1)."""
-    if int(t[0]) == 0:
+    q(x_{t-1} | x_in) by F2 with fresh noise, and x_in itself after the last step (abar_0 = 1).
+
+    t is the step as a Python int (the loop's own counter: reading it back from a device tensor would make the host
+    wait for the GPU at every step)."""
+    if t == 0:
         return x_in
+    t = torch.full((x_in.shape[0],), t, device=x_in.device, dtype=torch.long)
     # RePaint eq. 8 / DDPM eq. 4: x_{t-1}^known = sqrt(abar_{t-1}) x_in + sqrt(1 - abar_{t-1}) eps, eps fresh
     return diffusion.q_sample(x_in, t - 1, randn_like(x_in, generator))
 
@@ -77,7 +81,7 @@ def sdedit(diffusion, model, x_in, strength, sampler="ddpm", eta=0.0, mask=None,
     if sampler == "ddim":
         check_eta(diffusion, eta)
     if mask is not None:
-        mask = torch.as_tensor(mask, device=x_in.device).to(x_in.dtype)
+        mask = torch.as_tensor(mask)  # checked where it was given (a mask read from a file: on the host, no GPU sync)
         try:
             fits = torch.broadcast_shapes(mask.shape, x_in.shape) == x_in.shape
         except RuntimeError:
@@ -86,6 +90,7 @@ def sdedit(diffusion, model, x_in, strength, sampler="ddpm", eta=0.0, mask=None,
             raise ValueError(f"mask: shape {tuple(mask.shape)} does not broadcast to the input's {tuple(x_in.shape)}")
         if not bool(((mask >= 0) & (mask <= 1)).all()):
             raise ValueError("mask: values must lie in [0, 1] (1 keeps the input, 0 repaints)")
+        mask = mask.to(device=x_in.device, dtype=x_in.dtype)
     t0 = sdedit_steps(diffusion, strength)
     if t0 == 0:
         return x_in.clone()
@@ -106,5 +111,5 @@ def sdedit(diffusion, model, x_in, strength, sampler="ddpm", eta=0.0, mask=None,
             x = ddim_step(diffusion, model, x, t, eta, clip_denoised, cond_fn, model_kwargs, generator)["sample"]
         if mask is not None:
             # RePaint eq. 10: x_{t-1} = m * x_{t-1}^known + (1 - m) * x_{t-1}^unknown
-            x = mask * known_region(diffusion, x_in, t, generator) + (1 - mask) * x
+            x = mask * known_region(diffusion, x_in, i, generator) + (1 - mask) * x
     return x

@@ -37,7 +37,7 @@ import torch
 
 import checkpoint
 import cli
-from ddim import ddim_sample_loop, ddim_step, slerp
+from ddim import ddim_sample_loop, slerp
 from ddpm import randn
 from guidance import ClassifierFreeGuidance, classifier_cond_fn
 

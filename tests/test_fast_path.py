@@ -26,7 +26,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint
-import cli
 import data
 import sampling
 import train
@@ -305,3 +304,74 @@ def test_evaluate_compile_without_headers_is_one_line(tmp_path, monkeypatch, cap
     assert tiny.run(evaluate, ["table", "--checkpoint", run, "--compile", "--out", str(tmp_path / "r.jsonl")]) == 2
     err = tiny.one_line_error(capsys)
     assert "--compile: torch.compile needs Python's C headers" in err and "Python.h is missing" in err
+
+
+# -- every sampling loop on a device the host never reads --------------------------------------------------------------
+
+def on_meta(module):
+    return module.to("meta").eval().requires_grad_(False)
+
+
+def loops():
+    """(name, run(diffusion, eps_model, classifier, cfg_model, ddgan_generator) -> images) for every loop a script
+    samples, edits or scores with."""
+    import ddgan  # noqa: PLC0415
+    import ddim  # noqa: PLC0415
+    import edit  # noqa: PLC0415
+    import guidance  # noqa: PLC0415
+    import score  # noqa: PLC0415
+    import solvers  # noqa: PLC0415
+    shape = (4, 3, 8, 8)
+    y = torch.tensor([0, 1, 0, 1], device="meta")
+
+    def x_in():
+        return torch.zeros(shape, device="meta")
+
+    return [
+        ("ddim", lambda d, m, c, f, g: ddim.ddim_sample_loop(d, m, shape, device="meta")),
+        ("ddim eta 1", lambda d, m, c, f, g: ddim.ddim_sample_loop(d, m, shape, eta=1.0, device="meta")),
+        ("ddpm", lambda d, m, c, f, g: d.p_sample_loop(m, shape, device="meta")),
+        ("dpmpp2m", lambda d, m, c, f, g: solvers.dpmpp2m_sample_loop(d, m, shape, device="meta")),
+        ("heun", lambda d, m, c, f, g: solvers.heun_sample_loop(d, m, shape, device="meta")),
+        ("langevin", lambda d, m, c, f, g: score.langevin_sample_loop(d, m, shape, device="meta")),
+        ("pc", lambda d, m, c, f, g: score.pc_sample_loop(d, m, shape, device="meta")),
+        # an unconditional eps-model guided by a classifier: the labels are the classifier's (sampling.IgnoreLabels)
+        ("ddim + classifier guidance", lambda d, m, c, f, g: ddim.ddim_sample_loop(
+            d, sampling.IgnoreLabels(m), shape, cond_fn=guidance.classifier_cond_fn(c, 4.0), model_kwargs={"y": y},
+            device="meta")),
+        ("ddpm + classifier guidance", lambda d, m, c, f, g: d.p_sample_loop(
+            sampling.IgnoreLabels(m), shape, cond_fn=guidance.classifier_cond_fn(c, 4.0), model_kwargs={"y": y},
+            device="meta")),
+        ("ddim + classifier-free guidance", lambda d, m, c, f, g: ddim.ddim_sample_loop(
+            d, guidance.ClassifierFreeGuidance(f, 3.0, null_class=2), shape, model_kwargs={"y": y}, device="meta")),
+        ("ddgan", lambda d, m, c, f, g: ddgan.ddgan_sample_loop(ddgan_diffusion(), g, shape, latent_dim=8,
+                                                              device="meta")),
+        ("sdedit ddpm", lambda d, m, c, f, g: edit.sdedit(d, m, x_in(), 0.5)),
+        # the mask as sample.py gives it: read from an image file, on the host
+        ("sdedit ddim, masked", lambda d, m, c, f, g: edit.sdedit(d, m, x_in(), 0.5, sampler="ddim",
+                                                                   mask=torch.ones(shape))),
+        ("ddim inversion", lambda d, m, c, f, g: ddim.ddim_invert(d, m, x_in())),
+        ("bits/dim", lambda d, m, c, f, g: d.calc_bpd_loop(m, x_in())["total_bpd"]),
+    ]
+
+
+def ddgan_diffusion():
+    """DDGAN's chain: T = 4 steps of the vp schedule (ddgan.py)."""
+    return checkpoint.build_diffusion({"schedule": "vp", "timesteps": 4})
+
+
+@pytest.mark.parametrize("name", [name for name, _ in loops()])
+def test_every_loop_runs_on_another_device_and_never_reads_it(name):
+    """What a GPU run needs of every loop, checked without one: the network and the images on another device than
+    the host's float64 schedule, and no value of theirs read back by the host (one sync per step on a GPU). On the
+    meta device there are no values: any read (`.item()`, `bool(t)`, `.tolist()`, `.cpu()`) raises, and so does a
+    CPU tensor of more than one element meeting a device tensor (a schedule gathered without `.to(device)`)."""
+    from unet import EncoderUNet  # noqa: PLC0415
+    run = dict(loops())[name]
+    eps_model = on_meta(network("cpu"))
+    classifier = EncoderUNet(**dict(tiny.NET, out_dim=2, pool="adaptive"))
+    classifier = classifier.to("meta").eval()  # gradients flow to its input (guidance), never to its weights
+    cfg_model = on_meta(tiny.randomize(UNet(**dict(NET, num_classes=2)), seed=0))
+    ddgan_g = on_meta(tiny.randomize(UNet(**dict(NET, latent_dim=8)), seed=0))
+    out = run(diffusion().respace(5), eps_model, classifier, cfg_model, ddgan_g)
+    assert out.device.type == "meta"

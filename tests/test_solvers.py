@@ -18,7 +18,6 @@ At 10 steps 2M is still pre-asymptotic (error 0.60): uniform steps in t are very
 extrapolation with step ratio r = h_{i-1}/h_i << 1 amplifies; hence 20-160 here.
 """
 
-import math
 
 import numpy as np
 import pytest

@@ -16,7 +16,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from unet import ADM_CHOICES, Downsample, EncoderUNet, UNet, timestep_embedding  # noqa: E402
 
