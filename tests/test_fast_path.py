@@ -308,8 +308,18 @@ def test_evaluate_compile_without_headers_is_one_line(tmp_path, monkeypatch, cap
 
 # -- every sampling loop on a device the host never reads --------------------------------------------------------------
 
-def on_meta(module):
-    return module.to("meta").eval().requires_grad_(False)
+@pytest.fixture(scope="module")
+def meta_networks():
+    """(eps-model, classifier, class-conditional eps-model, DDGAN generator), built on the meta device: shapes and no
+    values, so they cost nothing to build. The classifier's weights keep requires_grad (guidance differentiates it
+    with respect to its input)."""
+    from unet import EncoderUNet  # noqa: PLC0415
+    with torch.device("meta"):
+        nets = (UNet(**NET), EncoderUNet(**dict(tiny.NET, out_dim=2, pool="adaptive")),
+                UNet(**dict(NET, num_classes=2)), UNet(**dict(NET, latent_dim=8)))
+    for i, net in enumerate(nets):
+        net.eval().requires_grad_(i == 1)
+    return nets
 
 
 def loops():
@@ -361,17 +371,10 @@ def ddgan_diffusion():
 
 
 @pytest.mark.parametrize("name", [name for name, _ in loops()])
-def test_every_loop_runs_on_another_device_and_never_reads_it(name):
+def test_every_loop_runs_on_another_device_and_never_reads_it(name, meta_networks):
     """What a GPU run needs of every loop, checked without one: the network and the images on another device than
     the host's float64 schedule, and no value of theirs read back by the host (one sync per step on a GPU). On the
     meta device there are no values: any read (`.item()`, `bool(t)`, `.tolist()`, `.cpu()`) raises, and so does a
     CPU tensor of more than one element meeting a device tensor (a schedule gathered without `.to(device)`)."""
-    from unet import EncoderUNet  # noqa: PLC0415
-    run = dict(loops())[name]
-    eps_model = on_meta(network("cpu"))
-    classifier = EncoderUNet(**dict(tiny.NET, out_dim=2, pool="adaptive"))
-    classifier = classifier.to("meta").eval()  # gradients flow to its input (guidance), never to its weights
-    cfg_model = on_meta(tiny.randomize(UNet(**dict(NET, num_classes=2)), seed=0))
-    ddgan_g = on_meta(tiny.randomize(UNet(**dict(NET, latent_dim=8)), seed=0))
-    out = run(diffusion().respace(5), eps_model, classifier, cfg_model, ddgan_g)
+    out = dict(loops())[name](diffusion().respace(5), *meta_networks)
     assert out.device.type == "meta"
