@@ -323,9 +323,9 @@ def diffusion_args_of(args):
 
 
 def make_optimizer(model, args, lr=None):
-    """AdamW, fused: one kernel per step on CUDA, one multithreaded loop on a CPU (13x faster there than the default
-    for-each AdamW: 8.8 vs 115 ms a step for a 9M-parameter U-Net on 2 cores), and on both its step count stays a
-    tensor the host never reads. The learning rate is set every step by `get_lr`.
+    """AdamW, fused: one kernel per step on CUDA, one multithreaded loop on a CPU (3x faster there than the default
+    for-each AdamW: 7.5 vs 25 ms a step for a 9M-parameter U-Net on 2 cores, BENCHMARKS.md), and on both its step
+    count stays a tensor the host never reads. The learning rate is set every step by `get_lr`.
     --task ddgan: betas (0.5, 0.9) for G and D, as DDGAN trains both (and most GANs since DCGAN)."""
     betas = ddgan.CIFAR10_RECIPE["adam_betas"] if args.task == "ddgan" else (0.9, 0.999)
     fused = next(model.parameters()).device.type in ("cuda", "cpu")

@@ -1,4 +1,6 @@
-"""What the fast path relies on, checked on the CPU and, where a GPU is present, on CUDA.
+"""What the fast path relies on, checked on the CPU and, where a GPU is present, on CUDA; and what a GPU run needs of
+every sampling loop and training step (one device for the network and its tensors, no value read back by the host),
+checked on the meta device, which has no values at all.
 
 The fast path (bf16 autocast, channels_last, torch.compile, a training loop that never waits for the device) is
 written for CUDA, but most of what it promises is device-independent and is checked here on the CPU too: bf16
@@ -378,3 +380,43 @@ def test_every_loop_runs_on_another_device_and_never_reads_it(name, meta_network
     CPU tensor of more than one element meeting a device tensor (a schedule gathered without `.to(device)`)."""
     out = dict(loops())[name](diffusion().respace(5), *meta_networks)
     assert out.device.type == "meta"
+
+
+# the training paths: (name, train.py flags)
+TRAINING = [("L_simple", []), ("hybrid loss, cosine schedule", ["--loss", "hybrid", "--schedule", "cosine"]),
+            ("importance-sampled t", ["--loss", "hybrid", "--t-sampler", "importance"]),
+            ("class-conditional (CFG)", ["--class-cond"]), ("noisy classifier", ["--task", "classifier"]),
+            ("DDGAN, with R1", ["--task", "ddgan"])]
+
+
+@pytest.mark.parametrize("name", [name for name, _ in TRAINING])
+def test_every_training_step_runs_on_another_device_and_never_reads_it(name):
+    """train.py's step for every task and loss, as its loop calls it (fused AdamW, clipping, the EMA; DDGAN's two
+    players and R1's double backward), on the meta device: no CPU tensor meets a device one, nothing is read back.
+    The loop's own reads (log steps only) are tests/test_fast_path.py's HostReads test."""
+    import ddpm  # noqa: PLC0415
+    from unet import EncoderUNet  # noqa: PLC0415
+    argv = dict(TRAINING)[name] + ["--image-size", "8", "--ch", "16", "--ch-mult", "1,2", "--num-res-blocks", "1",
+                                   "--attn", "4", "--d-ch", "8", "--latent-dim", "8"]
+    args = train.build_parser().parse_args(argv)
+    if args.task == "ddgan":  # the recipe's T = 4 and vp schedule, as train.py fills them in
+        for key in ("diffusion_steps", "schedule"):
+            setattr(args, key, train.DDGAN_DEFAULTS[key])
+    args.num_classes = 2
+    kind, model_args = train.build_model_args(args, 2, 3)
+    diffusion = checkpoint.build_diffusion(train.diffusion_args_of(args))
+    with torch.device("meta"):
+        model = checkpoint.KINDS[kind](**model_args)
+        disc = EncoderUNet(**train.discriminator_args_of(args, 3)) if args.task == "ddgan" else None
+    x0 = torch.zeros(4, 3, 8, 8, device="meta")
+    y = torch.zeros(4, dtype=torch.long, device="meta")
+    optimizer, ema = train.make_optimizer(model, args), train.EMA(model, args.ema)
+    for step in range(2):
+        if args.task == "ddgan":
+            opt_d = train.make_optimizer(disc, args, lr=args.lr_d)
+            out = train.train_step_ddgan(step, x0, model, disc, diffusion, optimizer, opt_d, ema, args)
+        else:
+            sampler = ddpm.ImportanceSampler(diffusion.num_timesteps, device="meta") \
+                if args.t_sampler == "importance" else None
+            out = train.train_step(step, x0, y, model, model, diffusion, optimizer, ema, args, sampler)
+        assert out.device.type == "meta"
