@@ -113,6 +113,25 @@ def test_a_row_failing_mid_run_stops_alone(monkeypatch):
     assert failed["status"] == "error: RuntimeError: out of memory (pretend)"
 
 
+def test_no_compiler_leaves_the_default_compile_rows_saying_why(monkeypatch):
+    """Where torch.compile cannot build (no C compiler or no Python.h), the compile rows that run by default (on CUDA)
+    say why and the other rows still run; asked for by name (--compile), it is one line and exit 2 before any work."""
+    def missing():
+        raise bench.UsageError("--compile: torch.compile needs a C compiler and none is on PATH (...)")
+
+    monkeypatch.setattr(bench.cli, "check_compiler", missing)
+    monkeypatch.setattr(bench, "default_compile", lambda device: True)  # as on CUDA
+    results = bench.main(TINY + ["--peers", "none", "--repeats", "1", "--sample-n", "4", "--sample-steps", "2"])
+    for task in ("train", "sample"):
+        eager, compiled = rows_by(results, task)
+        assert eager["status"] == "ok"
+        assert compiled["impl"] == "this repo (torch.compile)"
+        assert compiled["status"].startswith("not run (--compile: torch.compile needs a C compiler")
+    with pytest.raises(SystemExit) as e:
+        bench.main(TINY + ["--compile"])
+    assert e.value.code == 2
+
+
 def test_sampling_warms_up_every_batch_size_and_compiles_with_sample_pys_wrapper(monkeypatch):
     """The compiled sampling row is sample.py --compile's network (sampling.Compiled), and each batch size a timed
     repeat uses is drawn once before timing (10 images in batches of 4: sizes 4 and 2), so nothing compiles while
