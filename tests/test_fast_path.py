@@ -39,6 +39,17 @@ DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.i
 NET = dict(tiny.NET, ch=32, use_scale_shift_norm=False)  # 32 channels: GroupNorm groups of one channel at the top
 
 
+@pytest.fixture(autouse=True)
+def full_fp32_on_cuda():
+    """fp32 means fp32 here: cuDNN runs fp32 convolutions in TF32 (a 10-bit mantissa) by default, and train.py turns
+    TF32 on for matmuls too, which would turn the exact comparisons below (channels_last, compiled) into 1e-3-level
+    ones and blur the bf16-against-fp32 reference. Off for each test, restored after."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
 def network(device, memory_format=torch.contiguous_format):
     return tiny.randomize(UNet(**NET), seed=0).to(device=device, memory_format=memory_format)
 
