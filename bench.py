@@ -167,6 +167,7 @@ def build_parser():
     p.add_argument("--json", default=None, metavar="PATH", help="also write all results to this JSON file")
     p.add_argument("--commit", default=None, help="commit to print (default: read from .git when there is one)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="replace an existing --json file, or traces in --profile")
     return p
 
 
@@ -187,6 +188,8 @@ def resolve_args(args):
         folder = os.path.dirname(os.path.abspath(args.json))
         if not os.path.isdir(folder):
             raise UsageError(f"--json: folder {folder} does not exist; create it or pick another path")
+        if os.path.exists(args.json) and not args.force:  # an earlier run's numbers are never replaced silently
+            raise UsageError(f"--json: {args.json} already exists; pass --force to replace it or choose another name")
     if args.formats is not None:
         args.formats = parse_list("--formats", args.formats, FORMATS)
     args.tasks = parse_list("--tasks", args.tasks, ("train", "sample"))
@@ -202,6 +205,9 @@ def resolve_args(args):
             raise UsageError(f"--profile: folder {parent} does not exist; create it or pick another path")
         if os.path.exists(args.profile) and not os.path.isdir(args.profile):
             raise UsageError(f"--profile: {args.profile} is a file; give a folder for the traces")
+        if os.path.isdir(args.profile) and os.listdir(args.profile) and not args.force:
+            raise UsageError(f"--profile: {args.profile} already holds files (an earlier profile?); pass --force to "
+                             f"write over its traces or choose another folder")
     return args
 
 
@@ -1063,6 +1069,7 @@ def main(argv=None):
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1, default=str)
+        log(f"wrote {args.json} (every number, repeat times included)")
     return results
 
 

@@ -26,7 +26,8 @@ def rows_by(results, task):
 def test_tiny_run_prints_and_returns_positive_throughput(tmp_path, capsys):
     out = tmp_path / "bench.json"
     results = bench.main(TINY + ["--peers", "none", "--json", str(out)])
-    table = capsys.readouterr().out
+    said = capsys.readouterr()
+    table = said.out
 
     train_rows, sample_rows = rows_by(results, "train"), rows_by(results, "sample")
     # CPU: eager only (no compile row by default), this repository only (--peers none)
@@ -52,6 +53,7 @@ def test_tiny_run_prints_and_returns_positive_throughput(tmp_path, capsys):
     assert table.count("| sample (DDIM 5) | this repo (eager) |") == 1
     assert f"torch {torch.__version__}" in table
 
+    assert f"wrote {out}" in said.err
     saved = json.loads(out.read_text())
     assert [r["impl"] for r in saved["rows"]] == [r["impl"] for r in results["rows"]]
     assert saved["meta"]["args"]["batch_size"] == 4 and saved["meta"]["peak_tflops"] > 0
@@ -329,6 +331,25 @@ def test_bad_input_is_one_line_and_exit_2(argv, flag, capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("error:") and flag in err, err
+
+
+def test_earlier_results_are_never_replaced_without_force(tmp_path, capsys):
+    """An existing --json file, or a --profile folder with files in it: one line naming the flag, exit 2, the file
+    untouched; --force replaces them."""
+    old = tmp_path / "bench.json"
+    old.write_text("earlier numbers")
+    prof = tmp_path / "prof"
+    prof.mkdir()
+    (prof / "train_ours.json.gz").write_text("earlier trace")
+    for argv, flag in ((["--json", str(old)], "--json"), (["--profile", str(prof)], "--profile")):
+        with pytest.raises(SystemExit) as e:
+            bench.main(TINY + argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {flag}: ") and "--force" in err and "\n" not in err, err
+    assert old.read_text() == "earlier numbers" and (prof / "train_ours.json.gz").read_text() == "earlier trace"
+    bench.main(TINY + ["--peers", "none", "--sample-n", "0", "--repeats", "1", "--json", str(old), "--force"])
+    assert json.loads(old.read_text())["rows"]
 
 
 PEERS_INSTALLED = all(importlib.util.find_spec(m) is not None for m in ("diffusers", "denoising_diffusion_pytorch"))
