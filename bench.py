@@ -653,14 +653,14 @@ def plan_rows(args, cfg, device, flops, peers, compiled):
         for fmt in formats:
             key = "ours" if fmt == formats[0] else f"ours@{fmt}"
             rows.append(dict(task=task, key=key, impl=label_of("ours", fmt=fmt if len(formats) > 1 else None),
-                             flops=flops.get("ours"), profile=fmt == formats[0], format=fmt,
+                             flops=flops.get("ours"), to_profile=fmt == formats[0], format=fmt,
                              make=lambda r=runner, f=fmt: r("ours", cfg, args, device, f)))
         if compiled:
             rows.append(dict(task=task, key="ours+compile", impl=label_of("ours", compiled=True),
-                             flops=flops.get("ours"), profile=True, format=formats[0],
+                             flops=flops.get("ours"), to_profile=True, format=formats[0],
                              make=lambda r=runner: r("ours", cfg, args, device, formats[0], compiled=True)))
         for name, label, missing in peers:
-            row = dict(task=task, key=name, impl=label, flops=flops.get(name), profile=False, format=formats[0])
+            row = dict(task=task, key=name, impl=label, flops=flops.get(name), format=formats[0])
             if missing:
                 row["status"] = missing
             else:
@@ -754,7 +754,7 @@ def measure(rows, args, device):
                 row["status"] = error_status(e)
         resident, transient = row.pop("resident"), row.pop("transient")
         row["peak_mem_gib"] = round((resident + transient) / 2 ** 30, 2) if device.type == "cuda" else None
-        if args.profile and row["status"] == "ok" and row.get("profile"):
+        if row.pop("to_profile", False) and args.profile and row["status"] == "ok":
             row["profile"] = guarded(lambda: profile_runner(runner, row, args.profile, device))
     live.clear()
     runner = None  # noqa: F841 (the last row's network and optimizer go now, before the next table's)
@@ -1029,6 +1029,7 @@ def benchmark(args):
     for task in args.tasks:
         measure([r for r in rows if r["task"] == task], args, device)
     for row in rows:
+        row.pop("to_profile", None)  # a plan's mark, not a result (rows that never ran still carry it)
         if row["status"] == "ok" and row.get("flops"):
             per_image = row["flops"][1] if row["task"] == "train" else row["flops"][0] * args.sample_steps
             row["flop_per_img"] = per_image
