@@ -147,9 +147,11 @@ def load(path, flag="--checkpoint"):
     if path.startswith("hf:") or os.path.isdir(path):
         import pretrained  # noqa: PLC0415 (only readers of diffusers folders need it)
         try:
-            return pretrained.load_diffusers(path)
+            ckpt = pretrained.load_diffusers(path)
         except (ValueError, OSError) as e:
             raise UsageError(f"{flag}: {e}") from None
+        ckpt["path"] = path
+        return ckpt
     try:
         with warnings.catch_warnings():  # a corrupt file makes torch warn before it raises: one line is enough
             warnings.simplefilter("ignore")

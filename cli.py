@@ -59,15 +59,47 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
 
-def main_guard(main, argv=None):
-    """Run `main(argv)`; a UsageError (or one of the library's input errors) becomes one line on stderr, exit 2."""
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM, delivered the way Python delivers SIGINT: as an exception at the next bytecode of the main thread."""
+
+    signum = 15
+
+
+def _raise_interrupted(signum, frame):
+    raise Interrupted
+
+
+def main_guard(main, argv=None, catch_signals=True):
+    """Run `main(argv)` as a script's entry point.
+
+    A UsageError (or one of the library's input errors) becomes one line on stderr, exit 2. Ctrl-C (SIGINT) and
+    SIGTERM become one line on stderr saying what was stopped and what was kept, exit 130 / 143 (128 + the signal's
+    number, the shell's convention): the scripts write every output to a temporary name and rename it only when it
+    is whole, so the files announced with `wrote` before the signal are complete and nothing partial is left.
+    train.py, which saves a checkpoint on a signal, installs its own handlers (`catch_signals=False`).
+    """
+    import signal  # noqa: PLC0415
+
     import data  # noqa: PLC0415 (data.DataError is a usage error too: a missing or malformed dataset)
 
+    script = os.path.basename(sys.argv[0]) or "the script"
+    previous = signal.signal(signal.SIGTERM, _raise_interrupted) if catch_signals else None
     try:
         return main(argv)
     except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt as e:
+        if not catch_signals:
+            raise
+        signum = getattr(e, "signum", signal.SIGINT)
+        name = signal.Signals(signum).name
+        print(f"\n{name}: {script} stopped before it finished; every file it announced as written is complete, "
+              "and nothing partial was left", file=sys.stderr)
+        sys.exit(128 + int(signum))
+    finally:
+        if catch_signals:
+            signal.signal(signal.SIGTERM, previous)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -1221,7 +1221,7 @@ def main(argv=None):
     or a save failed (one line); 130 / 143 after a SIGINT / SIGTERM (checkpoint saved)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        run = cli.main_guard(setup, argv)
+        run = cli.main_guard(setup, argv, catch_signals=False)
     except KeyboardInterrupt:
         print("interrupted before training started: nothing was written", file=sys.stderr)
         sys.exit(130)
