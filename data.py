@@ -355,6 +355,13 @@ def load_dataset(name, data_dir=None, image_size=32, split="train", synthetic_n=
     raise DataError(f"--dataset: unknown dataset {name!r}; pass one of {', '.join(DATASETS)}")
 
 
+def load_dataset_and_source(name, data_dir=None, image_size=32, split="train", synthetic_n=256):
+    """(x, y, source): load_dataset, and what it actually read in words (the files found, or the source), for a
+    script to announce which of the searched places held the data."""
+    x, y = load_dataset(name, data_dir, image_size, split, synthetic_n)
+    return x, y, last_loaded
+
+
 # -----------------------------------------------------------------------------
 # the on-device sampler
 
