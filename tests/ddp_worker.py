@@ -10,13 +10,13 @@ import torch  # noqa: E402
 import train  # noqa: E402
 
 torch.set_num_threads(1)
-run = train.setup(sys.argv[1:])
+run, training = train.setup(sys.argv[1:])
 with open(os.path.join(run.out, f"pid{run.rank}"), "w") as f:  # for the test to signal one rank alone
     f.write(str(os.getpid()))
 try:
-    outcome = train.train(run)
+    outcome = train.train(run, training)
 finally:
-    train.close(run)
-torch.save({"model": run.model.state_dict(), "step": run.step, "outcome": getattr(outcome, "name", outcome)},
+    run.close()
+torch.save({"model": training.model.state_dict(), "step": run.step, "outcome": getattr(outcome, "name", outcome)},
            os.path.join(run.out, f"rank{run.rank}.pt"))
-sys.exit(train.finish(run, outcome))
+sys.exit(run.finish(outcome))

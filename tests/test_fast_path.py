@@ -29,6 +29,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import checkpoint
 import data
+import runs
 import sampling
 import train
 from tests import tiny
@@ -219,14 +220,14 @@ class HostReads(TorchDispatchMode):
 @pytest.mark.parametrize("device", DEVICES)
 def test_training_loop_reads_nothing_from_the_device_between_log_steps(tmp_path, monkeypatch, device):
     """train.py's loop, run for real: from the batch draw to the end-of-step decision (train_step, the EMA, the
-    loss sum, what_now) the host reads no tensor, at any step, so on a GPU the CPU runs ahead and the device never
+    loss sum, runs.Run.end_of_step) the host reads no tensor, at any step, so on a GPU the CPU runs ahead and the device never
     idles; the loss is read every --log-every steps only. Checked by recording every host read in each step's window
     (the CPU) and with CUDA's sync debug mode (on CUDA), and the same recorder sees the log steps' reads (it can fail).
     """
     steps, log_every = 12, 4
     windows, log_reads = [], {}
     mode = HostReads()
-    real_next, real_what_now = data.Batches.next, train.what_now
+    real_next, real_end_of_step = data.Batches.next, runs.Run.end_of_step
 
     def close_log_window():  # what the host read after the last log step's decision (its loss, its log line)
         if mode.active and log_at is not None:
@@ -241,8 +242,8 @@ def test_training_loop_reads_nothing_from_the_device_between_log_steps(tmp_path,
             torch.cuda.set_sync_debug_mode("warn")
         return real_next(batches)
 
-    def what_now(run):  # ... and its hot part ends with the decision what to do next
-        due = real_what_now(run)
+    def end_of_step(run):  # ... and its hot part ends with the decision what to do next
+        end = real_end_of_step(run)
         if device == "cuda":
             torch.cuda.set_sync_debug_mode("default")
         mode.active = False
@@ -251,11 +252,11 @@ def test_training_loop_reads_nothing_from_the_device_between_log_steps(tmp_path,
         # after a log step's decision, record its reads too: the recorder must see the loss being read
         log_at[0] = run.step if run.step % log_every == 0 else None
         mode.active = log_at[0] is not None
-        return due
+        return end
 
     log_at = [None]
     monkeypatch.setattr(data.Batches, "next", next_batch)
-    monkeypatch.setattr(train, "what_now", what_now)
+    monkeypatch.setattr(runs.Run, "end_of_step", end_of_step)
     argv = [a if a != "cpu" else device for a in TINY] + ["--out", str(tmp_path / "run"), "--steps", str(steps),
                                                            "--log-every", str(log_every), "--save-every", "1000"]
     with warnings.catch_warnings(record=True) as caught, mode.wrapping(monkeypatch):

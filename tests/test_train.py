@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 import checkpoint
+import runs
 import train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -449,7 +450,7 @@ def test_loss_png_shows_a_run_stopped_after_one_log_line(tmp_path):
     """A run stopped early (Ctrl-C after a few steps of the full recipe on a CPU) has one logged loss: loss.png draws
     it as a dot in the middle of the plot, not an empty frame (a line through one point draws nothing)."""
     (tmp_path / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 0.9991}) + "\n")
-    train.plot_loss(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png"))
+    runs.plot_loss(str(tmp_path / "metrics.jsonl"), str(tmp_path / "loss.png"))
     with Image.open(tmp_path / "loss.png") as im:
         rgb = np.asarray(im.convert("RGB")).astype(int)
     blue = (rgb[..., 2] - rgb[..., 0]) > 60  # tab:blue, at the raw line's alpha
@@ -464,7 +465,8 @@ def test_a_second_ctrl_c_stops_at_once(tmp_path, capsys, monkeypatch):
     def step_interrupted_twice(step, *a, **k):
         if step == 12:  # the user presses Ctrl-C, and again: both are real signals, handled by train.py's handler
             os.kill(os.getpid(), signal.SIGINT)
-            while not train.STOP["signum"]:  # (Python runs a signal's handler between bytecodes)
+            signals = signal.getsignal(signal.SIGINT).__self__  # the run's runs.Signals, whose handler is installed
+            while not signals.signum:  # (Python runs a signal's handler between bytecodes)
                 pass
             os.kill(os.getpid(), signal.SIGINT)
         return real(step, *a, **k)
@@ -567,7 +569,7 @@ def test_save_minutes_checkpoints_a_slow_run(tmp_path, monkeypatch):
 
     saved_steps = []
     real_save = checkpoint.save
-    monkeypatch.setattr(train.time, "perf_counter", fake_clock)
+    monkeypatch.setattr(runs.time, "perf_counter", fake_clock)
     monkeypatch.setattr(checkpoint, "save", lambda obj, path: (saved_steps.append(obj["step"]), real_save(obj, path)))
     train.main(TINY + ["--steps", "6", "--save-every", "1000", "--log-every", "1000", "--save-minutes", "1",
                        "--sample-minutes", "0", "--out", out])
@@ -651,8 +653,8 @@ def test_ddgan_trains_with_the_recipe_and_resumes_exactly(tmp_path, capsys, monk
 
     def stop_after_4(step, *a, **kw):
         out = real(step, *a, **kw)
-        if step == 3:
-            train.STOP["signum"] = signal.SIGTERM
+        if step == 3:  # as a SIGTERM would: the run's runs.Signals records it
+            signal.getsignal(signal.SIGTERM).__self__.signum = signal.SIGTERM
         return out
 
     monkeypatch.setattr(train, "train_step_ddgan", stop_after_4)
