@@ -71,7 +71,8 @@ DDGAN_MIN_LR = 1e-5  # their cosine decay ends at 1e-5 (CosineAnnealingLR(eta_mi
 # ----------------------------------------------------------------------------------------------------------------
 
 def build_parser():
-    """The flags, group by group: one list, read whole."""
+    """The flags, group by group. Longer than a function should be, and better whole: a list read top to bottom, which
+    splitting would only scatter."""
     p = cli.Parser(description="Train a DDPM/iDDPM diffusion model (DDPM Algorithm 1) or a noisy classifier for "
                                "classifier guidance (ADM §4).")
     g = p.add_argument_group("data")
