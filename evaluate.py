@@ -461,15 +461,15 @@ def cmd_bpd(args):
         f"{diffusion.num_timesteps} model evaluations per image")
     g = torch.Generator(device).manual_seed(args.seed)
     bar = progress(x.shape[0], "bpd", unit="img", disable=args.no_progress)
-    ticker = sampling.Ticker(model, diffusion, bar)
+    step_progress = sampling.StepProgress(model, diffusion, bar)
     totals, priors, decoders, kls = [], [], [], []
     t0 = time.time()
     for start in range(0, x.shape[0], args.batch_size):
         x0 = data.to_float(x[start:start + args.batch_size]).to(device)
-        ticker.start(x0.shape[0])
+        step_progress.start(x0.shape[0])
         # B1: L = L_T + sum_{t>1} L_{t-1} + L_0, in bits per dimension
-        out = diffusion.calc_bpd_loop(ticker, x0, clip_denoised=True, generator=g)
-        ticker.finish()
+        out = diffusion.calc_bpd_loop(step_progress, x0, clip_denoised=True, generator=g)
+        step_progress.finish()
         totals.append(out["total_bpd"].cpu())
         priors.append(out["prior_bpd"].cpu())
         decoders.append(out["vb"][:, 0].cpu())

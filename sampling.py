@@ -217,7 +217,7 @@ class Compiled(nn.Module):
         return self.net(x, t, **kwargs).clone()
 
 
-class Ticker(nn.Module):
+class StepProgress(nn.Module):
     """The network, moving an images bar along as a batch walks down the diffusion's levels.
 
     Every loop calls the network at levels S-1, ..., 0 of its diffusion (ddpm.calc_bpd_loop too), so a call at level i
@@ -521,7 +521,7 @@ class Batches:
     the check and gathering of the results.
 
     Iterating yields Batch objects; the caller runs a loop and sets `batch.x0` (floats in [-1, 1]). `model` is the
-    network to call: the sampler's, with the bar moved along as the batch walks down the levels (Ticker).
+    network to call: the sampler's, with the bar moved along as the batch walks down the levels (StepProgress).
     `images()` returns all n images (uint8 numpy [n, H, W, C]) and labels in batch order, on every rank: under
     torchrun rank r runs batches r, r + W, ... and the ranks exchange them (all_gather_object of uint8 arrays).
     Non-finite values are counted on the device and checked once, at the end, with their likely cause.
@@ -538,7 +538,7 @@ class Batches:
         share = sum(self.size(i) for i in self.mine)
         self.bar = progress(share, desc if self.world == 1 else f"{desc} (rank 0 of {self.world})", unit="img",
                             disable=not show_progress or self.rank != 0)
-        self.model = Ticker(sampler.model, sampler.diffusion, self.bar)
+        self.model = StepProgress(sampler.model, sampler.diffusion, self.bar)
         self.done, self.bad = {}, torch.zeros((), device=sampler.device)
 
     def size(self, i):

@@ -439,10 +439,10 @@ def test_the_bar_moves_inside_a_batch():
     calls = []
     bar = CountingBar()
     diffusion = sampling.checkpoint.build_diffusion({"schedule": "linear", "timesteps": 100}).respace(5)
-    ticker = sampling.Ticker(lambda x, t, **kw: calls.append(int(t[0])) or torch.zeros_like(x), diffusion, bar)
-    ticker.start(4)
-    sampling.ddim.ddim_sample_loop(diffusion, ticker, (4, 2), noise=torch.zeros(4, 2))
-    ticker.finish()
+    step_progress = sampling.StepProgress(lambda x, t, **kw: calls.append(int(t[0])) or torch.zeros_like(x), diffusion, bar)
+    step_progress.start(4)
+    sampling.ddim.ddim_sample_loop(diffusion, step_progress, (4, 2), noise=torch.zeros(4, 2))
+    step_progress.finish()
     assert calls == sorted(diffusion.timestep_map.tolist(), reverse=True)
     assert bar.seen == [1, 2, 3, 4] and bar.n == 4  # int(4 * k / 5) for k = 1..5: 0, 1, 2, 3, 4
 
