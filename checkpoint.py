@@ -5,7 +5,8 @@ WHAT A CHECKPOINT HOLDS (format 2), as nanoGPT's does: everything a reader needs
 library files alone, no script and no command line:
 
     {"format": 2,
-     "kind": "diffusion" | "classifier",        # which network: UNet (eps-model) or EncoderUNet (noisy classifier)
+     "kind": "diffusion" | "classifier" | "ddgan",  # UNet (eps-model), EncoderUNet (noisy classifier), or a DDGAN
+                                                    # generator UNet(latent_dim=...) with its discriminator
      "model_args": {...},                       # UNet(**model_args) / EncoderUNet(**model_args) rebuilds the network
      "diffusion_args": {"schedule": "linear", "timesteps": 1000, "var_type": "fixed_large", "loss_type": "mse"},
      "model": state_dict, "ema": state_dict,    # readers sample from the EMA weights

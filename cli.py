@@ -42,7 +42,7 @@ class HelpFormatter(argparse.HelpFormatter):
         if action.option_strings and action.nargs != 0:
             default = "none" if action.default is None else "%(default)s"
             return f"{text} (default: {default})" if text else f"(default: {default})"
-        if action.option_strings and isinstance(action, argparse._StoreTrueAction):
+        if action.option_strings and action.const is True and action.default is False:  # action="store_true"
             return f"{text} (default: off)" if text else "(default: off)"
         return text
 

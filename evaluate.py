@@ -448,7 +448,7 @@ def cmd_bpd(args):
     if args.var is not None and ckpt["diffusion_args"].get("var_type") == "learned_range":
         raise UsageError("--var: this run learned its variance (iDDPM eq. 15); drop --var")
     model = checkpoint.build_network(ckpt, use_ema=not args.no_ema, device=device)
-    diffusion = checkpoint.build_diffusion(ckpt["diffusion_args"], sampling.VAR_TYPES.get(args.var))
+    diffusion = checkpoint.build_diffusion(ckpt["diffusion_args"], sampling.VARIANCE_FLAGS.get(args.var))
     cfg = ckpt.get("config") or {}
     name, size = cfg.get("dataset", "cifar10"), ckpt["model_args"]["image_size"]
     say(f"loading the {name} test split")
@@ -461,15 +461,15 @@ def cmd_bpd(args):
         f"{diffusion.num_timesteps} model evaluations per image")
     g = torch.Generator(device).manual_seed(args.seed)
     bar = progress(x.shape[0], "bpd", unit="img", disable=args.no_progress)
-    ticker = sampling.Ticker(model, diffusion, bar)
+    step_progress = sampling.StepProgress(model, diffusion, bar)
     totals, priors, decoders, kls = [], [], [], []
     t0 = time.time()
     for start in range(0, x.shape[0], args.batch_size):
         x0 = data.to_float(x[start:start + args.batch_size]).to(device)
-        ticker.start(x0.shape[0])
+        step_progress.start(x0.shape[0])
         # B1: L = L_T + sum_{t>1} L_{t-1} + L_0, in bits per dimension
-        out = diffusion.calc_bpd_loop(ticker, x0, clip_denoised=True, generator=g)
-        ticker.finish()
+        out = diffusion.calc_bpd_loop(step_progress, x0, clip_denoised=True, generator=g)
+        step_progress.finish()
         totals.append(out["total_bpd"].cpu())
         priors.append(out["prior_bpd"].cpu())
         decoders.append(out["vb"][:, 0].cpu())
@@ -556,7 +556,7 @@ def table_rows(args, var_type):
     for eta in etas:
         check_number("--eta", eta, lo=0)  # the upper end depends on the respaced steps: checked per cell
     # pc takes eta only with its ddim predictor (sampling.py): it gets one row, like the samplers without eta
-    takes_eta = [name for name in samplers if sampling.takes(name, "eta") and name != "pc"]
+    takes_eta = [name for name in samplers if "eta" in sampling.SAMPLERS[name].options and name != "pc"]
     if etas != [0.0] and not takes_eta:
         raise UsageError(f"--eta: none of {', '.join(samplers)} takes eta (ddim does, DDIM eq. 16); drop --eta")
     rows = []
@@ -763,7 +763,7 @@ def build_parser():
     p.add_argument("--checkpoint", required=True, help="a run directory or ckpt.pt")
     p.add_argument("--n", type=int, default=1000, help="test images (a class-balanced stride)")
     p.add_argument("--batch-size", type=int, default=250, help="images per batch")
-    p.add_argument("--var", default=None, choices=tuple(sampling.VAR_TYPES),
+    p.add_argument("--var", default=None, choices=tuple(sampling.VARIANCE_FLAGS),
                    help="fixed-variance runs: sigma_t^2 = beta_t (large) or beta~_t (small), DDPM §3.2 "
                         "(default: the run's own)")
     p.add_argument("--no-ema", action="store_true", help="score the raw weights instead of their EMA")

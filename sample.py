@@ -134,7 +134,7 @@ def check_args(args):
         args.edit_sampler = args.edit_sampler or "ddpm"
         # E1: strength = t0 / T, a fraction of the chain
         check_number("--strength", args.strength, lo=0, hi=1)
-        if args.sampler != sampling.DEFAULTS.sampler:
+        if args.sampler != sampling.Settings().sampler:
             raise UsageError("--sampler: --edit runs SDEdit's chain, chosen with --edit-sampler ddpm|ddim; "
                              "drop --sampler")
         if args.classifier and args.label is None:
@@ -263,33 +263,22 @@ def interpolation_latents(s, rows, frames, seed):
 def edit(s, x_in, mask, label, strength, n, batch_size, seed, show_progress):
     """SDEdit (E1), masked (E2) and/or classifier-guided: n variations of x_in [1, C, H, W] as uint8 [n, H, W, C].
 
-    Batch i of the variations draws x_{t0} and every step's noise from sampling.batch_generator(seed, i), as
-    s.generate does: the same seed and --batch-size give the same edits.
+    The same batches as plain sampling (sampling.Batches): batch i draws x_{t0} and every step's noise from the
+    generator (seed, i), and under torchrun the ranks share the batches.
     """
     o = s.settings
     x_in = x_in.to(s.device)
     mask = None if mask is None else mask.to(s.device)
-    bar = progress(n, "editing", unit="img", disable=not show_progress)
-    ticker = sampling.Ticker(s.model, s.diffusion, bar)
-    images, bad = [], torch.zeros((), device=s.device)
-    for i, start in enumerate(range(0, n, batch_size)):
-        m = min(batch_size, n - start)
-        g = sampling.batch_generator(s.device, seed, i)
-        kwargs = {} if label is None else {"y": torch.full((m,), label, dtype=torch.long, device=s.device)}
-        ticker.start(m)
+    labels = None if label is None else torch.full((n,), label, dtype=torch.long)
+    batches = s.batches(n, batch_size, seed, show_progress, labels=labels, desc="editing", draw_x_T=False)
+    for b in batches:
         with s.amp:
             # SDEdit Alg. 1: x_{t0} ~ q(x_{t0} | x_in) (DDPM eq. 4), then the reverse chain from t0 (A2 / D2), the
             # known region pasted back at every level (RePaint eq. 10), guided by cond_fn when translating (G1 / G2)
-            x = sdedit(s.diffusion, ticker, x_in.expand(m, *x_in.shape[1:]), strength, sampler=o.sampler, eta=o.eta,
-                       mask=mask, cond_fn=s.cond_fn, model_kwargs=kwargs, clip_denoised=o.clip, generator=g).float()
-        ticker.finish()
-        bad = bad + (~torch.isfinite(x)).sum()
-        images.append(data.to_uint8_images(x))
-    bar.close()
-    if (bad := int(bad)) > 0:
-        raise UsageError(f"editing produced {bad} non-finite values (the chain diverged) and nothing was written; "
-                         f"{s.likely_cause()}")
-    return np.concatenate(images)
+            b.x0 = sdedit(s.diffusion, batches.model, x_in.expand(b.size, *x_in.shape[1:]), strength,
+                          sampler=o.sampler, eta=o.eta, mask=mask, cond_fn=s.cond_fn, model_kwargs=b.model_kwargs,
+                          clip_denoised=o.clip, generator=b.generator)
+    return batches.images()[0]
 
 
 def edit_grid(original, mask, edits, channels):
@@ -304,7 +293,7 @@ def edit_grid(original, mask, edits, channels):
 
 
 def invert(s, x0, label, show_progress):
-    """DDIM §4.3: x_0 -> x_T by the reversed eta = 0 update, then x_T -> x_0 again. Returns [original, recon]."""
+    """DDIM §4.3: x_0 -> x_T by the reversed eta = 0 update, then x_T -> x_0 again: [original, reconstruction]."""
     x0 = x0.to(s.device)
     y = None
     if s.conditional:
@@ -322,19 +311,113 @@ def invert(s, x0, label, show_progress):
     psnr = 10 * math.log10(4 / max(mse, 1e-12))
     say(f"inversion: latent std {x_T.std().item():.3f} (N(0, I) has 1), reconstruction MSE {mse:.5f}, "
         f"PSNR {psnr:.2f} dB")
-    return torch.cat([torch.from_numpy(original), torch.from_numpy(recon)]).numpy()
+    images = np.concatenate([original, recon])
+    return Output(images, nrow=2, png_what="grid of 2 images", npz_what=f"x: uint8 {list(images.shape)}",
+                  next="open {png}: the picture, then its reconstruction from the inverted x_T")
+
+
+def interpolate(s, args, rows, frames):
+    """DDIM §5.3: rows of images decoded from slerp(z0, z1, alpha), alpha = 0 .. 1."""
+    z, y = interpolation_latents(s, rows, frames, args.seed)
+    say(f"decoding {z.shape[0]} interpolated latents: {s.describe()}")
+    images, labels = s.generate(z.shape[0], args.batch_size, args.seed, not args.no_progress, latents=z, labels=y)
+    return Output(images, labels, nrow=frames, png_what=f"grid of {len(images)} images",
+                  npz_what=f"x: uint8 {list(images.shape)}" + ("" if labels is None else ", y: labels"),
+                  next="open {png}: each row walks from one latent to another")
+
+
+def edit_output(s, args, x_in, mask, label):
+    """--edit: the banner (the steps SDEdit actually runs, from t0), the edits, and their grid beside the input."""
+    # E1: t0 = round(strength * the chain's steps)
+    t0 = sdedit_steps(s.diffusion, args.strength)
+    say(f"editing {args.edit}: SDEdit from t0 = {t0} (--strength {args.strength:g}), {s.describe(steps=t0)}, "
+        f"{args.n} variation{'s' if args.n > 1 else ''}, seed {args.seed}")
+    if t0 == 0:
+        say(f"note: --strength {args.strength:g}: t0 = 0, so every output is the input itself, unchanged "
+            "(SDEdit's faithful end; no network call)")
+    elif t0 == s.kept:
+        say(f"note: --strength {args.strength:g}: t0 = T, so the input is ignored: ordinary sampling from "
+            "x_T ~ N(0, I) (SDEdit's realistic end)")
+    edits = edit(s, x_in, mask, label, args.strength, args.n, args.batch_size, args.seed, not args.no_progress)
+    original = data.to_uint8_images(x_in)
+    mask_u8 = None if mask is None else (mask * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    grid, nrow = edit_grid(original, mask_u8, edits, s.image_shape[0])
+    extra = {"input": original} if mask is None else {"input": original, "mask": mask_u8}
+    labels = None if label is None else np.full(len(edits), label, dtype=np.int64)
+    return Output(edits, labels, nrow, grid, extra,
+                  png_what=f"rows of input | {'mask | ' if mask is not None else ''}edits, {len(edits)} edits",
+                  npz_what=f"x: uint8 {list(edits.shape)} edits, input" + (", mask (255 = keep)" if mask is not None
+                                                                           else "") + ("" if labels is None else ", y: labels"),
+                  next="open {png}: each row is the input, then its edits")
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # The command line
 # ----------------------------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass
+class Output:
+    """What an experiment made: the images of the .npz (and their labels), the grid of the .png (default: the images,
+    `nrow` to a row), extra arrays for the .npz, and how to describe both files in their `wrote` lines."""
+    images: np.ndarray
+    labels: np.ndarray = None
+    nrow: int = None
+    grid: np.ndarray = None
+    extra: dict = None
+    png_what: str = ""
+    npz_what: str = ""
+    next: str = None
+
+
+def sample_images(s, args):
+    """The plain experiment: --n images from x_T ~ N(0, I), batch by batch, by the chosen sampler."""
+    say(f"sampling {args.n} images: {s.describe()}, seed {args.seed}")
+    batches = s.batches(args.n, args.batch_size, args.seed, not args.no_progress)
+    for b in batches:
+        with s.amp:
+            # the chosen sampler (sampling.SAMPLERS, e.g. ddim.ddim_sample_loop: DDIM eq. 12) from x_T down every
+            # step of the run's diffusion respaced to --steps by --skip (D4)
+            b.x0 = s.loop(s.diffusion, batches.model, b.x_T.shape, noise=b.x_T, model_kwargs=b.model_kwargs,
+                          generator=b.generator, **s.options)
+    images, labels = batches.images()
+    return Output(images, labels, png_what=f"grid of {len(images)} images",
+                  npz_what=f"x: uint8 {list(images.shape)}" + ("" if labels is None else ", y: labels"),
+                  next="python evaluate.py fid --samples {npz}")
+
+
+def plan(args, s):
+    """The chosen experiment, its inputs read and checked before any work: (output name, the experiment to run)."""
+    size, channels = s.image_shape[1], s.image_shape[0]
+    settings, show = s.settings, not args.no_progress
+    if args.invert:
+        x0, label, source, _ = read_image(args.invert, size, channels, args.data_dir)
+        label = settings.label if settings.label is not None else label
+        if s.conditional and (label is None or label >= s.classes):
+            raise UsageError(f"--class: this run is class-conditional ({s.classes} classes); say which class "
+                             f"{args.invert} shows with --class")
+        what = f"inverting {args.invert}" + (f" ({data.CIFAR10_CLASSES[label]})" if source.startswith("cifar10") else "")
+        return s.name(prefix=f"invert_{source}"), lambda: say(what) or invert(s, x0, label, show)
+    if args.edit:
+        x_in, label, source, picture_size = read_image(args.edit, size, channels, args.data_dir, flag="--edit")
+        mask, mask_name = read_mask(args.mask, picture_size, size, args.edit) if args.mask else (None, None)
+        if s.conditional and label is None and settings.label is None:
+            raise UsageError("--class: this run is class-conditional; say which class the picture shows (or, with "
+                             "--classifier, which class to translate it to)")
+        label = (settings.label if settings.label is not None else label) if s.conditional else None
+        prefix = f"edit_{source}_s{args.strength:g}" + (f"_mask-{mask_name}" if mask is not None else "")
+        name = s.name(args.seed, args.n, default_n=N_EDITS, batch_size=args.batch_size, prefix=prefix)
+        return name, lambda: edit_output(s, args, x_in, mask, label)
+    if args.interpolate:
+        rows, frames = interpolation_grid(args.n)
+        return s.name(args.seed, rows * frames, prefix="interpolate"), lambda: interpolate(s, args, rows, frames)
+    return s.name(args.seed, args.n, batch_size=args.batch_size), lambda: sample_images(s, args)
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
-    # under torchrun each rank draws batches i = rank, rank + W, ... (sampling.Sampler.generate) and rank 0 writes
+    # under torchrun each rank draws batches i = rank, rank + W, ... (sampling.Batches) and rank 0 writes
     rank, world, device = distributed(args.device)
-    show = not args.no_progress
     settings = sampling.settings_from_args(args)
     if args.edit:
         # --edit's chain: SDEdit with DDPM's ancestral step or DDIM's, respaced to --steps like any sampler (D4)
@@ -344,82 +427,25 @@ def main(argv=None):
     ckpt = checkpoint.load(args.checkpoint or default_checkpoint())
     clf = checkpoint.load(args.classifier, flag="--classifier") if args.classifier else None
     s = sampling.from_checkpoint(ckpt, settings, device, args.precision, clf, compile=args.compile)
-    size, channels = s.image_shape[1], s.image_shape[0]
-
+    name, experiment = plan(args, s)
     # where the outputs go, checked before the work
-    if args.invert:
-        x0, label, source, _ = read_image(args.invert, size, channels, args.data_dir)
-        label = settings.label if settings.label is not None else label
-        if s.conditional and (label is None or label >= s.classes):
-            raise UsageError(f"--class: this run is class-conditional ({s.classes} classes); say which class "
-                             f"{args.invert} shows with --class")
-        name = s.name(prefix=f"invert_{source}")
-    elif args.edit:
-        x_in, label, source, picture_size = read_image(args.edit, size, channels, args.data_dir, flag="--edit")
-        mask, mask_name = read_mask(args.mask, picture_size, size, args.edit) if args.mask else (None, None)
-        if s.conditional and label is None and settings.label is None:
-            raise UsageError("--class: this run is class-conditional; say which class the picture shows (or, with "
-                             "--classifier, which class to translate it to)")
-        label = settings.label if settings.label is not None else label
-        if not s.conditional:
-            label = None
-        prefix = f"edit_{source}_s{args.strength:g}" + (f"_mask-{mask_name}" if mask is not None else "")
-        name = s.name(args.seed, args.n, default_n=N_EDITS, batch_size=args.batch_size, prefix=prefix)
-    elif args.interpolate:
-        rows, frames = interpolation_grid(args.n)
-        name = s.name(args.seed, rows * frames, prefix="interpolate")
-    else:
-        name = s.name(args.seed, args.n, batch_size=args.batch_size)
     out = args.out or os.path.join(samples_dir(ckpt), name)
     out = out[:-4] if out.endswith((".png", ".npz")) else out
     sampling.check_outputs(out, args.force)
 
     params = sum(p.numel() for p in s.model.parameters())
-    say(f"checkpoint {ckpt['path']}: step {ckpt.get('step', '?')}, {params / 1e6:.1f}M parameters, "
-        f"{'EMA' if settings.ema else 'raw'} weights; {device.type}, {precision_name(device, args.precision)}")
-
-    if args.invert:
-        say(f"inverting {args.invert}" + (f" ({data.CIFAR10_CLASSES[label]})" if source.startswith("cifar10") else ""))
-        images, nrow = invert(s, x0, label, show), 2
-        labels = None
-    elif args.edit:
-        # E1: t0 = round(strength * the chain's steps)
-        t0 = sdedit_steps(s.diffusion, args.strength)
-        say(f"editing {args.edit}: SDEdit from t0 = {t0} of {s.kept} steps (--strength {args.strength:g}), "
-            f"{s.describe()}, {args.n} variation{'s' if args.n > 1 else ''}, seed {args.seed}")
-        if t0 == 0:
-            say(f"note: --strength {args.strength:g}: t0 = 0, so every output is the input itself, unchanged "
-                "(SDEdit's faithful end; no network call)")
-        elif t0 == s.kept:
-            say(f"note: --strength {args.strength:g}: t0 = T, so the input is ignored: ordinary sampling from "
-                "x_T ~ N(0, I) (SDEdit's realistic end)")
-        edits = edit(s, x_in, mask, label, args.strength, args.n, args.batch_size, args.seed, show)
-        original = data.to_uint8_images(x_in)
-        mask_u8 = None if mask is None else (mask * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-        grid, nrow = edit_grid(original, mask_u8, edits, channels)
-        extra = {"input": original} if mask is None else {"input": original, "mask": mask_u8}
-        labels = None if label is None else np.full(len(edits), label, dtype=np.int64)
-        png, npz = sampling.save_samples(edits, labels, out, nrow, grid=grid, extra=extra)
-        wrote(png, f"rows of input | {'mask | ' if mask is not None else ''}edits, {len(edits)} edits")
-        wrote(npz, f"x: uint8 {list(edits.shape)} edits, input" + (", mask (255 = keep)" if mask is not None else "")
-              + ("" if labels is None else ", y: labels"))
-        return
-    elif args.interpolate:
-        z, y = interpolation_latents(s, rows, frames, args.seed)
-        nrow = frames
-        say(f"decoding {z.shape[0]} interpolated latents: {s.describe()}")
-        images, labels = s.generate(z.shape[0], args.batch_size, args.seed, show, latents=z, labels=y)
-    else:
-        say(f"sampling {args.n} images: {s.describe()}, seed {args.seed}")
-        images, labels = s.generate(args.n, args.batch_size, args.seed, show)
-        nrow = None
+    step = ckpt.get("step")
+    say(f"checkpoint {ckpt['path']}: {'pretrained' if step is None else f'step {step}'}, {params / 1e6:.1f}M "
+        f"parameters, {'EMA' if settings.ema else 'raw'} weights; {device.type}, {precision_name(device, args.precision)}")
+    result = experiment()
     if rank != 0:  # every rank holds the gathered images; rank 0 alone writes them
         return
-    png, npz = sampling.save_samples(images, labels, out, nrow)
-    wrote(png, f"grid of {len(images)} images")
-    wrote(npz, f"x: uint8 {list(images.shape)}" + ("" if labels is None else ", y: labels"))
-    if not (args.invert or args.interpolate):
-        say(f"next: python evaluate.py fid --samples {npz}")
+    png, npz = sampling.save_samples(result.images, result.labels, out, result.nrow, grid=result.grid,
+                                     extra=result.extra)
+    wrote(png, result.png_what)
+    wrote(npz, result.npz_what)
+    if result.next:
+        say("next: " + result.next.format(png=png, npz=npz))
 
 
 if __name__ == "__main__":

@@ -1,55 +1,36 @@
 """
 The sampler menu: "sampler NAME, these settings, this guidance, on this checkpoint's network" turned into images,
-the same way for every script (sample.py, evaluate.py, figures.py). One name means one thing everywhere:
-`ddim50_eta1_quad_cg4_class3_seed0` is the same 64 images whether sample.py draws them or evaluate.py scores them.
+the same way for every script (sample.py, evaluate.py, figures.py).
 
     ckpt = checkpoint.load("runs/cifar10")
     s = sampling.from_checkpoint(ckpt, sampling.Settings(sampler="ddim", steps=50), device="cpu")
-    images, labels = s.generate(n=64, batch_size=256, seed=0)     # uint8 [64, 32, 32, 3], None
-    sampling.save_samples(images, labels, "samples/" + s.name(seed=0))
+    batches = s.batches(n=64, batch_size=256, seed=0)
+    for b in batches:   # the chosen loop on every step of the respaced diffusion (D4)
+        b.x0 = s.loop(s.diffusion, batches.model, b.x_T.shape, noise=b.x_T, model_kwargs=b.model_kwargs,
+                      generator=b.generator, **s.options)
+    images, labels = batches.images()                               # uint8 [64, 32, 32, 3], None
 
-THE MENU. Every sampler of this repository is a library loop with one signature,
+THE MENU (SAMPLERS) has one written-out entry per sampler: its library loop, the settings it takes, whether it takes
+classifier guidance, and its paper's default steps and step schedule. Every loop has one signature,
+`loop(diffusion, model, shape, noise=, model_kwargs=, generator=, **options)`, and runs on EVERY step of the
+diffusion it is given, so the one rule for respacing lives here: the checkpoint's diffusion is respaced to --steps
+with --skip (DDIM §4.2, D4) and the loop walks all of its steps. A setting the chosen sampler does not take is
+refused, never silently ignored. Each setting is declared once, in `Settings`: its flag, help and name tag.
 
-    loop(diffusion, model, shape, noise=x_T, model_kwargs={"y": labels}, generator=g, progress=False, **options)
+GUIDANCE (guidance.py) wraps the network or adds a cond_fn; the loops never know which: classifier guidance (ADM,
+G1-G3) is cond_fn = s grad_x log p_phi(y | x_t); classifier-free guidance (G5) is eps~ = (1 + w) eps(x_t, y) - w eps(x_t).
 
-that runs on EVERY step of the diffusion it is given. So the one rule for respacing lives here, once: the
-checkpoint's diffusion is respaced to --steps with --skip (DDIM §4.2, D4; iDDPM §4 for ancestral sampling) and the
-loop walks all of its steps. The options a sampler takes are the keyword parameters of its loop (`eta`,
-`langevin_steps`, ...): a setting the chosen loop does not take is refused, never silently ignored, and classifier
-guidance needs a loop with a `cond_fn` parameter. Adding a sampler is one line in SAMPLERS:
+BATCHES AND SEEDS. Batch i draws x_T, its labels and every step's noise from its own generator, seeded with
+(seed, i): the same seed and batch size give the same images on the same device. Under torchrun, rank r draws
+batches r, r + W, ...; every rank gets the union back, in batch order, and rank 0 alone writes files.
 
-    "dpmpp2m": solvers.dpmpp2m_sample_loop,       # DPM-Solver++(2M), Lu et al. 2022, Algorithm 2
-
-(plus, if its paper says so, its default step count in DEFAULT_STEPS and its step schedule in DEFAULT_SKIP).
-
-STEP SCHEDULES (--skip, SPACINGS). Which of the T steps a respaced diffusion keeps: uniform or quad (DDIM §4.2, D4),
-logsnr (uniform in lambda = log(alpha / sigma), DPM-Solver's "logSNR" rule, P3) or karras (EDM eq. 5 with rho = 7,
-P3). Each sampler defaults to the one its paper recommends: uniform for DDPM/DDIM and the score samplers, logsnr for
-DPM-Solver++, karras for Heun. logsnr and karras round their targets to the model's T levels and merge collisions at
-the low-noise end, so they may keep fewer steps than asked: the Sampler says so, and `kept` is the true count.
-
-GUIDANCE (guidance.py) wraps the network or adds a cond_fn; the loops never know which:
-  * classifier guidance (ADM, G1-G3): cond_fn = s grad_x log p_phi(y | x_t) from a noisy classifier checkpoint. On an
-    unconditional network the labels are the classifier's alone (IgnoreLabels).
-  * classifier-free guidance (Ho & Salimans, G5): eps~ = (1 + w) eps(x_t, t, y) - w eps(x_t, t, null).
-
-BATCHES AND SEEDS. Batch i of a call draws x_T, its labels and every step's noise from its own generator, seeded with
-(seed, i). The same seed and batch size give the same images on the same device; another batch size gives other
-(equally good) images, because a loop draws one noise tensor per step for its whole batch.
-
-PROGRESS. One bar counts images (done / total, img/s, ETA in readable units). Every loop walks the diffusion's levels
-from the noisiest down, so the network being called at level i of S says that (S - i) / S of the batch is done: the
-bar moves inside a batch too, which matters on a CPU, where one batch of the default model takes minutes. (On a GPU,
-reading the level back would stall the device every step, so there the bar moves once per batch.)
-
-CHECKS. Every setting is checked against the checkpoint and the respaced diffusion before any work (a UsageError
-naming the flag: the flags are sample.py's, shared by evaluate.py); the images are checked once, at the end, and
+Everything is checked before any work (a UsageError naming the flag); the images are checked once, at the end:
 non-finite values are refused with their likely cause instead of being written as black pictures.
 """
 
 import dataclasses
-import inspect
 import os
+from typing import Callable
 
 import numpy as np
 import torch
@@ -66,23 +47,40 @@ from cli import UsageError, autocast, check_new_file, check_number, progress, sa
 from ddpm import GaussianDiffusion
 from guidance import ClassifierFreeGuidance, classifier_cond_fn
 
-# name -> the library loop (one line each; see the module docstring)
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One sampler of the menu: its loop, the Settings it takes (passed to the loop under their `keyword`),
+    whether it takes a cond_fn (classifier guidance), its default --steps (None: all T) and --skip."""
+    loop: Callable
+    options: tuple = ()
+    guided: bool = False
+    steps: int = 50
+    skip: str = "uniform"
+
+
+# "clip": the loop clips its predicted x_0 to [-1, 1] (R2) unless --no-clip. The default steps are each paper's: all T
+# for Algorithm 2 and DDGAN's own chain, 100 noise levels for the score samplers, DPM-Solver's 20 NFE (logSNR steps),
+# EDM's N = 18 (Karras steps).
 SAMPLERS = {
-    "ddpm": GaussianDiffusion.p_sample_loop,   # DDPM Algorithm 2 (A2): ancestral sampling, sigma_t^2 per R3
-    "ddim": ddim.ddim_sample_loop,             # DDIM eq. 12 (D2) with sigma_t(eta) of eq. 16 (D3)
-    "langevin": score.langevin_sample_loop,    # annealed Langevin dynamics, NCSN Algorithm 1, on the eps-model (SC2)
-    "pc": score.pc_sample_loop,                # predictor-corrector, SDE paper App. G, Algorithms 1 and 5
-    "dpmpp2m": solvers.dpmpp2m_sample_loop,    # DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (P1): 1 NFE per step
-    "heun": solvers.heun_sample_loop,          # EDM's Heun, Karras et al. 2022, Algorithm 1 (P1): 2N - 1 NFE
-    "ddgan": ddgan.ddgan_sample_loop,          # DDGAN eq. 6 (DG4): x_0' = G(x_t, z, t), then q(x_{t-1} | x_t, x_0')
+    # DDPM Algorithm 2 (A2): ancestral sampling, sigma_t^2 per R3
+    "ddpm": Entry(GaussianDiffusion.p_sample_loop, ("clip",), guided=True, steps=None),
+    # DDIM eq. 12 (D2) with sigma_t(eta) of eq. 16 (D3)
+    "ddim": Entry(ddim.ddim_sample_loop, ("eta", "clip"), guided=True),
+    # annealed Langevin dynamics, NCSN Algorithm 1, on the eps-model's score (SC2)
+    "langevin": Entry(score.langevin_sample_loop, ("langevin_steps", "delta", "clip"), guided=True, steps=100),
+    # predictor-corrector, SDE paper App. G, Algorithms 1 and 5
+    "pc": Entry(score.pc_sample_loop, ("corrector_steps", "snr", "predictor", "eta", "clip"), guided=True, steps=100),
+    # DPM-Solver++(2M), Lu et al. 2022, Algorithm 2 (P1): one network call per step
+    "dpmpp2m": Entry(solvers.dpmpp2m_sample_loop, ("clip",), steps=20, skip="logsnr"),
+    # EDM's Heun, Karras et al. 2022, Algorithm 1 (P1): 2N - 1 network calls on N steps
+    "heun": Entry(solvers.heun_sample_loop, ("clip",), steps=18, skip="karras"),
+    # DDGAN eq. 6 (DG4): x_0' = G(x_t, z, t), then q(x_{t-1} | x_t, x_0'), on all T steps its generator learned
+    "ddgan": Entry(ddgan.ddgan_sample_loop, ("clip",), steps=None),
 }
-# steps when --steps is not given: all T for Algorithm 2, 100 noise levels for the score samplers, 20 for DPM-Solver++
-# (DPM-Solver's 20 NFE, 2.87 FID on CIFAR-10), EDM's CIFAR-10 setting N = 18 for Heun (35 NFE), else 50
-# DDGAN: all T (= 4) steps of the chain its generator learned
-DEFAULT_STEPS = {"ddpm": None, "langevin": 100, "pc": 100, "dpmpp2m": 20, "heun": 18, "ddgan": None}
 
 # --skip: name -> kept indices (0..T-1) for `steps` steps of a diffusion with these abar (D4, P3)
-SPACINGS = {
+STEP_SCHEDULES = {
     # D4, DDIM §4.2: tau_i = floor(i T / S)
     "uniform": lambda abar, steps: schedules.space_timesteps(len(abar), steps, "uniform"),
     # D4, DDIM App. D: tau_i = floor((i sqrt(0.8 T) / (S - 1))^2), dense at low noise
@@ -92,44 +90,67 @@ SPACINGS = {
     # P3, EDM eq. 5: sigma_i = (sigma_max^(1/7) + i/(N-1) (sigma_min^(1/7) - sigma_max^(1/7)))^7
     "karras": schedules.karras_timesteps,
 }
-# the step schedule each paper recommends; every other sampler keeps "uniform"
-DEFAULT_SKIP = {"dpmpp2m": "logsnr", "heun": "karras"}
 
 # --var: the fixed reverse variance of DDPM §3.2 (R3), for the samplers that draw from p(x_{t-1} | x_t)
-VAR_TYPES = {"large": "fixed_large", "small": "fixed_small"}
+VARIANCE_FLAGS = {"large": "fixed_large", "small": "fixed_small"}
+
+
+def setting(default, flag, help, tag=None, keyword=None, **argparse_kwargs):
+    """A field of Settings and everything about it, in one place: its flag (and argparse's type/choices/action),
+    its help, the loop keyword it is passed as (default: its own name) and its tag in output names (a format of the
+    value, used when the value is not the default; None: never in the name)."""
+    meta = dict(flag=flag, help=help, tag=tag, keyword=keyword, argparse=argparse_kwargs)
+    return dataclasses.field(default=default, metadata=meta)
 
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Everything that decides what a sampler draws, besides the network and the seed. Defaults = the flags'."""
-    sampler: str = "ddim"
-    steps: int = None               # None: DEFAULT_STEPS (at most T)
-    skip: str = None                # which steps a respaced diffusion keeps (SPACINGS); None: DEFAULT_SKIP
-    eta: float = 0.0                # DDIM eq. 16
-    var: str = None                 # "large" (sigma^2 = beta) or "small" (beta~), DDPM §3.2; None: the run's
-    clip: bool = True               # clip the predicted x_0 to [-1, 1] (R2)
-    langevin_steps: int = 2         # NCSN Algorithm 1's T: Langevin steps per noise level
-    delta: float = None             # Langevin step at the smallest level (NCSN's epsilon); None: sigma_L^2
-    corrector_steps: int = 1        # SDE Algorithm 1's M
-    snr: float = 0.16               # SDE Algorithm 5's r
-    predictor: str = "ddpm"         # pc's predictor step
-    classifier_scale: float = None  # ADM's s (G3); needs a classifier (None: 1)
-    cfg_scale: float = None         # Ho & Salimans' w (G5); needs a class-conditional network
-    label: int = None               # the class of every image; None: a random class per image
-    ema: bool = True                # sample from the EMA weights (DDPM App. B)
+    """Everything that decides what a sampler draws, besides the network and the seed: one field per flag."""
+    sampler: str = setting("ddim", "--sampler", choices=tuple(SAMPLERS), help=(
+        "ddpm: ancestral sampling (DDPM Algorithm 2); ddim: DDIM eq. 12; langevin: annealed Langevin dynamics (NCSN "
+        "Algorithm 1); pc: predictor-corrector (SDE paper Algorithm 1); dpmpp2m: DPM-Solver++(2M) (Lu et al. 2022, "
+        "Algorithm 2); heun: EDM's 2nd-order Heun ODE solver (Karras et al. 2022, Algorithm 1); ddgan: a DDGAN "
+        "run's few-step chain"))
+    steps: int = setting(None, "--steps", type=int, help=(
+        "steps of the respaced diffusion the sampler walks (default: 50; all T for ddpm and ddgan; 100 noise levels "
+        "for langevin and pc; 20 for dpmpp2m; 18 for heun). Network evaluations (NFE): one per step for ddpm, ddim "
+        "and dpmpp2m; 2N - 1 for heun with N steps (its last step is Euler)"))
+    eta: float = setting(0.0, "--eta", type=float, tag="eta{:g}", help=(
+        "ddim (and pc --predictor ddim): sigma_t = eta * DDPM's posterior std (DDIM eq. 16); 0 = deterministic "
+        "DDIM, 1 = DDPM-like"))
+    skip: str = setting(None, "--skip", choices=tuple(STEP_SCHEDULES), help=(
+        "which of the T steps a respaced diffusion keeps: evenly spaced (uniform) or quadratic, dense at low noise "
+        "(quad), DDIM §4.2; uniform in log-SNR (logsnr, DPM-Solver); EDM's rho = 7 noise levels (karras, EDM eq. 5) "
+        "(default: logsnr for dpmpp2m, karras for heun, else uniform)"))
+    var: str = setting(None, "--var", tag="var{}", choices=tuple(VARIANCE_FLAGS), help=(
+        "ddpm and pc on a fixed-variance run: sigma_t^2 = beta_t (large) or beta~_t (small), DDPM §3.2 (default: "
+        "the run's own, large)"))
+    clip: bool = setting(True, "--no-clip", tag="noclip", keyword="clip_denoised", action="store_false",
+                         help="do not clip the predicted x_0 to [-1, 1] (default: clip)")
+    langevin_steps: int = setting(2, "--langevin-steps", type=int, tag="ls{}",
+                                  help="langevin: Langevin steps per noise level (NCSN Algorithm 1's T)")
+    delta: float = setting(None, "--delta", type=float, tag="delta{:g}", help=(
+        "langevin: step size at the smallest noise level sigma_L (NCSN's epsilon), below 4 sigma_L^2 (default: "
+        "sigma_L^2)"))
+    corrector_steps: int = setting(1, "--corrector-steps", type=int, tag="cs{}",
+                                   help="pc: Langevin corrector steps per level (SDE Algorithm 1's M; 0 = predictor only)")
+    snr: float = setting(0.16, "--snr", type=float, tag="snr{:g}",
+                         help="pc: signal-to-noise ratio r of the corrector step (SDE Algorithm 5)")
+    predictor: str = setting("ddpm", "--predictor", tag="{}pred", choices=score.PREDICTORS,
+                             help="pc: the predictor step, ancestral (ddpm) or DDIM with --eta")
+    classifier_scale: float = setting(None, "--classifier-scale", type=float, help=(
+        "s in eps - sqrt(1 - abar_t) s grad log p(y | x_t) (ADM Algorithms 1-2) (default: 1 with --classifier)"))
+    cfg_scale: float = setting(None, "--cfg-scale", type=float, tag="cfg{:g}", help=(
+        "w in (1 + w) eps(x_t, y) - w eps(x_t) (classifier-free guidance, Ho & Salimans eq. 6; class-conditional "
+        "runs)"))
+    label: int = setting(None, "--class", type=int, tag="class{}", help=(
+        "the class of every image, for a class-conditional run or classifier guidance (default: a random class per "
+        "image)"))
+    ema: bool = setting(True, "--no-ema", tag="noema", action="store_false",
+                        help="sample from the raw weights instead of their EMA (default: EMA)")
 
 
-DEFAULTS = Settings()
-# Settings field -> (its flag, the keyword of the loops that take it)
-OPTIONS = {"eta": ("--eta", "eta"), "clip": ("--no-clip", "clip_denoised"),
-           "langevin_steps": ("--langevin-steps", "langevin_steps"), "delta": ("--delta", "delta"),
-           "corrector_steps": ("--corrector-steps", "corrector_steps"), "snr": ("--snr", "snr"),
-           "predictor": ("--predictor", "predictor")}
-
-
-def takes(sampler, keyword):
-    """Whether the sampler's loop has this keyword parameter."""
-    return keyword in inspect.signature(SAMPLERS[sampler]).parameters
+SETTINGS = dataclasses.fields(Settings)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -137,68 +158,24 @@ def takes(sampler, keyword):
 # ----------------------------------------------------------------------------------------------------------------
 
 def add_arguments(p):
-    """The sampler, its settings and guidance as flags of parser (or group) p, each defaulting to Settings()'s value.
+    """Every Settings field as a flag of parser (or group) p, plus --classifier, --precision and --compile.
     Returns their argparse actions (evaluate.py refuses them without --checkpoint)."""
-    flag = p.add_argument
-    return [
-        flag("--sampler", default=DEFAULTS.sampler, choices=tuple(SAMPLERS),
-             help="ddpm: ancestral sampling (DDPM Algorithm 2); ddim: DDIM eq. 12; langevin: annealed Langevin "
-                  "dynamics (NCSN Algorithm 1); pc: predictor-corrector (SDE paper Algorithm 1); dpmpp2m: "
-                  "DPM-Solver++(2M) (Lu et al. 2022, Algorithm 2); heun: EDM's 2nd-order Heun ODE solver "
-                  "(Karras et al. 2022, Algorithm 1)"),
-        flag("--steps", type=int, default=None,
-             help="steps of the respaced diffusion the sampler walks (default: 50; all T for ddpm; 100 noise "
-                  "levels for langevin and pc; 20 for dpmpp2m; 18 for heun). Network evaluations (NFE): one per "
-                  "step for ddpm, ddim and dpmpp2m; 2N - 1 for heun with N steps (its last step is Euler)"),
-        flag("--skip", default=None, choices=tuple(SPACINGS),
-             help="which of the T steps a respaced diffusion keeps: evenly spaced (uniform) or quadratic, dense at "
-                  "low noise (quad), DDIM §4.2; uniform in log-SNR (logsnr, DPM-Solver); EDM's rho = 7 noise "
-                  "levels (karras, EDM eq. 5) (default: logsnr for dpmpp2m, karras for heun, else uniform)"),
-        flag("--eta", type=float, default=DEFAULTS.eta,
-             help="ddim (and pc --predictor ddim): sigma_t = eta * DDPM's posterior std (DDIM eq. 16); 0 = "
-                  "deterministic DDIM, 1 = DDPM-like"),
-        flag("--var", default=None, choices=tuple(VAR_TYPES),
-             help="ddpm and pc on a fixed-variance run: sigma_t^2 = beta_t (large) or beta~_t (small), DDPM §3.2 "
-                  "(default: the run's own, large)"),
-        flag("--no-clip", action="store_true", help="do not clip the predicted x_0 to [-1, 1]"),
-        flag("--langevin-steps", type=int, default=DEFAULTS.langevin_steps,
-             help="langevin: Langevin steps per noise level (NCSN Algorithm 1's T)"),
-        flag("--delta", type=float, default=None,
-             help="langevin: step size at the smallest noise level sigma_L (NCSN's epsilon), below 4 sigma_L^2 "
-                  "(default: sigma_L^2)"),
-        flag("--corrector-steps", type=int, default=DEFAULTS.corrector_steps,
-             help="pc: Langevin corrector steps per level (SDE Algorithm 1's M; 0 = predictor only)"),
-        flag("--snr", type=float, default=DEFAULTS.snr,
-             help="pc: signal-to-noise ratio r of the corrector step (SDE Algorithm 5)"),
-        flag("--predictor", default=DEFAULTS.predictor, choices=score.PREDICTORS,
-             help="pc: the predictor step, ancestral (ddpm) or DDIM with --eta"),
-        flag("--class", dest="label", type=int, default=None,
-             help="the class of every image, for a class-conditional run or classifier guidance "
-                  "(default: a random class per image)"),
-        flag("--classifier", default=None,
-             help="noisy classifier (a run trained with --task classifier) for classifier guidance (ADM §4)"),
-        flag("--classifier-scale", type=float, default=None,
-             help="s in eps - sqrt(1 - abar_t) s grad log p(y | x_t) (ADM Algorithms 1-2) (default: 1 with "
-                  "--classifier)"),
-        flag("--cfg-scale", type=float, default=None,
-             help="w in (1 + w) eps(x_t, y) - w eps(x_t) (classifier-free guidance, Ho & Salimans eq. 6; "
-                  "class-conditional runs)"),
-        flag("--no-ema", action="store_true", help="sample from the raw weights instead of their EMA"),
-        flag("--precision", default="auto", choices=("auto", "bf16", "fp32"),
-             help="auto: bf16 autocast on CUDA, fp32 on a CPU"),
-        flag("--compile", action="store_true",
-             help="torch.compile the network (on CUDA also replayed as a CUDA graph): the same images up to "
-                  "round-off, faster after a first call that compiles (tens of seconds); needs a C compiler"),
+    actions = [p.add_argument(f.metadata["flag"], dest=f.name, default=f.default, help=f.metadata["help"],
+                              **f.metadata["argparse"]) for f in SETTINGS]
+    return actions + [
+        p.add_argument("--classifier", default=None,
+                       help="noisy classifier (a run trained with --task classifier) for classifier guidance (ADM §4)"),
+        p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp32"),
+                       help="auto: bf16 autocast on CUDA, fp32 on a CPU"),
+        p.add_argument("--compile", action="store_true",
+                       help="torch.compile the network (on CUDA also replayed as a CUDA graph): the same images up to "
+                            "round-off, faster after a first call that compiles (tens of seconds); needs a C compiler"),
     ]
 
 
 def settings_from_args(args):
     """Settings from the flags of add_arguments."""
-    return Settings(sampler=args.sampler, steps=args.steps, skip=args.skip, eta=args.eta, var=args.var,
-                    clip=not args.no_clip, langevin_steps=args.langevin_steps, delta=args.delta,
-                    corrector_steps=args.corrector_steps, snr=args.snr, predictor=args.predictor,
-                    classifier_scale=args.classifier_scale, cfg_scale=args.cfg_scale, label=args.label,
-                    ema=not args.no_ema)
+    return Settings(**{f.name: getattr(args, f.name) for f in SETTINGS})
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,7 +217,7 @@ class Compiled(nn.Module):
         return self.net(x, t, **kwargs).clone()
 
 
-class Ticker(nn.Module):
+class StepProgress(nn.Module):
     """The network, moving an images bar along as a batch walks down the diffusion's levels.
 
     Every loop calls the network at levels S-1, ..., 0 of its diffusion (ddpm.calc_bpd_loop too), so a call at level i
@@ -287,54 +264,33 @@ def batch_generator(device, seed, i):
 
 
 class Sampler:
-    """A checkpoint's network, its (respaced) diffusion, the guidance and the settings: turns latents into images.
+    """A checkpoint's network, its respaced diffusion, the guidance and the settings: what a loop needs.
 
     model:       the eps-network (UNet) in eval mode; num_classes: its classes (None: unconditional).
     diffusion:   the diffusion it was trained with (checkpoint.build_diffusion); respaced here to settings.steps.
     image_shape: (C, H, W) of one image.
     classifier:  a noisy classifier (EncoderUNet) for classifier guidance, or None; classifier_classes: its classes.
-    Every setting is checked first (UsageError naming the flag), before any work.
+    Every setting is checked first (UsageError naming the flag), before any work. After that, `loop`, `diffusion`,
+    `model` and `options` are exactly what the chosen sampler is called with.
     """
 
-    def __init__(self, model, diffusion, image_shape, settings=DEFAULTS, num_classes=None, classifier=None,
+    def __init__(self, model, diffusion, image_shape, settings=Settings(), num_classes=None, classifier=None,
                  classifier_classes=None, device="cpu", precision="auto", compile=False):
-        o = settings
-        self.settings, self.image_shape, self.num_classes = o, tuple(image_shape), num_classes
+        self.settings, self.image_shape, self.num_classes = settings, tuple(image_shape), num_classes
         # the labels: the network's classes, or (classifier guidance on an unconditional network) the classifier's
         self.classes = num_classes if num_classes is not None else classifier_classes
         self.device, self.precision = torch.device(device), precision
         self.amp = autocast(self.device, precision)
-        if o.sampler not in SAMPLERS:
-            raise UsageError(f"--sampler: unknown {o.sampler!r}; choose one of {', '.join(SAMPLERS)}")
-        self.T = T = diffusion.num_timesteps
-        self.steps = o.steps if o.steps is not None else min(DEFAULT_STEPS.get(o.sampler, 50) or T, T)
-        check_number("--steps", self.steps, lo=1, hi=T, integer=True)
-        # the step schedule: --skip, else the one the sampler's paper recommends
-        self.skip = o.skip if o.skip is not None else DEFAULT_SKIP.get(o.sampler, "uniform")
-        if self.skip not in SPACINGS:
-            raise UsageError(f"--skip: unknown {self.skip!r}; choose one of {', '.join(SPACINGS)}")
-        self.check_options(diffusion, classifier)
-        if o.sampler == "ddgan" and self.steps != T:
-            # DDGAN's G learned the T large steps of its own schedule (DDGAN §3.1): a respaced chain is not its model
-            raise UsageError(f"--steps: the ddgan sampler walks all T = {T} steps its generator was trained on; "
-                             f"drop --steps or pass --steps {T}")
-        if o.var is not None:
-            diffusion = GaussianDiffusion(diffusion.betas, VAR_TYPES[o.var], diffusion.loss_type,
-                                          diffusion.timestep_map)
-        # D4: respace ONCE, by the rule; the loop then walks every step of `self.diffusion`
-        if self.steps == T:
-            self.diffusion = diffusion
-        else:
-            try:
-                kept = SPACINGS[self.skip](diffusion.alphas_cumprod, self.steps)
-            except ValueError as e:  # quad cannot place that many distinct steps
-                raise UsageError(f"--steps: {e}") from None
-            self.diffusion = diffusion.respace(kept)
-        # logsnr and karras merge targets that round to the same level of the T: say so, never hide it
+        if settings.sampler not in SAMPLERS:
+            raise UsageError(f"--sampler: unknown {settings.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+        self.entry = SAMPLERS[settings.sampler]
+        self.loop = self.entry.loop
+        self.T = diffusion.num_timesteps
+        self.steps = settings.steps if settings.steps is not None else min(self.entry.steps or self.T, self.T)
+        self.skip = settings.skip if settings.skip is not None else self.entry.skip
+        self.check_settings(diffusion, classifier)
+        self.diffusion = self.respaced(diffusion)
         self.kept = self.diffusion.num_timesteps
-        if self.kept < self.steps:
-            say(f"note: --skip {self.skip}: {self.steps} steps round to {self.kept} distinct levels of the T = {T} "
-                f"(the low-noise end is denser than one step); sampling on {self.kept}")
         self.check_ranges()
 
         # --compile: the network itself is compiled (guidance's arithmetic around it stays eager); once only, so that
@@ -344,24 +300,64 @@ class Sampler:
             model = Compiled(model, self.device)
         # guidance: wrap the network (G5) and/or add a cond_fn (G3); the loop does not know which
         self.model, self.cond_fn = model, None
-        if o.cfg_scale is not None:
-            self.model = ClassifierFreeGuidance(model, o.cfg_scale, null_class=num_classes)
+        if settings.cfg_scale is not None:
+            self.model = ClassifierFreeGuidance(model, settings.cfg_scale, null_class=num_classes)
         if classifier is not None:
-            self.cond_fn = classifier_cond_fn(classifier, 1.0 if o.classifier_scale is None else o.classifier_scale)
+            scale = 1.0 if settings.classifier_scale is None else settings.classifier_scale
+            self.cond_fn = classifier_cond_fn(classifier, scale)
             if num_classes is None:
                 self.model = IgnoreLabels(model)  # y is for the classifier only
         self.conditional = num_classes is not None or classifier is not None
+        self.options = self.loop_options()
+
+    def respaced(self, diffusion):
+        """The diffusion the loop walks: --var's fixed variance, respaced ONCE to --steps by --skip (D4)."""
+        if self.settings.var is not None:
+            diffusion = GaussianDiffusion(diffusion.betas, VARIANCE_FLAGS[self.settings.var], diffusion.loss_type,
+                                          diffusion.timestep_map)
+        if self.steps == self.T:
+            return diffusion
+        try:
+            kept = STEP_SCHEDULES[self.skip](diffusion.alphas_cumprod, self.steps)
+        except ValueError as e:  # quad cannot place that many distinct steps
+            raise UsageError(f"--steps: {e}") from None
+        respaced = diffusion.respace(kept)
+        # logsnr and karras merge targets that round to the same level of the T: say so, never hide it
+        if respaced.num_timesteps < self.steps:
+            say(f"note: --skip {self.skip}: {self.steps} steps round to {respaced.num_timesteps} distinct levels of "
+                f"the T = {self.T} (the low-noise end is denser than one step); sampling on {respaced.num_timesteps}")
+        return respaced
+
+    def loop_options(self):
+        """The settings the chosen loop takes, under its keyword names, and the cond_fn of classifier guidance."""
+        options = {}
+        for f in SETTINGS:
+            if f.name in self.entry.options:
+                options[f.metadata["keyword"] or f.name] = getattr(self.settings, f.name)
+        if self.settings.sampler == "ddgan":
+            options["latent_dim"] = self.latent_dim  # the generator's nz, a property of the network
+        if self.cond_fn is not None:
+            options["cond_fn"] = self.cond_fn
+        return options
 
     # -- checks (each names its flag and the fix) ------------------------------------------------------------------
 
-    def check_options(self, diffusion, classifier):
-        o = self.settings
-        for field, (flag, keyword) in OPTIONS.items():
-            if getattr(o, field) != getattr(DEFAULTS, field) and not takes(o.sampler, keyword):
-                users = [name for name in SAMPLERS if takes(name, keyword)]
-                raise UsageError(f"{flag}: the {o.sampler} sampler has no such setting (it is for "
-                                 f"{', '.join(users)}); drop {flag}")
-        if o.sampler == "pc" and o.predictor != "ddim" and o.eta != DEFAULTS.eta:
+    def check_settings(self, diffusion, classifier):
+        """What can be checked against the checkpoint before respacing."""
+        o, defaults = self.settings, Settings()
+        check_number("--steps", self.steps, lo=1, hi=self.T, integer=True)
+        if self.skip not in STEP_SCHEDULES:
+            raise UsageError(f"--skip: unknown {self.skip!r}; choose one of {', '.join(STEP_SCHEDULES)}")
+        for f in SETTINGS:
+            takers = [name for name, entry in SAMPLERS.items() if f.name in entry.options]
+            if takers and getattr(o, f.name) != f.default and f.name not in self.entry.options:
+                raise UsageError(f"{f.metadata['flag']}: the {o.sampler} sampler has no such setting (it is for "
+                                 f"{', '.join(takers)}); drop {f.metadata['flag']}")
+        if o.sampler == "ddgan" and self.steps != self.T:
+            # DDGAN's G learned the T large steps of its own schedule (DDGAN §3.1): a respaced chain is not its model
+            raise UsageError(f"--steps: the ddgan sampler walks all T = {self.T} steps its generator was trained on; "
+                             f"drop --steps or pass --steps {self.T}")
+        if o.sampler == "pc" and o.predictor != "ddim" and o.eta != defaults.eta:
             raise UsageError("--eta: pc uses eta only with --predictor ddim; add it or drop --eta")
         if o.var is not None:
             if diffusion.var_type == "learned_range":
@@ -369,6 +365,13 @@ class Sampler:
             if not (o.sampler == "ddpm" or (o.sampler == "pc" and o.predictor == "ddpm")):
                 raise UsageError(f"--var: only ancestral steps (ddpm, pc --predictor ddpm) draw with sigma_t^2; "
                                  f"{o.sampler} does not: drop --var")
+        self.check_guidance(classifier)
+        check_number("--langevin-steps", o.langevin_steps, lo=1, integer=True)
+        check_number("--corrector-steps", o.corrector_steps, lo=0, integer=True)
+        check_number("--snr", o.snr, lo=0, lo_open=True)
+
+    def check_guidance(self, classifier):
+        o = self.settings
         if o.classifier_scale is not None:
             check_number("--classifier-scale", o.classifier_scale, lo=0)
             if classifier is None:
@@ -377,7 +380,7 @@ class Sampler:
         if classifier is not None:
             if self.classes is None:
                 raise ValueError("classifier_classes: give the classifier's number of classes")
-            if not takes(o.sampler, "cond_fn"):
+            if not self.entry.guided:
                 raise UsageError(f"--classifier: the {o.sampler} sampler takes no classifier guidance; "
                                  "drop --classifier")
         if o.cfg_scale is not None:
@@ -390,9 +393,6 @@ class Sampler:
                 raise UsageError("--class: this run is unconditional; add --classifier RUN for classifier guidance or "
                                  "use a --class-cond run")
             check_number("--class", o.label, lo=0, hi=self.classes - 1, integer=True)
-        check_number("--langevin-steps", o.langevin_steps, lo=1, integer=True)
-        check_number("--corrector-steps", o.corrector_steps, lo=0, integer=True)
-        check_number("--snr", o.snr, lo=0, lo_open=True)
 
     def check_ranges(self):
         """Ranges that depend on the respaced diffusion: DDIM's eta, the largest stable Langevin step."""
@@ -413,16 +413,6 @@ class Sampler:
 
     # -- drawing ---------------------------------------------------------------------------------------------------
 
-    def loop_kwargs(self):
-        """The options the chosen loop takes, under its own keyword names (and the cond_fn of classifier guidance)."""
-        o = self.settings
-        kw = {keyword: getattr(o, field) for field, (_, keyword) in OPTIONS.items() if takes(o.sampler, keyword)}
-        if takes(o.sampler, "latent_dim"):  # a DDGAN generator's nz (the Ticker around it does not carry it)
-            kw["latent_dim"] = self.latent_dim
-        if self.cond_fn is not None:
-            kw["cond_fn"] = self.cond_fn
-        return kw
-
     def labels(self, n, generator):
         """The class of each image: --class, or uniform labels sorted so that a grid is laid out by class."""
         if not self.conditional:
@@ -432,57 +422,22 @@ class Sampler:
         y = torch.randint(0, self.classes, (n,), generator=generator, device=generator.device)
         return y.sort().values.to(self.device)
 
+    def batches(self, n, batch_size=256, seed=0, show_progress=True, latents=None, labels=None, desc="sampling",
+                draw_x_T=True):
+        """This process's batches of n images (Batches: iterate, set each batch's x0, then .images()).
+        draw_x_T=False: the batches carry no x_T (an edit starts from a picture), their generators untouched."""
+        return Batches(self, n, batch_size, seed, show_progress, latents, labels, desc, draw_x_T)
+
     def generate(self, n, batch_size=256, seed=0, show_progress=True, latents=None, labels=None, desc="sampling"):
-        """n images as uint8 numpy [n, H, W, C] and their labels (int64 numpy [n], or None).
-
-        Batch i draws x_T, its labels and every step's noise from a generator seeded with (seed, i). `latents` /
-        `labels` (tensors [n, ...]) replace the drawn x_T / labels (interpolation, inversion). The output is checked
-        once, at the end: non-finite values are refused with their likely cause, never written as black images.
-
-        UNDER TORCHRUN (a torch.distributed process group is initialised): rank r draws batches r, r + W, r + 2W, ...
-        of the W ranks, each with the same (seed, i) generator as one process would use, so the union is exactly the
-        single-process run's images (on one kind of device). Every rank then receives every batch (all_gather_object
-        of uint8 arrays: gloo on a CPU, nccl on CUDA) and returns all n images in batch order, so that a check or an
-        error is the same on every rank; the caller lets rank 0 alone write files and print.
-        """
-        import torch.distributed as dist  # noqa: PLC0415
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-        loop = SAMPLERS[self.settings.sampler]
-        kwargs = self.loop_kwargs()
-        starts = list(range(0, n, batch_size))
-        mine = [i for i in range(len(starts)) if i % world == rank]  # batch i on rank i % W
-        share = sum(min(batch_size, n - starts[i]) for i in mine)
-        bar = progress(share, desc if world == 1 else f"{desc} (rank 0 of {world})", unit="img",
-                       disable=not show_progress or rank != 0)
-        ticker = Ticker(self.model, self.diffusion, bar)
-        batches, bad = {}, torch.zeros((), device=self.device)
-        for i in mine:
-            start = starts[i]
-            m = min(batch_size, n - start)
-            g = batch_generator(self.device, seed, i)
-            x_T = (torch.randn((m, *self.image_shape), generator=g, device=self.device) if latents is None
-                   else latents[start:start + m].to(self.device))
-            y = self.labels(m, g) if labels is None else labels[start:start + m].to(self.device)
-            ticker.start(m)
+        """n images as uint8 numpy [n, H, W, C] and their labels (int64 numpy [n], or None): every batch's x_T
+        through the chosen loop on every step of the respaced diffusion. `latents` / `labels` (tensors [n, ...])
+        replace the drawn x_T / labels (interpolation, inversion)."""
+        batches = self.batches(n, batch_size, seed, show_progress, latents, labels, desc)
+        for b in batches:
             with self.amp:
-                x = loop(self.diffusion, ticker, x_T.shape, noise=x_T, model_kwargs={} if y is None else {"y": y},
-                         generator=g, **kwargs).float()
-            ticker.finish()
-            bad = bad + (~torch.isfinite(x)).sum()  # no host sync here: checked once, after the last batch
-            batches[i] = (data.to_uint8_images(x), None if y is None else y.cpu().numpy())
-        bar.close()
-        bad = int(bad)
-        if world > 1:  # every rank gets every rank's batches (and non-finite count): the union, in batch order
-            gathered = [None] * world
-            dist.all_gather_object(gathered, (batches, bad))
-            batches = {i: b for part, _ in gathered for i, b in part.items()}
-            bad = sum(count for _, count in gathered)
-        if bad > 0:
-            raise UsageError(f"sampling produced {bad} non-finite values (the sampler diverged) and nothing was "
-                             f"written; {self.likely_cause()}")
-        images = np.concatenate([batches[i][0] for i in range(len(starts))])
-        classes = [batches[i][1] for i in range(len(starts)) if batches[i][1] is not None]
-        return images, (np.concatenate(classes) if classes else None)
+                b.x0 = self.loop(self.diffusion, batches.model, b.x_T.shape, noise=b.x_T,
+                                 model_kwargs=b.model_kwargs, generator=b.generator, **self.options)
+        return batches.images()
 
     def likely_cause(self):
         """The flag most likely behind a diverged sample, and what to do about it."""
@@ -510,9 +465,13 @@ class Sampler:
             return self.kept
         return None  # the score samplers' count depends on their corrector / Langevin steps
 
-    def describe(self):
-        """One line for the user: 'ddim on 50 of 1000 steps, eta1, quad, cg4, class3' (+ NFE where it differs)."""
-        head = f"{self.settings.sampler} on {self.kept} of {self.T} steps"
+    def describe(self, steps=None):
+        """One line for the user: 'ddim on 50 of 1000 steps, eta1, quad, cg4, class3' (+ NFE where it differs).
+        `steps`: the steps actually run, when fewer than the chain's (an edit starts part-way down)."""
+        ran = self.kept if steps is None else steps
+        head = f"{self.settings.sampler} on {ran} of {self.T} steps"
+        if steps is not None and steps != self.kept:
+            head += f" (from t0 of a {self.kept}-step chain)"
         if self.settings.sampler in ("dpmpp2m", "heun"):
             head += f" ({self.nfe()} NFE)"
         return ", ".join([head] + self.tags()[1:])
@@ -521,32 +480,16 @@ class Sampler:
         """The parts of an output name: sampler + steps, then every setting that differs from its default."""
         o = self.settings
         tags = [f"{o.sampler}{self.steps}"]
-        if o.eta != DEFAULTS.eta:
-            tags.append(f"eta{o.eta:g}")
-        if self.steps < self.T and self.skip != DEFAULT_SKIP.get(o.sampler, "uniform"):
-            tags.append(self.skip)
-        if o.var is not None:
-            tags.append(f"var{o.var}")
-        if not o.clip:
-            tags.append("noclip")
-        if o.langevin_steps != DEFAULTS.langevin_steps:
-            tags.append(f"ls{o.langevin_steps}")
-        if o.delta is not None:
-            tags.append(f"delta{o.delta:g}")
-        if o.corrector_steps != DEFAULTS.corrector_steps:
-            tags.append(f"cs{o.corrector_steps}")
-        if o.snr != DEFAULTS.snr:
-            tags.append(f"snr{o.snr:g}")
-        if o.predictor != DEFAULTS.predictor:
-            tags.append(f"{o.predictor}pred")
-        if self.cond_fn is not None:
-            tags.append(f"cg{self.cond_fn.scale:g}")
-        if o.cfg_scale is not None:
-            tags.append(f"cfg{o.cfg_scale:g}")
-        if o.label is not None:
-            tags.append(f"class{o.label}")
-        if not o.ema:
-            tags.append("noema")
+        for f in SETTINGS:
+            value = getattr(o, f.name)
+            if f.name == "skip":  # the step schedule, where it is not the sampler's own
+                if self.steps < self.T and self.skip != self.entry.skip:
+                    tags.append(self.skip)
+            elif f.name == "classifier_scale":  # classifier guidance: the scale in use, whenever there is one
+                if self.cond_fn is not None:
+                    tags.append(f"cg{self.cond_fn.scale:g}")
+            elif f.metadata["tag"] and value != f.default:
+                tags.append(f.metadata["tag"].format(value))
         return tags
 
     def name(self, seed=None, n=None, default_n=64, batch_size=None, default_batch_size=256, prefix=None):
@@ -561,11 +504,85 @@ class Sampler:
         return "_".join(parts)
 
 
+@dataclasses.dataclass
+class Batch:
+    """One batch: its index, size, x_T, model_kwargs (the labels) and generator; the caller sets x0, the loop's
+    output."""
+    index: int
+    size: int
+    x_T: torch.Tensor
+    model_kwargs: dict
+    generator: torch.Generator
+    x0: torch.Tensor = None
+
+
+class Batches:
+    """This process's batches of an n-image call, each with its own generator (seed, i), a bar counting images, and
+    the check and gathering of the results.
+
+    Iterating yields Batch objects; the caller runs a loop and sets `batch.x0` (floats in [-1, 1]). `model` is the
+    network to call: the sampler's, with the bar moved along as the batch walks down the levels (StepProgress).
+    `images()` returns all n images (uint8 numpy [n, H, W, C]) and labels in batch order, on every rank: under
+    torchrun rank r runs batches r, r + W, ... and the ranks exchange them (all_gather_object of uint8 arrays).
+    Non-finite values are counted on the device and checked once, at the end, with their likely cause.
+    """
+
+    def __init__(self, sampler, n, batch_size, seed, show_progress, latents, labels, desc, draw_x_T=True):
+        import torch.distributed as dist  # noqa: PLC0415
+        self.sampler, self.n, self.seed, self.desc = sampler, n, seed, desc
+        self.rank, self.world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        self.latents, self.given_labels, self.draw_x_T = latents, labels, draw_x_T
+        self.starts = list(range(0, n, batch_size))
+        self.batch_size = batch_size
+        self.mine = [i for i in range(len(self.starts)) if i % self.world == self.rank]  # batch i on rank i % W
+        share = sum(self.size(i) for i in self.mine)
+        self.bar = progress(share, desc if self.world == 1 else f"{desc} (rank 0 of {self.world})", unit="img",
+                            disable=not show_progress or self.rank != 0)
+        self.model = StepProgress(sampler.model, sampler.diffusion, self.bar)
+        self.done, self.bad = {}, torch.zeros((), device=sampler.device)
+
+    def size(self, i):
+        return min(self.batch_size, self.n - self.starts[i])
+
+    def __iter__(self):
+        s = self.sampler
+        for i in self.mine:
+            start, m = self.starts[i], self.size(i)
+            g = batch_generator(s.device, self.seed, i)
+            x_T = (self.latents[start:start + m].to(s.device) if self.latents is not None
+                   else torch.randn((m, *s.image_shape), generator=g, device=s.device) if self.draw_x_T else None)
+            y = s.labels(m, g) if self.given_labels is None else self.given_labels[start:start + m].to(s.device)
+            batch = Batch(i, m, x_T, {} if y is None else {"y": y}, g)
+            self.model.start(m)
+            yield batch
+            self.model.finish()
+            x = batch.x0.float()
+            self.bad = self.bad + (~torch.isfinite(x)).sum()  # no host sync here: checked once, after the last batch
+            self.done[i] = (data.to_uint8_images(x), None if y is None else y.cpu().numpy())
+        self.bar.close()
+
+    def images(self):
+        """All n images and their labels (or None), in batch order; non-finite results are refused here."""
+        import torch.distributed as dist  # noqa: PLC0415
+        batches, bad = self.done, int(self.bad)
+        if self.world > 1:  # every rank gets every rank's batches (and non-finite count): the union, in batch order
+            gathered = [None] * self.world
+            dist.all_gather_object(gathered, (batches, bad))
+            batches = {i: b for part, _ in gathered for i, b in part.items()}
+            bad = sum(count for _, count in gathered)
+        if bad > 0:
+            raise UsageError(f"{self.desc} produced {bad} non-finite values (the chain diverged) "
+                             f"and nothing was written; {self.sampler.likely_cause()}")
+        images = np.concatenate([batches[i][0] for i in range(len(self.starts))])
+        classes = [batches[i][1] for i in range(len(self.starts)) if batches[i][1] is not None]
+        return images, (np.concatenate(classes) if classes else None)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # From a checkpoint, and to files
 # ----------------------------------------------------------------------------------------------------------------
 
-def from_checkpoint(ckpt, settings=DEFAULTS, device="cpu", precision="auto", classifier=None, compile=False):
+def from_checkpoint(ckpt, settings=Settings(), device="cpu", precision="auto", classifier=None, compile=False):
     """A Sampler for a loaded diffusion checkpoint (checkpoint.load) and, for guidance, a loaded classifier one.
     compile: torch.compile the network (Compiled: CUDA graphs on CUDA)."""
     where = ckpt.get("path", "the checkpoint")

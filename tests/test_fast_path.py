@@ -84,8 +84,8 @@ def ddim_run(device, precision, memory_format=torch.contiguous_format, compile=F
                          precision=precision, compile=compile)
     x_T = torch.randn((4, 3, 8, 8), generator=torch.Generator().manual_seed(3)).to(device)
     with s.amp:
-        x = sampling.SAMPLERS[sampler](s.diffusion, s.model, x_T.shape, noise=x_T, generator=torch.Generator(device),
-                                       **s.loop_kwargs()).float()
+        x = s.loop(s.diffusion, s.model, x_T.shape, noise=x_T, generator=torch.Generator(device),
+                   **s.options).float()
     images, _ = s.generate(4, batch_size=4, seed=0, show_progress=False)
     return x.cpu(), images
 

@@ -6,6 +6,7 @@ test image by index and center-crops a non-square picture; every bad input is on
 before any work (no file written); a diverged sampler writes nothing; progress and announcements reach the user.
 """
 
+import inspect
 import os
 import subprocess
 import sys
@@ -438,10 +439,10 @@ def test_the_bar_moves_inside_a_batch():
     calls = []
     bar = CountingBar()
     diffusion = sampling.checkpoint.build_diffusion({"schedule": "linear", "timesteps": 100}).respace(5)
-    ticker = sampling.Ticker(lambda x, t, **kw: calls.append(int(t[0])) or torch.zeros_like(x), diffusion, bar)
-    ticker.start(4)
-    sampling.ddim.ddim_sample_loop(diffusion, ticker, (4, 2), noise=torch.zeros(4, 2))
-    ticker.finish()
+    step_progress = sampling.StepProgress(lambda x, t, **kw: calls.append(int(t[0])) or torch.zeros_like(x), diffusion, bar)
+    step_progress.start(4)
+    sampling.ddim.ddim_sample_loop(diffusion, step_progress, (4, 2), noise=torch.zeros(4, 2))
+    step_progress.finish()
     assert calls == sorted(diffusion.timestep_map.tolist(), reverse=True)
     assert bar.seen == [1, 2, 3, 4] and bar.n == 4  # int(4 * k / 5) for k = 1..5: 0, 1, 2, 3, 4
 
@@ -454,8 +455,22 @@ def test_every_default_is_in_help():
                 assert "default" in formatter._expand_help(action), action.option_strings
 
 
+@pytest.mark.parametrize("name", list(sampling.SAMPLERS))
+def test_the_menu_says_what_each_loop_takes(name):
+    # the menu is written out by hand (no reflection in the product): here its entries are held to the loops' own
+    # signatures, so an entry can neither pass a keyword its loop lacks nor hide a setting the loop has
+    entry = sampling.SAMPLERS[name]
+    params = inspect.signature(entry.loop).parameters
+    keywords = {f.metadata["keyword"] or f.name for f in sampling.SETTINGS if f.name in entry.options}
+    assert keywords <= set(params), (name, keywords - set(params))
+    settable = {f.metadata["keyword"] or f.name for f in sampling.SETTINGS} & set(params)
+    assert settable == keywords, (name, settable - keywords)
+    assert entry.guided == ("cond_fn" in params)
+
+
 def test_a_new_sampler_is_one_line(runs, monkeypatch):
-    # a loop with the menu's signature and no options of its own: the menu passes it what it takes, no more
+    # a loop with the menu's signature and no options of its own (not even clip_denoised): the menu passes it what its
+    # entry says it takes, no more
     def euler_loop(diffusion, model, shape, noise=None, model_kwargs=None, generator=None, progress=False):
         x = noise
         for i in range(diffusion.num_timesteps - 1, -1, -1):
@@ -464,7 +479,7 @@ def test_a_new_sampler_is_one_line(runs, monkeypatch):
             x = x - 0.01 * eps
         return x
 
-    monkeypatch.setitem(sampling.SAMPLERS, "euler", euler_loop)
+    monkeypatch.setitem(sampling.SAMPLERS, "euler", sampling.Entry(euler_loop))
     ckpt = sampling.checkpoint.load(runs["uncond"])
     s = sampling.from_checkpoint(ckpt, sampling.Settings(sampler="euler", steps=3))
     x, y = s.generate(2, show_progress=False)
