@@ -45,7 +45,10 @@ steps, every setting that differs from its default, and the seed, e.g.
     runs/cifar10/samples/edit_cifar10-7_s0.5_mask-keep_ddpm1000_cg4_class3_seed0.png   (with --mask keep.png and
                                                                            --classifier ... --classifier-scale 4 --class 3)
 
-An existing file is never replaced without --force. The same --seed and --batch-size give the same images.
+An existing file is never replaced without --force, and two commands writing one name at once are not both run:
+the second is refused before its work (the name is claimed at the start, outputs.py). The pair is written whole or
+not at all: a full disk or Ctrl-C leaves neither file (and no temporary), so the same command can simply be run
+again. The same --seed and --batch-size give the same images.
 
 MANY GPUS. `torchrun --nproc_per_node=8 sample.py --num-samples 50000 ...` splits the batches across the ranks (batch i on rank
 i % 8, drawn with the same seed as in one process) and rank 0 gathers and writes them: the same images as
@@ -372,7 +375,9 @@ def main(argv=None):
         name = s.name(args.seed, args.n, batch_size=args.batch_size)
     out = args.out or os.path.join(samples_dir(ckpt), name)
     out = out[:-4] if out.endswith((".png", ".npz")) else out
-    sampling.check_outputs(out, args.force)
+    # claimed now, before the work: a second sample.py writing the same name is refused here, not silently replaced at
+    # the end; rank 0 alone claims (it alone writes), every rank checks
+    sampling.check_outputs(out, args.force, "--out", typed=args.out is not None, hold=rank == 0)
 
     params = sum(p.numel() for p in s.model.parameters())
     say(f"checkpoint {ckpt['path']}: step {ckpt.get('step', '?')}, {params / 1e6:.1f}M parameters, "
@@ -399,7 +404,9 @@ def main(argv=None):
         grid, nrow = edit_grid(original, mask_u8, edits, channels)
         extra = {"input": original} if mask is None else {"input": original, "mask": mask_u8}
         labels = None if label is None else np.full(len(edits), label, dtype=np.int64)
-        png, npz = sampling.save_samples(edits, labels, out, nrow, grid=grid, extra=extra)
+        if rank != 0:  # under torchrun every rank edits the same images; rank 0 alone claimed the name and writes
+            return
+        png, npz = sampling.save_samples(edits, labels, out, nrow, grid=grid, extra=extra, force=args.force)
         wrote(png, f"rows of input | {'mask | ' if mask is not None else ''}edits, {len(edits)} edits")
         wrote(npz, f"x: uint8 {list(edits.shape)} edits, input" + (", mask (255 = keep)" if mask is not None else "")
               + ("" if labels is None else ", y: labels"))
@@ -415,7 +422,7 @@ def main(argv=None):
         nrow = None
     if rank != 0:  # every rank holds the gathered images; rank 0 alone writes them
         return
-    png, npz = sampling.save_samples(images, labels, out, nrow)
+    png, npz = sampling.save_samples(images, labels, out, nrow, force=args.force)
     wrote(png, f"grid of {len(images)} images")
     wrote(npz, f"x: uint8 {list(images.shape)}" + ("" if labels is None else ", y: labels"))
     if not (args.invert or args.interpolate):
