@@ -1,11 +1,12 @@
-"""The files sample.py writes, seen from outside: real processes, real signals, a full disk.
+"""The files sample.py and evaluate.py write, seen from outside: real processes, real signals, a full disk.
 
 What is pinned:
   * a full disk (ENOSPC) while a result is written is ONE line on stderr (`error: cannot write PATH: No space left on
     device; nothing was written`), exit code 1, and NOTHING is left: no temporary, no half of the .png/.npz pair (which
-    would make the rerun refuse without --force);
-  * Ctrl-C (SIGINT) and SIGTERM while sampling or while writing the files end the script with one line, exit 130 /
-    143, and leave only whole files it announced (no temporaries, no lock files);
+    would make the rerun refuse without --force), no half line in results.jsonl;
+  * Ctrl-C (SIGINT) and SIGTERM while sampling, while computing Inception features, inside the matrix square root
+    or while writing the files end the script with one line, exit 130 / 143, and leave only whole files it announced
+    (no temporaries, no lock files);
   * two identical sample.py started at once: one writes, the other is refused in one line naming the file and
     --force; a rerun's refusal names the file and --force (and --out only when --out was typed).
 
@@ -14,10 +15,11 @@ here starts several processes. So one server process imports them once (multipro
 modules preloaded) and forks a fresh process per command: a real process, with its own pid, signals and exit code,
 that runs the script's file as `__main__` (runpy), exactly as `python SCRIPT ARGS` does after its imports. A
 command's "patch" (a function of this file, run in that process before the script) stands in for the outside world:
-a disk that fills up, a write that takes long enough to be interrupted inside.
+a disk that fills up, an Inception network or a square root that takes long enough to be interrupted inside.
 """
 
 import errno
+import json
 import multiprocessing
 import os
 import runpy
@@ -34,8 +36,8 @@ from tests import tiny
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one interpreter that imports everything once; every command below is a process forked from it
 SERVER = multiprocessing.get_context("forkserver")
-SERVER.set_forkserver_preload(["torch", "numpy", "torchvision.utils", "cli", "checkpoint", "sampling", "sample",
-                               __name__])
+SERVER.set_forkserver_preload(["torch", "numpy", "scipy.linalg", "torchvision.utils", "cli", "checkpoint",
+                               "sampling", "sample", "evaluate", __name__])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -70,6 +72,18 @@ def full_disk_at_the_second_link():
     os.link = link
 
 
+def full_disk_in_results_jsonl():
+    """results.jsonl's disk fills up mid-record: half the bytes written, then ENOSPC."""
+    real = os.write
+
+    def write(fd, data):
+        if os.readlink(f"/proc/self/fd/{fd}").endswith(".jsonl") and len(data) > 1:
+            real(fd, data[:len(data) // 2])
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, data)
+    os.write = write
+
+
 def slow_savez():
     """Writing the .npz takes a while (a large array on a slow disk): long enough to be interrupted inside."""
     import numpy
@@ -79,6 +93,60 @@ def slow_savez():
         mark("writing the npz")
         time.sleep(60)
     numpy.savez = savez
+
+
+class FakeInception:
+    """Stands for the FID Inception network (torch.jit.load's result): random [N, 2048] features, `delay` s a call."""
+
+    def __init__(self, delay):
+        self.delay, self.calls = delay, 0
+
+    def __call__(self, x):
+        import torch
+        self.calls += 1
+        if self.calls == 1 and self.delay:
+            mark("inside inception")
+        time.sleep(self.delay)
+        return torch.randn(x.shape[0], 2048, dtype=torch.float32)
+
+    def eval(self):
+        return self
+
+    def to(self, device):
+        return self
+
+    def parameters(self):
+        import torch
+        yield torch.zeros(1)
+
+
+def fast_inception():
+    import torch
+    torch.jit.load = lambda *a, **k: FakeInception(0)
+
+
+def slow_inception():
+    import torch
+    torch.jit.load = lambda *a, **k: FakeInception(0.05)
+
+
+def slow_sqrtm():
+    """Inside scipy's sqrtm for as long as it takes: scipy computes in C and Python handles a signal when the C call
+    returns, so a long square root is stood for by many short real ones."""
+    import scipy.linalg
+    real = scipy.linalg.sqrtm
+
+    def sqrtm(a, *args, **kwargs):
+        mark("inside sqrtm")
+        small = np.eye(64) + 0.01
+        while True:
+            real(small)
+    scipy.linalg.sqrtm = sqrtm
+
+
+def fast_inception_slow_sqrtm():
+    fast_inception()
+    slow_sqrtm()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -200,6 +268,20 @@ def test_a_full_disk_while_sample_py_writes_leaves_nothing_and_one_line(run, tmp
     assert code == 0 and f"wrote {out}.npz" in stdout and np.load(out + ".npz")["x"].shape == (4, 8, 8, 3), err
 
 
+def test_a_full_disk_while_results_jsonl_is_appended_leaves_it_as_it_was(run, tmp_path, logs):
+    results = tmp_path / "r.jsonl"
+    results.write_text('{"metric": "fid", "value": 3.0}\n')
+    before = results.read_bytes()
+    # `bpd` on one image: the cheapest result evaluate.py appends (fid's path to results.jsonl is the same function)
+    code, stdout, err = Script(logs, "evaluate.py", ["bpd", "--checkpoint", run, "--n", "1", "--device", "cpu",
+                                                     "--no-progress", "--out", str(results)],
+                               "full_disk_in_results_jsonl").end()
+    line = one_line(err, "error: ")
+    assert code == 1 and f"cannot append to {results}: No space left on device" in line and "nothing was" in line, err
+    assert results.read_bytes() == before, "a record is appended whole or not at all"
+    assert json.loads(stdout.splitlines()[-1])["metric"] == "bpd", "the result still reaches the user (stdout)"
+
+
 @pytest.fixture()
 def tmpfs(tmp_path):
     """A real 64 kB file system (tmpfs), when this process may mount one (root); removed afterwards."""
@@ -212,12 +294,32 @@ def tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(folder)], capture_output=True, timeout=30)
 
 
+def fill(folder):
+    """Fill a file system to the last page: a filler file grown 4 kB at a time until ENOSPC."""
+    with open(os.path.join(folder, "filler"), "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError as e:
+            assert e.errno == errno.ENOSPC
+
+
 def test_a_real_full_disk(run, tmpfs, logs):
     # sample.py: 512 8x8 images are a 98 kB .npz, beyond the 64 kB disk: ENOSPC, one line, nothing left on the disk
     out = str(tmpfs / "s")
     code, stdout, err = Script(logs, "sample.py", sample_argv(run, out, 1, 512, "--batch-size", "512")).end()
     assert code == 1 and "No space left on device; nothing was written" in one_line(err, "error: "), err
     assert os.listdir(tmpfs) == []
+    # results.jsonl ending 19 bytes before a page boundary, the rest of the disk full: the old append wrote 19 bytes
+    # of the record (half a line), then failed
+    results = tmpfs / "r.jsonl"
+    results.write_text('{"metric": "earlier", "pad": "' + "x" * (4096 - 19 - 33) + '"}\n')
+    fill(tmpfs)
+    before = results.read_bytes()
+    code, stdout, err = Script(logs, "evaluate.py", ["bpd", "--checkpoint", run, "--n", "1", "--device", "cpu",
+                                                     "--no-progress", "--out", str(results)]).end()
+    assert code == 1 and "No space left on device" in one_line(err, "error: "), err
+    assert results.read_bytes() == before and sorted(os.listdir(tmpfs)) == ["filler", "r.jsonl"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,6 +349,33 @@ def test_ctrl_c_and_sigterm_stop_sample_py_cleanly(run, tmp_path, logs):
         assert "wrote" not in stopped(script, signum)
     # nothing was written: not the .png without its .npz (the rerun would be refused), no temporary, no lock
     assert sorted(os.listdir(tmp_path)) == ["logs"], os.listdir(tmp_path)
+
+
+def test_ctrl_c_and_sigterm_stop_evaluate_py_cleanly(run, tmp_path, logs):
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048), image_size=np.array(8))
+    (tmp_path / "inception.pt").write_bytes(b"stands for the network")
+    results = tmp_path / "r.jsonl"
+    results.write_text('{"metric": "earlier"}\n')
+
+    def fid(name, steps, n, patch):
+        return Script(logs, "evaluate.py", [
+            "fid", "--checkpoint", run, "--steps", str(steps), "--n", str(n), "--ref", str(tmp_path / "ref.npz"),
+            "--inception", str(tmp_path / "inception.pt"), "--batch-size", "1", "--device", "cpu", "--no-progress",
+            "--out", str(results), "--save-samples", str(tmp_path / name)], patch)
+    sampling = fid("sampling", 100, 1024, "fast_inception")
+    features = fid("features", 2, 64, "slow_inception")
+    sqrtm = fid("sqrtm", 2, 8, "fast_inception_slow_sqrtm")
+    sampling.wait_for("sampling 1024 images").signal(signal.SIGTERM)
+    features.wait_for("[inside inception]").signal(signal.SIGINT)
+    sqrtm.wait_for("[inside sqrtm]").signal(signal.SIGTERM)
+    assert "wrote" not in stopped(sampling, signal.SIGTERM)
+    for script, signum, name in ((features, signal.SIGINT, "features"), (sqrtm, signal.SIGTERM, "sqrtm")):
+        stdout = stopped(script, signum)
+        # the samples were written (and announced) before the scoring: kept, whole
+        assert f"wrote {tmp_path / name}.npz" in stdout and np.load(tmp_path / f"{name}.npz")["x"].shape[0] > 0
+    assert results.read_text() == '{"metric": "earlier"}\n', "no result line, and no half of one"
+    assert sorted(f for f in os.listdir(tmp_path) if f != "logs") == [
+        "features.npz", "features.png", "inception.pt", "r.jsonl", "ref.npz", "sqrtm.npz", "sqrtm.png"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
