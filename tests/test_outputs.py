@@ -1,12 +1,12 @@
-"""The files sample.py and evaluate.py write, seen from outside: real processes, real signals, a full disk.
+"""The files sample.py, evaluate.py and figures.py write, seen from outside: real processes, real signals, a full disk.
 
 What is pinned:
   * a full disk (ENOSPC) while a result is written is ONE line on stderr (`error: cannot write PATH: No space left on
     device; nothing was written`), exit code 1, and NOTHING is left: no temporary, no half of the .png/.npz pair (which
     would make the rerun refuse without --force), no half line in results.jsonl;
-  * Ctrl-C (SIGINT) and SIGTERM while sampling, while computing Inception features, inside the matrix square root
-    or while writing the files end the script with one line, exit 130 / 143, and leave only whole files it announced
-    (no temporaries, no lock files);
+  * Ctrl-C (SIGINT) and SIGTERM while sampling, while computing Inception features, inside the matrix square root,
+    while drawing a figure or while writing the files end the script with one line, exit 130 / 143, and leave only
+    whole files it announced (no temporaries, no lock files);
   * two identical sample.py started at once: one writes, the other is refused in one line naming the file and
     --force; a rerun's refusal names the file and --force (and --out only when --out was typed).
 
@@ -36,8 +36,8 @@ from tests import tiny
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # one interpreter that imports everything once; every command below is a process forked from it
 SERVER = multiprocessing.get_context("forkserver")
-SERVER.set_forkserver_preload(["torch", "numpy", "scipy.linalg", "torchvision.utils", "cli", "checkpoint",
-                               "sampling", "sample", "evaluate", __name__])
+SERVER.set_forkserver_preload(["torch", "numpy", "scipy.linalg", "matplotlib.figure", "torchvision.utils", "cli",
+                               "checkpoint", "sampling", "sample", "evaluate", "figures", __name__])
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -82,6 +82,16 @@ def full_disk_in_results_jsonl():
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         return real(fd, data)
     os.write = write
+
+
+def full_disk_in_savefig():
+    """The disk fills up while the figure's PNG is written."""
+    import matplotlib.figure
+
+    def savefig(self, fname, *args, **kwargs):
+        (fname.write if hasattr(fname, "write") else open(fname, "ab").write)(b"\x89PNG half a picture")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    matplotlib.figure.Figure.savefig = savefig
 
 
 def slow_savez():
@@ -282,6 +292,16 @@ def test_a_full_disk_while_results_jsonl_is_appended_leaves_it_as_it_was(run, tm
     assert json.loads(stdout.splitlines()[-1])["metric"] == "bpd", "the result still reaches the user (stdout)"
 
 
+def test_a_full_disk_while_figures_py_writes_leaves_nothing(run, tmp_path, logs):
+    out = tmp_path / "figs"
+    code, stdout, err = Script(logs, "figures.py", [
+        "ddim-consistency", "--checkpoint", run, "--out", str(out), "--n", "1", "--columns", "1,2", "--device", "cpu",
+        "--no-progress"], "full_disk_in_savefig").end()
+    line = one_line(err, "error: ")
+    assert code == 1 and f"cannot write {out / 'ddim-consistency_seed0.png'}: No space left on device" in line, err
+    assert os.listdir(out) == []
+
+
 @pytest.fixture()
 def tmpfs(tmp_path):
     """A real 64 kB file system (tmpfs), when this process may mount one (root); removed afterwards."""
@@ -376,6 +396,15 @@ def test_ctrl_c_and_sigterm_stop_evaluate_py_cleanly(run, tmp_path, logs):
     assert results.read_text() == '{"metric": "earlier"}\n', "no result line, and no half of one"
     assert sorted(f for f in os.listdir(tmp_path) if f != "logs") == [
         "features.npz", "features.png", "inception.pt", "r.jsonl", "ref.npz", "sqrtm.npz", "sqrtm.png"]
+
+
+def test_ctrl_c_stops_figures_py_cleanly(run, tmp_path, logs):
+    out = tmp_path / "figs"
+    figure = Script(logs, "figures.py", ["ddpm-x0", "--checkpoint", run, "--out", str(out), "--n", "1024",
+                                         "--device", "cpu", "--no-progress"])
+    figure.wait_for("ddpm-x0: ").signal(signal.SIGINT)
+    stopped(figure, signal.SIGINT)
+    assert os.listdir(out) == []
 
 
 # ----------------------------------------------------------------------------------------------------------------
