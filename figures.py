@@ -37,6 +37,7 @@ import torch
 
 import checkpoint
 import cli
+import outputs
 from ddim import ddim_sample_loop, slerp
 from ddpm import randn
 from guidance import ClassifierFreeGuidance, classifier_cond_fn
@@ -208,8 +209,9 @@ def guidance_grid(model, diffusion, shape, args, bar, classifier=None, num_class
 # Drawing
 # ----------------------------------------------------------------------------------------------------------------
 
-def draw(rows, row_labels, col_labels, title, path):
-    """A labelled grid of images (rows x columns) with matplotlib, written atomically."""
+def draw(rows, row_labels, col_labels, title, path, force=False):
+    """A labelled grid of images (rows x columns) with matplotlib, written whole or not at all (outputs.write: a
+    temporary, fsynced, then named; never over an existing PNG unless `force`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -231,14 +233,10 @@ def draw(rows, row_labels, col_labels, title, path):
                 ax.set_ylabel(row_labels[r], fontsize=7)
     fig.suptitle(title, fontsize=8)
     fig.tight_layout()
-    tmp = f"{path}.tmp{os.getpid()}.png"
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        outputs.write({path: lambda f: fig.savefig(f, dpi=110, format="png")}, force)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def main(argv=None):
@@ -277,7 +275,10 @@ def main(argv=None):
     folder = args.out or (os.path.join(os.path.dirname(ckpt["path"]), "figures") if os.path.isfile(ckpt["path"])
                           else os.path.join("runs", "figures"))
     cli.check_writable_dir(folder, "--out")
-    path = cli.check_new_file(os.path.join(folder, f"{args.figure}_seed{args.seed}.png"), "--out", args.force)
+    # the PNG's name, claimed now (outputs.claim): an existing one is refused without --force, and one that another
+    # figures.py is drawing right now is refused even with it; --out is named only when it was typed
+    path = os.path.join(folder, f"{args.figure}_seed{args.seed}.png")
+    outputs.claim([path], "--out", args.force, typed=args.out is not None)
     model = checkpoint.build_network(ckpt, device=device)
     if args.figure == "guidance" and args.classifier is not None:
         cls_ckpt = checkpoint.load(args.classifier, "--classifier")
@@ -313,7 +314,7 @@ def main(argv=None):
     if not all(torch.isfinite(img).all() for row in rows for img in row):
         raise cli.UsageError(f"--checkpoint: the images of {ckpt['path']} are not finite (a diverged model?); "
                              "nothing was written")
-    draw(rows, row_labels, col_labels, title, path)
+    draw(rows, row_labels, col_labels, title, path, args.force)
     cli.wrote(path, shows)
 
 

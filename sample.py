@@ -45,7 +45,10 @@ steps, every setting that differs from its default, and the seed, e.g.
     runs/cifar10/samples/edit_cifar10-7_s0.5_mask-keep_ddpm1000_cg4_class3_seed0.png   (with --mask keep.png and
                                                                            --classifier ... --classifier-scale 4 --class 3)
 
-An existing file is never replaced without --force. The same --seed and --batch-size give the same images.
+An existing file is never replaced without --force, and two commands writing one name at once are not both run:
+the second is refused before its work (the name is claimed at the start, outputs.py). The pair is written whole or
+not at all: a full disk or Ctrl-C leaves neither file (and no temporary), so the same command can simply be run
+again. The same --seed and --batch-size give the same images.
 
 MANY GPUS. `torchrun --nproc_per_node=8 sample.py --num-samples 50000 ...` splits the batches across the ranks (batch i on rank
 i % 8, drawn with the same seed as in one process) and rank 0 gathers and writes them: the same images as
@@ -431,7 +434,9 @@ def main(argv=None):
     # where the outputs go, checked before the work
     out = args.out or os.path.join(samples_dir(ckpt), name)
     out = out[:-4] if out.endswith((".png", ".npz")) else out
-    sampling.check_outputs(out, args.force)
+    # claimed now, before the work: a second sample.py writing the same name is refused here, not silently replaced at
+    # the end; rank 0 alone claims (it alone writes), every rank checks
+    sampling.check_outputs(out, args.force, "--out", typed=args.out is not None, hold=rank == 0)
 
     params = sum(p.numel() for p in s.model.parameters())
     step = ckpt.get("step")
@@ -441,7 +446,7 @@ def main(argv=None):
     if rank != 0:  # every rank holds the gathered images; rank 0 alone writes them
         return
     png, npz = sampling.save_samples(result.images, result.labels, out, result.nrow, grid=result.grid,
-                                     extra=result.extra)
+                                     extra=result.extra, force=args.force)
     wrote(png, result.png_what)
     wrote(npz, result.npz_what)
     if result.next:

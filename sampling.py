@@ -40,10 +40,11 @@ import checkpoint
 import data
 import ddgan
 import ddim
+import outputs
 import schedules
 import score
 import solvers
-from cli import UsageError, autocast, check_new_file, check_number, progress, say, uses_bf16
+from cli import UsageError, autocast, check_number, progress, say, uses_bf16
 from ddpm import GaussianDiffusion
 from guidance import ClassifierFreeGuidance, classifier_cond_fn
 
@@ -619,27 +620,32 @@ def from_checkpoint(ckpt, settings=Settings(), device="cpu", precision="auto", c
                    compile)
 
 
-def check_outputs(out, force=False, flag="--out"):
-    """The .png and .npz an output name stands for: refused before any work if either exists (without --force)."""
-    return [check_new_file(out + ext, flag, force) for ext in (".png", ".npz")]
+def check_outputs(out, force=False, flag="--out", typed=True, hold=True):
+    """The .png and .npz an output name stands for, checked and claimed before any work (outputs.claim): refused if
+    either exists (without --force) or another process is writing it right now. `typed`: the user gave `flag` (a
+    default name's refusal names the file and --force only); `hold` False checks without claiming (torchrun's ranks
+    other than 0, which never write)."""
+    return outputs.claim([out + ".png", out + ".npz"], flag, force, typed, hold)
 
 
-def save_samples(images, labels, out, nrow=None, grid=None, extra=None):
-    """out.png (a grid) and out.npz (`x` uint8 [N, H, W, C], `y` int64 [N] when labelled), each written atomically.
+def save_samples(images, labels, out, nrow=None, grid=None, extra=None, force=False):
+    """out.png (a grid) and out.npz (`x` uint8 [N, H, W, C], `y` int64 [N] when labelled), written as a pair: both
+    or neither (outputs.write: temporaries, fsynced, then named; a full disk or an interrupt leaves nothing), and
+    never over an existing file unless `force`.
 
     The .npz is what FID tools read (evaluate.py; OpenAI's evaluator reads the same layout). `grid` (uint8
     [M, H, W, C]) replaces the images in the PNG only (sample.py --edit shows the input and mask beside them);
     `extra` adds arrays to the .npz.
     """
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    data.save_grid(torch.from_numpy(images if grid is None else grid).permute(0, 3, 1, 2), out + ".png", nrow=nrow)
+    import torchvision.utils  # noqa: PLC0415
+
+    # the PNG is data.save_grid's picture (uint8 -> [0, 1], a full grid by default), written to an open file
+    picture = torch.from_numpy(images if grid is None else grid).permute(0, 3, 1, 2).float() / 255.0
+    columns = nrow if nrow is not None else data.grid_columns(picture.shape[0])
     arrays = {"x": images} if labels is None else {"x": images, "y": labels}
     arrays.update(extra or {})
-    tmp = f"{out}.tmp{os.getpid()}.npz"
-    try:
-        np.savez(tmp, **arrays)
-        os.replace(tmp, out + ".npz")
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return out + ".png", out + ".npz"
+    png, npz = outputs.write({
+        out + ".png": lambda f: torchvision.utils.save_image(picture, f, nrow=columns, format="png"),
+        out + ".npz": lambda f: np.savez(f, **arrays),
+    }, force)
+    return png, npz
