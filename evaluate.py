@@ -406,7 +406,7 @@ def cmd_fid(args):
     net = load_inception(args.inception, device)  # fail early on a bad --inception
 
     if args.checkpoint is not None:
-        say(f"sampling {args.n} images from {ckpt['path']} (step {ckpt.get('step', '?')}): {s.describe()}, "
+        say(f"sampling {args.n} images from {ckpt['path']} ({checkpoint.describe_step(ckpt)}): {s.describe()}, "
             f"seed {args.seed}")
         t0 = time.time()
         samples, labels = s.generate(args.n, args.sample_batch_size, args.seed, show)
@@ -457,7 +457,7 @@ def cmd_bpd(args):
     x = x[:: max(1, x.shape[0] // args.n)][: args.n]
     if x.shape[0] < args.n:
         say(f"note: the {name} test split has {x.shape[0]} images; --n {args.n} scores all of them")
-    say(f"bits/dim of {x.shape[0]} test images under {ckpt['path']} (step {ckpt.get('step', '?')}): "
+    say(f"bits/dim of {x.shape[0]} test images under {ckpt['path']} ({checkpoint.describe_step(ckpt)}): "
         f"{diffusion.num_timesteps} model evaluations per image")
     g = torch.Generator(device).manual_seed(args.seed)
     bar = progress(x.shape[0], "bpd", unit="img", disable=args.no_progress)
@@ -694,7 +694,7 @@ def cmd_table(args):
         return None
 
     paper = PAPER if any(r[0] == "ddim" for r in rows) else {}  # DDIM Table 1 has DDIM's rows only
-    title = (f"FID of {args.n} samples against {args.ref}: {args.checkpoint} (step {ckpt.get('step', '?')}), "
+    title = (f"FID of {args.n} samples against {args.ref}: {args.checkpoint} ({checkpoint.describe_step(ckpt)}), "
              f"seed {args.seed}, S = steps of the respaced diffusion (--skip {args.skip}, DDIM §4.2)")
     notes = []
     if paper:

@@ -375,7 +375,7 @@ def main(argv=None):
     sampling.check_outputs(out, args.force)
 
     params = sum(p.numel() for p in s.model.parameters())
-    say(f"checkpoint {ckpt['path']}: step {ckpt.get('step', '?')}, {params / 1e6:.1f}M parameters, "
+    say(f"checkpoint {ckpt['path']}: {checkpoint.describe_step(ckpt)}, {params / 1e6:.1f}M parameters, "
         f"{'EMA' if settings.ema else 'raw'} weights; {device.type}, {precision_name(device, args.precision)}")
 
     if args.invert:
