@@ -285,6 +285,14 @@ def main(argv=None):
         cls_ckpt = checkpoint.load(args.classifier, "--classifier")
         if cls_ckpt["kind"] != "classifier":
             raise cli.UsageError(f"--classifier: {cls_ckpt['path']} holds a {cls_ckpt['kind']}, not a classifier")
+        # a classifier of other images (another size, other classes) steers toward nothing: refused, as sample.py
+        # refuses it (sampling.from_checkpoint)
+        size, cls_size = ckpt["model_args"]["image_size"], cls_ckpt["model_args"]["image_size"]
+        classes = checkpoint.num_classes_of(cls_ckpt)
+        if cls_size != size or num_classes not in (None, classes):
+            raise cli.UsageError(f"--classifier: {cls_ckpt['path']} was trained on {classes} classes of "
+                                 f"{cls_size}x{cls_size} images, the diffusion run on {num_classes or 'unlabelled'} "
+                                 f"{size}x{size} images")
         classifier = checkpoint.build_network(cls_ckpt, device=device, flag="--classifier")
         num_classes = checkpoint.num_classes_of(cls_ckpt)
     if args.figure == "guidance" and not 0 <= args.label < num_classes:
