@@ -342,6 +342,11 @@ def main(argv=None):
 
     # what to sample from, checked and built before any work (checkpoint.py: every problem is one line)
     ckpt = checkpoint.load(args.checkpoint or default_checkpoint())
+    experiment = "--interpolate" if args.interpolate else "--invert" if args.invert else "--edit" if args.edit else None
+    if experiment and ckpt["kind"] == "ddgan":
+        # from_checkpoint would advise --sampler ddgan, which these experiments refuse: name the real conflict
+        raise UsageError(f"{experiment}: needs an eps-model (DDIM's or SDEdit's chain) and {ckpt['path']} holds a "
+                         "DDGAN generator, which only draws with --sampler ddgan; pass a diffusion run as --checkpoint")
     clf = checkpoint.load(args.classifier, flag="--classifier") if args.classifier else None
     s = sampling.from_checkpoint(ckpt, settings, device, args.precision, clf, compile=args.compile)
     size, channels = s.image_shape[1], s.image_shape[0]
