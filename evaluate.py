@@ -447,10 +447,15 @@ def cmd_bpd(args):
         raise UsageError(f"--checkpoint: {ckpt['path']} holds a {ckpt['kind']}, not a diffusion model")
     if args.var is not None and ckpt["diffusion_args"].get("var_type") == "learned_range":
         raise UsageError("--var: this run learned its variance (iDDPM eq. 15); drop --var")
-    model = checkpoint.build_network(ckpt, use_ema=not args.no_ema, device=device)
-    diffusion = checkpoint.build_diffusion(ckpt["diffusion_args"], sampling.VAR_TYPES.get(args.var))
     cfg = ckpt.get("config") or {}
     name, size = cfg.get("dataset", "cifar10"), ckpt["model_args"]["image_size"]
+    if name == "cifar10" and size != 32:
+        # a network that names no dataset (a diffusers folder) is scored on CIFAR-10, whose images are 32x32: at
+        # another size (the 256x256 LSUN and CelebA-HQ models) data.py would ask for train.py's --image-size
+        raise UsageError(f"--checkpoint: {ckpt['path']} makes {size}x{size} images and names no dataset; bpd has "
+                         "test images only for 32x32 CIFAR-10 models and train.py runs (their --dataset)")
+    model = checkpoint.build_network(ckpt, use_ema=not args.no_ema, device=device)
+    diffusion = checkpoint.build_diffusion(ckpt["diffusion_args"], sampling.VAR_TYPES.get(args.var))
     say(f"loading the {name} test split")
     x, _ = data.load_dataset(name, args.data_dir or cfg.get("data_dir"), size, split="test")
     # the test files are grouped by class: a stride keeps every class in a subset
