@@ -246,6 +246,13 @@ def build_diffusion(diffusion_args, var_type=None):
     return GaussianDiffusion(betas, var, args.get("loss_type", "mse"))
 
 
+def describe_step(ckpt):
+    """How the scripts' banners name the weights: 'step 1200' for a run's checkpoint, 'pretrained weights' for a
+    diffusers folder (the official DDPM weights), which says nothing of its training and so has step None."""
+    step = ckpt.get("step")
+    return "pretrained weights" if step is None else f"step {step}"
+
+
 def num_classes_of(ckpt):
     """How many classes the network knows: a class-conditional UNet's num_classes, a classifier's out_dim, or None."""
     args = ckpt["model_args"]

@@ -411,7 +411,7 @@ def cmd_fid(args):
     net = load_inception(args.inception, device)  # fail early on a bad --inception
 
     if args.checkpoint is not None:
-        say(f"sampling {args.n} images from {ckpt['path']} (step {ckpt.get('step', '?')}): {s.describe()}, "
+        say(f"sampling {args.n} images from {ckpt['path']} ({checkpoint.describe_step(ckpt)}): {s.describe()}, "
             f"seed {args.seed}")
         t0 = time.time()
         samples, labels = s.generate(args.n, args.sample_batch_size, args.seed, show)
@@ -452,17 +452,22 @@ def cmd_bpd(args):
         raise UsageError(f"--checkpoint: {ckpt['path']} holds a {ckpt['kind']}, not a diffusion model")
     if args.var is not None and ckpt["diffusion_args"].get("var_type") == "learned_range":
         raise UsageError("--var: this run learned its variance (iDDPM eq. 15); drop --var")
-    model = checkpoint.build_network(ckpt, use_ema=not args.no_ema, device=device)
-    diffusion = checkpoint.build_diffusion(ckpt["diffusion_args"], sampling.VARIANCE_FLAGS.get(args.var))
     cfg = ckpt.get("config") or {}
     name, size = cfg.get("dataset", "cifar10"), ckpt["model_args"]["image_size"]
+    if name == "cifar10" and size != 32:
+        # a network that names no dataset (a diffusers folder) is scored on CIFAR-10, whose images are 32x32: at
+        # another size (the 256x256 LSUN and CelebA-HQ models) data.py would ask for train.py's --image-size
+        raise UsageError(f"--checkpoint: {ckpt['path']} makes {size}x{size} images and names no dataset; bpd has "
+                         "test images only for 32x32 CIFAR-10 models and train.py runs (their --dataset)")
+    model = checkpoint.build_network(ckpt, use_ema=not args.no_ema, device=device)
+    diffusion = checkpoint.build_diffusion(ckpt["diffusion_args"], sampling.VARIANCE_FLAGS.get(args.var))
     say(f"loading the {name} test split")
     x, _ = data.load_dataset(name, args.data_dir or cfg.get("data_dir"), size, split="test")
     # the test files are grouped by class: a stride keeps every class in a subset
     x = x[:: max(1, x.shape[0] // args.n)][: args.n]
     if x.shape[0] < args.n:
         say(f"note: the {name} test split has {x.shape[0]} images; --n {args.n} scores all of them")
-    say(f"bits/dim of {x.shape[0]} test images under {ckpt['path']} (step {ckpt.get('step', '?')}): "
+    say(f"bits/dim of {x.shape[0]} test images under {ckpt['path']} ({checkpoint.describe_step(ckpt)}): "
         f"{diffusion.num_timesteps} model evaluations per image")
     g = torch.Generator(device).manual_seed(args.seed)
     bar = progress(x.shape[0], "bpd", unit="img", disable=args.no_progress)
@@ -699,7 +704,7 @@ def cmd_table(args):
         return None
 
     paper = PAPER if any(r[0] == "ddim" for r in rows) else {}  # DDIM Table 1 has DDIM's rows only
-    title = (f"FID of {args.n} samples against {args.ref}: {args.checkpoint} (step {ckpt.get('step', '?')}), "
+    title = (f"FID of {args.n} samples against {args.ref}: {args.checkpoint} ({checkpoint.describe_step(ckpt)}), "
              f"seed {args.seed}, S = steps of the respaced diffusion (--skip {args.skip}, DDIM §4.2)")
     notes = []
     if paper:

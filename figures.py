@@ -55,8 +55,8 @@ def build_parser():
     p.add_argument("--n", type=int, default=None, help="rows: chains (ddpm-x0, ddim-consistency, ddim-interp) or "
                    "images per scale (guidance) (default: 4, 4, 4, 8)")
     p.add_argument("--steps", type=int, default=None, help="ddpm-x0 / ddpm-shared: respace Algorithm 2 to this many "
-                   "steps (default: all T, as in the paper; 100 is 10x faster on a CPU); guidance: DDIM steps "
-                   "(default 50)")
+                   "steps (default: all T, as in the paper; 100 is 10x faster on a CPU); ddim-interp, guidance: "
+                   "DDIM steps (default 50)")
     p.add_argument("--columns", default=None, help="ddpm-x0 / ddpm-shared: the paper t's to show, comma separated "
                    "(default: 8 evenly spaced); ddim-consistency: step counts (default 10,20,50,100,1000)")
     p.add_argument("--classifier", default=None, help="guidance: noisy classifier run (train.py --task classifier)")
@@ -161,7 +161,7 @@ def ddim_interp(model, diffusion, shape, args, bar, frames=9, steps=50):
     """DDIM Fig. 6: decode slerp(z0, z1; alpha) for alpha = 0 .. 1, one pair of latents per row."""
     g = torch.Generator(args.device).manual_seed(args.seed)
     z0, z1 = randn(shape, g, args.device), randn(shape, g, args.device)
-    spaced = diffusion.respace(min(steps, diffusion.num_timesteps))
+    spaced = diffusion.respace(min(args.steps or steps, diffusion.num_timesteps))
     alphas = [k / (frames - 1) for k in range(frames)]
     columns = []
     for a in alphas:
@@ -257,6 +257,8 @@ def main(argv=None):
     if args.figure.startswith("ddpm"):
         paper_ts(args.columns, T)  # checked now, used when drawing
     if args.figure == "ddim-consistency":
+        if args.steps is not None:  # its step counts are its columns: a --steps would be silently ignored
+            raise cli.UsageError("--steps: ddim-consistency decodes with each step count of --columns; drop --steps")
         counts = cli.parse_ints(args.columns or "10,20,50,100,1000", "--columns")
         if not counts or any(not 1 <= c <= T for c in counts):
             raise cli.UsageError(f"--columns: step counts must lie in 1..{T}, got {args.columns!r}")
@@ -284,6 +286,14 @@ def main(argv=None):
         cls_ckpt = checkpoint.load(args.classifier, "--classifier")
         if cls_ckpt["kind"] != "classifier":
             raise cli.UsageError(f"--classifier: {cls_ckpt['path']} holds a {cls_ckpt['kind']}, not a classifier")
+        # a classifier of other images (another size, other classes) steers toward nothing: refused, as sample.py
+        # refuses it (sampling.from_checkpoint)
+        size, cls_size = ckpt["model_args"]["image_size"], cls_ckpt["model_args"]["image_size"]
+        classes = checkpoint.num_classes_of(cls_ckpt)
+        if cls_size != size or num_classes not in (None, classes):
+            raise cli.UsageError(f"--classifier: {cls_ckpt['path']} was trained on {classes} classes of "
+                                 f"{cls_size}x{cls_size} images, the diffusion run on {num_classes or 'unlabelled'} "
+                                 f"{size}x{size} images")
         classifier = checkpoint.build_network(cls_ckpt, device=device, flag="--classifier")
         num_classes = checkpoint.num_classes_of(cls_ckpt)
     if args.figure == "guidance" and not 0 <= args.label < num_classes:

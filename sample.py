@@ -428,6 +428,11 @@ def main(argv=None):
 
     # what to sample from, checked and built before any work (checkpoint.py: every problem is one line)
     ckpt = checkpoint.load(args.checkpoint or default_checkpoint())
+    mode = "--interpolate" if args.interpolate else "--invert" if args.invert else "--edit" if args.edit else None
+    if mode and ckpt["kind"] == "ddgan":
+        # from_checkpoint would advise --sampler ddgan, which these experiments refuse: name the real conflict
+        raise UsageError(f"{mode}: needs an eps-model (DDIM's or SDEdit's chain) and {ckpt['path']} holds a "
+                         "DDGAN generator, which only draws with --sampler ddgan; pass a diffusion run as --checkpoint")
     clf = checkpoint.load(args.classifier, flag="--classifier") if args.classifier else None
     s = sampling.from_checkpoint(ckpt, settings, device, args.precision, clf, compile=args.compile)
     name, experiment = plan(args, s)
@@ -439,9 +444,8 @@ def main(argv=None):
     sampling.check_outputs(out, args.force, "--out", typed=args.out is not None, hold=rank == 0)
 
     params = sum(p.numel() for p in s.model.parameters())
-    step = ckpt.get("step")
-    say(f"checkpoint {ckpt['path']}: {'pretrained' if step is None else f'step {step}'}, {params / 1e6:.1f}M "
-        f"parameters, {'EMA' if settings.ema else 'raw'} weights; {device.type}, {precision_name(device, args.precision)}")
+    say(f"checkpoint {ckpt['path']}: {checkpoint.describe_step(ckpt)}, {params / 1e6:.1f}M parameters, "
+        f"{'EMA' if settings.ema else 'raw'} weights; {device.type}, {precision_name(device, args.precision)}")
     result = experiment()
     if rank != 0:  # every rank holds the gathered images; rank 0 alone writes them
         return
