@@ -10,14 +10,15 @@ same layers in the same order with the same shapes, under other names. So loadin
   1. finds the files, in any of the layouts below (or downloads them: "hf:google/ddpm-cifar10-32"),
   2. turns the UNet2DModel config into UNet(**model_args), checking every value's type and range (a table of
      rules: UNET2D_RULES) and refusing any option our UNet does not compute,
-  3. renames the weights (fusing attention's q, k, v into our one 1x1 conv), checking every name and shape,
+  3. renames the weights (fusing attention's q, k, v into our one 1x1 conv), checking every name, shape and dtype
+     and that every value is finite,
   4. turns the scheduler config into diffusion_args (beta schedule, T, variance), checked the same way
      (SCHEDULER_RULES),
 
 and returns a checkpoint in the project's format 2 (see load_diffusers). Nothing of diffusers is needed: the
 configs are JSON, the weights a safetensors file (or a torch pickle, .bin, read with weights_only=True).
 tests/test_pretrained.py proves the result equal to diffusers' own network and samplers.
-tests/test_pretrained_inputs.py tries bad values of every field, through sample.py.
+tests/test_pretrained_inputs.py tries bad values of every field and tensor, through sample.py.
 
 LAYOUTS. (a) A repository root: model_index.json, unet/{config.json, diffusion_pytorch_model.safetensors|.bin},
 scheduler/scheduler_config.json. (b) The older flat layout, as google/ddpm-cifar10-32 ships: config.json (the
@@ -60,6 +61,8 @@ MAX_LEVELS = 12                # an image of MAX_SAMPLE_SIZE = 2^11 cannot be ha
 MAX_LAYERS_PER_BLOCK = 16      # DDPM uses 2, ADM and iDDPM 2 or 3
 MAX_IMAGE_CHANNELS = 64        # of the images: 3 (RGB), 1 (gray), 4 (latents)
 MAX_TIMESTEPS = 100000         # T; DDPM's is 1000 (the diffusion holds a dozen arrays of T floats)
+# the dtypes a weight may have; the network computes in float32, to which all four convert exactly or by rounding
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -227,7 +230,7 @@ def load_diffusers(path):
          "step": None, "source": path}
 
     Anything that does not match (layout, missing file, a config value of the wrong type or range, an option our
-    UNet lacks, a weight's name or shape) raises a ValueError with one line naming it.
+    UNet lacks, a weight's name, shape, dtype or a non-finite value) raises a ValueError with one line naming it.
     """
     source = str(path)
     folder = download(source[3:]) if source.startswith("hf:") else source
@@ -328,10 +331,23 @@ def read_weights(path):
         else:
             # weights_only: a .bin is a pickle, and unpickling arbitrary objects runs arbitrary code
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    except Exception as e:  # (an empty .bin raises an EOFError without a message)
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise ValueError(f"{path}: expected a flat dict of tensors (a state_dict)")
+    # every tensor, used or not: a floating dtype (a bool or complex tensor would be cast to float silently, its
+    # values changed), dense, and finite once in float32 (a float64 of 1e300 is not)
+    file = os.path.basename(path)
+    for name, value in state.items():
+        if value.dtype not in FLOAT_DTYPES or value.layout != torch.strided:
+            kind = str(value.dtype).replace("torch.", "") + ("" if value.layout == torch.strided else " sparse")
+            raise ValueError(f"weights: {name!r} in {file} is a {kind} tensor; this loader reads dense float16, "
+                             "bfloat16, float32 or float64 weights only (convert the file, or download the original)")
+        if not bool(torch.isfinite(value.to(torch.float32)).all()):
+            raise ValueError(f"weights: {name!r} in {file} holds NaN or infinite values (in float32); "
+                             "the file is damaged: download it again")
     return state
 
 

@@ -1,4 +1,4 @@
-"""A diffusers folder is a file from the internet: every field pretrained.py reads is checked.
+"""A diffusers folder is a file from the internet: every field pretrained.py reads and every weight tensor is checked.
 
 Each case breaks one thing in a valid small folder (tests/test_pretrained.py's SMALL network, saved by diffusers'
 save_pretrained) and runs `python sample.py --checkpoint FOLDER --sampler ddim --steps 2 --n 2 --no-progress` in an
@@ -13,6 +13,7 @@ completion through the same harness (exit 0, the two files written), so that "no
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -22,6 +23,8 @@ import tempfile
 import traceback
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
 import pretrained
 from tests.test_pretrained import SMALL, write_folder
@@ -31,6 +34,7 @@ SAMPLE = os.path.join(ROOT, "sample.py")
 ARGS = ["--sampler", "ddim", "--steps", "2", "--n", "2", "--no-progress", "--device", "cpu"]
 NAN, INF = float("nan"), float("inf")
 CHILD_TIMEOUT = 60  # seconds; a refused case takes milliseconds
+WEIGHTS = os.path.join("unet", "diffusion_pytorch_model.safetensors")
 
 
 # -----------------------------------------------------------------------------
@@ -339,6 +343,88 @@ def test_malformed_json(folder, tmp_path, file, content):
     else:
         path.write_text(content)
     assert_refused(folder, tmp_path, os.path.basename(file))
+
+
+# -----------------------------------------------------------------------------
+# the weights: floating dtypes only, finite values only
+
+
+def replace_weights(folder, name, change):
+    """Rewrite the folder's weights with change(tensor) for `name` (a new file: the valid folder's stays as it is)."""
+    path = str(folder / WEIGHTS)
+    state = load_file(path)
+    state[name] = change(state[name])
+    os.remove(path)  # the hard link to the valid folder's file
+    save_file(state, path)
+
+
+def with_value(value, dtype=None):
+    def change(w):
+        w = w.clone() if dtype is None else w.to(dtype)
+        w.view(-1)[3] = value
+        return w
+    return change
+
+
+@pytest.mark.parametrize("name, change", [
+    pytest.param("conv_in.weight", lambda w: w > 0, id="bool"),  # was cast silently to 0.0 / 1.0 and sampled
+    pytest.param("conv_in.weight", lambda w: w.to(torch.complex64), id="complex64"),  # imaginary part dropped
+    pytest.param("conv_in.weight", lambda w: (w * 100).to(torch.int64), id="int64"),
+    pytest.param("conv_out.bias", lambda w: w.to(torch.uint8), id="uint8"),
+    pytest.param("mid_block.attentions.0.to_q.weight", lambda w: w.to(torch.int8), id="int8"),
+    pytest.param("conv_in.weight", lambda w: w.to(torch.float8_e4m3fn), id="float8_e4m3fn"),
+    pytest.param("conv_in.weight", with_value(NAN), id="float32-NaN"),
+    pytest.param("time_embedding.linear_1.bias", with_value(INF), id="float32-inf"),
+    pytest.param("conv_out.weight", with_value(-INF, torch.float16), id="float16-minus-inf"),
+    pytest.param("conv_out.weight", with_value(NAN, torch.bfloat16), id="bfloat16-NaN"),
+    pytest.param("down_blocks.0.resnets.0.conv1.weight", with_value(1e300, torch.float64),
+                 id="float64-1e300"),  # inf once in float32
+])
+def test_bad_weights(folder, tmp_path, name, change):
+    replace_weights(folder, name, change)
+    line = assert_refused(folder, tmp_path, name)
+    assert "weights" in line
+
+
+def test_bad_weights_in_a_torch_pickle(folder, tmp_path):
+    # the .bin format (a torch pickle) is checked the same way
+    state = load_file(str(folder / WEIGHTS))
+    state["conv_in.weight"] = state["conv_in.weight"].to(torch.complex64)
+    os.remove(folder / WEIGHTS)
+    torch.save(state, folder / "unet" / "diffusion_pytorch_model.bin")
+    assert_refused(folder, tmp_path, "conv_in.weight")
+
+
+def write_bytes(data):
+    return lambda path: open(path, "wb").write(data)
+
+
+@pytest.mark.parametrize("file, write", [
+    pytest.param("diffusion_pytorch_model.safetensors", write_bytes(b""), id="empty-safetensors"),
+    pytest.param("diffusion_pytorch_model.safetensors", write_bytes(b"\x00" * 100), id="garbage-safetensors"),
+    pytest.param("diffusion_pytorch_model.bin", write_bytes(b""), id="empty-bin"),  # an EOFError without a message
+    pytest.param("diffusion_pytorch_model.bin", write_bytes(b"not a pickle"), id="garbage-bin"),
+    pytest.param("diffusion_pytorch_model.bin", lambda path: torch.save([torch.zeros(2)], path), id="bin-list"),
+    pytest.param("diffusion_pytorch_model.bin", lambda path: torch.save({0: torch.zeros(2)}, path),
+                 id="bin-int-keys"),
+    pytest.param("diffusion_pytorch_model.bin", lambda path: torch.save({"a": {"b": torch.zeros(2)}}, path),
+                 id="bin-nested"),
+])
+def test_malformed_weights_file(folder, tmp_path, file, write):
+    os.remove(folder / WEIGHTS)
+    write(str(folder / "unet" / file))
+    assert_refused(folder, tmp_path, file)
+
+
+def test_valid_weights_in_other_float_dtypes_load(folder):
+    # float16, bfloat16 and float64 files are read (as float32), not refused
+    state = load_file(str(folder / WEIGHTS))
+    dtypes = [torch.float16, torch.bfloat16, torch.float64]
+    state = {k: v.to(dtypes[i % 3]) for i, (k, v) in enumerate(state.items())}
+    os.remove(folder / WEIGHTS)
+    save_file(state, str(folder / WEIGHTS))
+    ckpt = pretrained.load_diffusers(folder)
+    assert all(v.dtype == torch.float32 and math.isfinite(v.abs().max()) for v in ckpt["ema"].values())
 
 
 # -----------------------------------------------------------------------------
