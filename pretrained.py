@@ -8,13 +8,17 @@ and the -ema- twins such as google/ddpm-ema-church-256): a UNet2DModel (config.j
 same layers in the same order with the same shapes, under other names. So loading is renaming, and this file:
 
   1. finds the files, in any of the layouts below (or downloads them: "hf:google/ddpm-cifar10-32"),
-  2. turns the UNet2DModel config into UNet(**model_args), refusing any option our UNet does not compute,
-  3. renames the weights (fusing attention's q, k, v into our one 1x1 conv), checking every name and shape,
-  4. turns the scheduler config into diffusion_args (beta schedule, T, variance),
+  2. turns the UNet2DModel config into UNet(**model_args), checking every value's type and range (a table of
+     rules: UNET2D_RULES) and refusing any option our UNet does not compute,
+  3. renames the weights (fusing attention's q, k, v into our one 1x1 conv), checking every name, shape and dtype
+     and that every value is finite,
+  4. turns the scheduler config into diffusion_args (beta schedule, T, variance), checked the same way
+     (SCHEDULER_RULES),
 
 and returns a checkpoint in the project's format 2 (see load_diffusers). Nothing of diffusers is needed: the
 configs are JSON, the weights a safetensors file (or a torch pickle, .bin, read with weights_only=True).
 tests/test_pretrained.py proves the result equal to diffusers' own network and samplers.
+tests/test_pretrained_inputs.py tries bad values of every field and tensor, through sample.py.
 
 LAYOUTS. (a) A repository root: model_index.json, unet/{config.json, diffusion_pytorch_model.safetensors|.bin},
 scheduler/scheduler_config.json. (b) The older flat layout, as google/ddpm-cifar10-32 ships: config.json (the
@@ -37,6 +41,7 @@ NAMES (ours <- diffusers'), for every level l, block i, in forward order:
 """
 
 import json
+import math
 import os
 
 import torch
@@ -45,6 +50,84 @@ from schedules import get_named_beta_schedule
 from unet import UNet
 
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+
+# The files come from the internet, so every value read is checked for its type and range before it is used
+# (a string where a number belongs, NaN, 0 channels, a 65536-pixel image would otherwise end in a traceback, or in
+# gigabytes allocated, long after loading). The bounds are generous and only keep the work sane:
+MAX_JSON_BYTES = 16 * 2 ** 20  # a config is a few KB; 100000 trained_betas are about 2.5 MB of JSON
+MAX_SAMPLE_SIZE = 2048         # the largest official DDPM models work at 256x256
+MAX_CHANNELS = 2 ** 16         # of a level; DDPM's largest is 512, ADM's 1024
+MAX_LEVELS = 12                # an image of MAX_SAMPLE_SIZE = 2^11 cannot be halved more than 11 times
+MAX_LAYERS_PER_BLOCK = 16      # DDPM uses 2, ADM and iDDPM 2 or 3
+MAX_IMAGE_CHANNELS = 64        # of the images: 3 (RGB), 1 (gray), 4 (latents)
+MAX_TIMESTEPS = 100000         # T; DDPM's is 1000 (the diffusion holds a dozen arrays of T floats)
+# the dtypes a weight may have; the network computes in float32, to which all four convert exactly or by rounding
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Rules for the values of a JSON config: each is (test, what the value must be), the latter for the error line
+# ----------------------------------------------------------------------------------------------------------------
+
+def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)  # JSON's true is Python's True, an int: not a number here
+
+
+def is_number(v):
+    # Python's json reads NaN and Infinity; an int of 400 digits is finite (and too large for math.isfinite)
+    return is_int(v) or (isinstance(v, float) and math.isfinite(v))
+
+
+def integer(lo, hi):
+    return (lambda v: is_int(v) and lo <= v <= hi), f"an integer in [{lo}, {hi}]"
+
+
+def number(lo, hi, lo_open=False, hi_open=False):
+    def test(v):
+        return is_number(v) and (lo < v if lo_open else lo <= v) and (v < hi if hi_open else v <= hi)
+    return test, f"a finite number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+
+
+def one_of(*values, note=""):
+    """Exactly one of `values`, type included: 1 is not true, 0 is not false, 32.0 is not 32."""
+    def test(v):
+        return any(v == x and type(v) is type(x) for x in values)
+    return test, " or ".join(json.dumps(x) for x in values) + note
+
+
+BOOLEAN = one_of(True, False)
+STRING = (lambda v: isinstance(v, str)), "a string"
+
+
+def optional(rule):
+    """null (diffusers' None), or what `rule` allows."""
+    test, must = rule
+    return (lambda v: v is None or test(v)), f"null or {must}"
+
+
+def list_of(rule, lo, hi):
+    """A list of lo to hi values, each allowed by `rule`."""
+    test, must = rule
+    count = f"{lo}" if lo == hi else f"{lo} to {hi}"
+    return (lambda v: isinstance(v, list) and lo <= len(v) <= hi and all(test(x) for x in v)), \
+        f"a list of {count} values, each {must}"
+
+
+def either(*rules):
+    return (lambda v: any(test(v) for test, _ in rules)), " or ".join(must for _, must in rules)
+
+
+def check_fields(values, rules, file):
+    """Each field of `values` that `rules` names passes its rule; else a ValueError naming the field and the rule."""
+    for field, (test, must) in rules.items():
+        if field in values and not test(values[field]):
+            raise ValueError(f"{file}: {field} must be {must}, got {shown(values[field])}")
+
+
+def shown(value, width=60):
+    """A value as JSON spells it (true, null, NaN), cut to `width` characters."""
+    text = json.dumps(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
 
 # UNet2DModel's constructor defaults (diffusers 0.42): a key missing from config.json means this value, exactly as
 # it does for diffusers (so a config without attention_head_dim gets heads of 8 channels; the DDPM configs say null:
@@ -62,12 +145,42 @@ UNET2D_DEFAULTS = {
     "num_train_timesteps": None,
 }
 
-# Options of UNet2DModel that our UNet computes in one way only: the value it must have.
-UNET2D_FIXED = {
-    "center_input_sample": False, "time_embedding_type": "positional", "flip_sin_to_cos": False,
-    "mid_block_type": "UNetMidBlock2D", "mid_block_scale_factor": 1, "downsample_type": "conv",
-    "upsample_type": "conv", "act_fn": "silu", "norm_num_groups": 32, "resnet_time_scale_shift": "default",
-    "add_attention": True, "class_embed_type": None, "num_class_embeds": None,
+# What each UNet2DModel option may be (every option of UNET2D_DEFAULTS has a rule). Options our UNet computes in
+# one way only must have that value; the others are checked here for type and range, and below for how they fit
+# together (the block types mirror, the channels are multiples of the first, the heads divide them, ...).
+ONLY = " (the only choice our UNet computes)"
+UNET2D_RULES = {
+    # the architecture
+    "sample_size": either(integer(1, MAX_SAMPLE_SIZE), list_of(integer(1, MAX_SAMPLE_SIZE), 2, 2)),
+    "in_channels": integer(1, MAX_IMAGE_CHANNELS),
+    "out_channels": integer(1, MAX_IMAGE_CHANNELS),
+    "block_out_channels": list_of(integer(1, MAX_CHANNELS), 1, MAX_LEVELS),
+    "down_block_types": list_of(one_of("DownBlock2D", "AttnDownBlock2D"), 1, MAX_LEVELS),
+    "up_block_types": list_of(one_of("UpBlock2D", "AttnUpBlock2D"), 1, MAX_LEVELS),
+    "layers_per_block": integer(1, MAX_LAYERS_PER_BLOCK),
+    "attention_head_dim": optional(integer(1, MAX_CHANNELS)),
+    "time_embedding_dim": optional(integer(1, 4 * MAX_CHANNELS)),
+    "dropout": number(0, 1, hi_open=True),
+    "norm_eps": number(0, 1, lo_open=True, hi_open=True),
+    "num_train_timesteps": optional(integer(1, MAX_TIMESTEPS)),  # not used by the network; only typed
+    # DDPM's choice or ADM's (see unet_args)
+    "freq_shift": one_of(1, 0),
+    "downsample_padding": one_of(0, 1),
+    # the options our UNet computes in one way only
+    "center_input_sample": one_of(False, note=ONLY),
+    "time_embedding_type": one_of("positional", note=ONLY),
+    "flip_sin_to_cos": one_of(False, note=ONLY),
+    "mid_block_type": one_of("UNetMidBlock2D", note=ONLY),
+    "mid_block_scale_factor": one_of(1, 1.0, note=ONLY),
+    "downsample_type": one_of("conv", note=ONLY),
+    "upsample_type": one_of("conv", note=ONLY),
+    "act_fn": one_of("silu", note=ONLY),
+    "norm_num_groups": one_of(32, note=ONLY),
+    "attn_norm_num_groups": one_of(None, 32, note=ONLY),
+    "resnet_time_scale_shift": one_of("default", note=ONLY),
+    "add_attention": one_of(True, note=ONLY),
+    "class_embed_type": one_of(None, note=ONLY),
+    "num_class_embeds": one_of(None, note=ONLY),
 }
 
 # DDPMScheduler's defaults, for the keys this loader reads.
@@ -85,6 +198,23 @@ BETA_SCHEDULES = {"linear": "linear", "scaled_linear": "quadratic", "squaredcos_
 VARIANCE_TYPES = {"fixed_small": "fixed_small", "fixed_small_log": "fixed_small",
                   "fixed_large": "fixed_large", "fixed_large_log": "fixed_large"}
 
+# What each DDPMScheduler field read here may be: the ones the diffusion is made of, and clip_sample (a sampling
+# choice, not read, but typed: the official configs state it). beta_schedule is any string when trained_betas are
+# given (diffusers then ignores it), else one of BETA_SCHEDULES (checked in diffusion_args), and beta_start <=
+# beta_end; trained_betas must number num_train_timesteps.
+BETA = number(0, 1, lo_open=True, hi_open=True)
+SCHEDULER_RULES = {
+    "num_train_timesteps": integer(1, MAX_TIMESTEPS),
+    "beta_start": BETA,
+    "beta_end": BETA,
+    "beta_schedule": STRING,
+    "trained_betas": optional(list_of(BETA, 1, MAX_TIMESTEPS)),
+    "variance_type": one_of(*VARIANCE_TYPES),
+    "prediction_type": one_of("epsilon", note=" (our models predict the noise)"),
+    "rescale_betas_zero_snr": one_of(False, note=" (zero-SNR rescaling is not supported)"),
+    "clip_sample": BOOLEAN,
+}
+
 
 # ----------------------------------------------------------------------------------------------------------------
 # The entry point
@@ -99,20 +229,23 @@ def load_diffusers(path):
          "ema": state_dict,        the converted weights (readers sample from "ema")
          "step": None, "source": path}
 
-    Anything that does not match (layout, missing file, an option our UNet lacks, a weight's name or shape) raises a
-    ValueError with one line naming it.
+    Anything that does not match (layout, missing file, a config value of the wrong type or range, an option our
+    UNet lacks, a weight's name, shape, dtype or a non-finite value) raises a ValueError with one line naming it.
     """
     source = str(path)
     folder = download(source[3:]) if source.startswith("hf:") else source
     unet_dir, weights_path, scheduler_path = find_files(folder)
+    # the cheap checks first: both JSON files and the diffusion; then the network (its shapes, on the meta device)
+    # and the weights
     config = read_json(os.path.join(unet_dir, "config.json"))
-    model_args = unet_args(config)
     scheduler = read_json(scheduler_path) if scheduler_path else {}
+    diffusion = diffusion_args(scheduler)
+    model_args = unet_args(config)
     return {
         "format": 2,
         "kind": "diffusion",
         "model_args": model_args,
-        "diffusion_args": diffusion_args(scheduler),
+        "diffusion_args": diffusion,
         "ema": convert_weights(read_weights(weights_path), model_args),
         "step": None,
         "source": source,
@@ -168,13 +301,24 @@ def find_files(folder):
 
 
 def read_json(path):
+    """A JSON object from a UTF-8 file of at most MAX_JSON_BYTES, or a ValueError of one line."""
     try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path}: not readable as JSON ({type(e).__name__}: {str(e).splitlines()[0]})") from None
+        with open(path, "rb") as f:
+            raw = f.read(MAX_JSON_BYTES + 1)  # never more: a config is a few KB
+    except OSError as e:
+        raise ValueError(f"{path}: not readable ({e.strerror or type(e).__name__})") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise ValueError(f"{path}: larger than {MAX_JSON_BYTES} bytes, too large for a config; not a diffusers "
+                         "config file")
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except RecursionError:  # arrays nested thousands deep
+        raise ValueError(f"{path}: not readable as JSON (nested too deeply)") from None
+    except ValueError as e:  # json's errors and UnicodeDecodeError are ValueErrors
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: not readable as JSON ({type(e).__name__}: {first})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(data).__name__}")
+        raise ValueError(f"{path}: expected a JSON object {{...}}, got {shown(data, 40)}")
     return data
 
 
@@ -187,10 +331,23 @@ def read_weights(path):
         else:
             # weights_only: a .bin is a pickle, and unpickling arbitrary objects runs arbitrary code
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {str(e).splitlines()[0]})") from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    except Exception as e:  # (an empty .bin raises an EOFError without a message)
+        first = (str(e).splitlines() or [""])[0][:200]
+        raise ValueError(f"{path}: not a readable weights file ({type(e).__name__}: {first})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
         raise ValueError(f"{path}: expected a flat dict of tensors (a state_dict)")
+    # every tensor, used or not: a floating dtype (a bool or complex tensor would be cast to float silently, its
+    # values changed), dense, and finite once in float32 (a float64 of 1e300 is not)
+    file = os.path.basename(path)
+    for name, value in state.items():
+        if value.dtype not in FLOAT_DTYPES or value.layout != torch.strided:
+            kind = str(value.dtype).replace("torch.", "") + ("" if value.layout == torch.strided else " sparse")
+            raise ValueError(f"weights: {name!r} in {file} is a {kind} tensor; this loader reads dense float16, "
+                             "bfloat16, float32 or float64 weights only (convert the file, or download the original)")
+        if not bool(torch.isfinite(value.to(torch.float32)).all()):
+            raise ValueError(f"weights: {name!r} in {file} holds NaN or infinite values (in float32); "
+                             "the file is damaged: download it again")
     return state
 
 
@@ -201,26 +358,21 @@ def read_weights(path):
 def unet_args(config):
     """UNet(**model_args) for a UNet2DModel config.json, or a ValueError naming the first option we cannot match."""
     if config.get("_class_name", "UNet2DModel") != "UNet2DModel":
-        raise ValueError(f"config.json: _class_name is {config['_class_name']!r}; only UNet2DModel is supported")
+        raise ValueError(f"config.json: _class_name is {shown(config['_class_name'])}; only UNet2DModel is "
+                         "supported")
     unknown = sorted(k for k in config if not k.startswith("_") and k not in UNET2D_DEFAULTS)
     if unknown:
         raise ValueError(f"config.json: unknown UNet2DModel option {unknown[0]!r}; this loader knows diffusers 0.42's")
     cfg = {**UNET2D_DEFAULTS, **{k: v for k, v in config.items() if not k.startswith("_")}}
-    for key, value in UNET2D_FIXED.items():
-        if cfg[key] != value:
-            raise ValueError(f"config.json: {key}={cfg[key]!r} is not supported (our UNet computes {key}={value!r})")
+    # every value's type and range (the defaults too: a config without sample_size is refused, as we need it)
+    check_fields(cfg, UNET2D_RULES, "config.json")
 
-    channels = list(cfg["block_out_channels"])
-    down, up = list(cfg["down_block_types"]), list(cfg["up_block_types"])
+    # then how they fit together
+    channels, down, up = cfg["block_out_channels"], cfg["down_block_types"], cfg["up_block_types"]
     levels = len(channels)
     if len(down) != levels or len(up) != levels:
-        raise ValueError(f"config.json: {len(down)} down and {len(up)} up block types for {levels} block_out_channels")
-    for name in down:
-        if name not in ("DownBlock2D", "AttnDownBlock2D"):
-            raise ValueError(f"config.json: down block type {name!r} is not supported (DownBlock2D, AttnDownBlock2D)")
-    for name in up:
-        if name not in ("UpBlock2D", "AttnUpBlock2D"):
-            raise ValueError(f"config.json: up block type {name!r} is not supported (UpBlock2D, AttnUpBlock2D)")
+        raise ValueError(f"config.json: {len(down)} down_block_types and {len(up)} up_block_types for {levels} "
+                         "block_out_channels; there must be one of each per level")
     # our U-Net puts attention by resolution, so the up path must mirror the down path
     attn_levels = [name == "AttnDownBlock2D" for name in down]
     if [name == "AttnUpBlock2D" for name in reversed(up)] != attn_levels:
@@ -235,27 +387,19 @@ def unet_args(config):
         raise ValueError(f"config.json: block_out_channels[0]={ch} is not a multiple of 32 (norm_num_groups)")
     if cfg["time_embedding_dim"] not in (None, 4 * ch):
         raise ValueError(f"config.json: time_embedding_dim={cfg['time_embedding_dim']} is not 4 * {ch}")
-    if cfg["attn_norm_num_groups"] not in (None, 32):
-        raise ValueError(f"config.json: attn_norm_num_groups={cfg['attn_norm_num_groups']} is not supported (32)")
     if cfg["out_channels"] != cfg["in_channels"]:
         raise ValueError(f"config.json: out_channels={cfg['out_channels']} differs from in_channels="
                          f"{cfg['in_channels']}; only eps-prediction models are supported")
 
-    if not isinstance(cfg["layers_per_block"], int) or cfg["layers_per_block"] < 1:
-        raise ValueError(f"config.json: layers_per_block={cfg['layers_per_block']!r} must be a positive integer")
     size = cfg["sample_size"]
-    if isinstance(size, (list, tuple)):
-        if len(size) != 2 or size[0] != size[1]:
+    if isinstance(size, list):  # [height, width]
+        if size[0] != size[1]:
             raise ValueError(f"config.json: sample_size={size} is not square")
         size = size[0]
-    if not isinstance(size, int) or size < 1 or size % 2 ** (levels - 1):
-        raise ValueError(f"config.json: sample_size={size!r} must be an integer divisible by 2^{levels - 1}")
+    if size % 2 ** (levels - 1):
+        raise ValueError(f"config.json: sample_size={size} must be divisible by 2^{levels - 1} (one halving per "
+                         f"level after the first)")
 
-    # DDPM's choices, or ADM's (unet.py's module docstring): diffusers spells them as these three options
-    if cfg["downsample_padding"] not in (0, 1):
-        raise ValueError(f"config.json: downsample_padding={cfg['downsample_padding']} is not supported (0 or 1)")
-    if cfg["freq_shift"] not in (0, 1):
-        raise ValueError(f"config.json: freq_shift={cfg['freq_shift']} is not supported (1: DDPM's, 0: ADM's)")
     head_dim = cfg["attention_head_dim"]
     if head_dim is not None:
         # the attention levels' channels, and the middle block's (always with attention)
@@ -272,7 +416,7 @@ def unet_args(config):
         num_res_blocks=cfg["layers_per_block"],
         # level l works at resolution size / 2^l
         attn_resolutions=[size // 2 ** level for level in range(levels) if attn_levels[level]],
-        dropout=float(cfg["dropout"]),
+        dropout=float(cfg["dropout"]),  # a JSON 0 is an int
         # attention_head_dim None: one head of all channels (DDPM's); a number: heads of that many channels
         num_heads=1,
         num_head_channels=-1 if head_dim is None else head_dim,
@@ -414,17 +558,12 @@ def diffusion_args(scheduler):
     """
     known = {k: v for k, v in scheduler.items() if not k.startswith("_")}
     cfg = {**SCHEDULER_DEFAULTS, **known}
+    # every value's type and range, then how they fit together
+    check_fields(cfg, SCHEDULER_RULES, "scheduler_config.json")
     T = cfg["num_train_timesteps"]
-    if not isinstance(T, int) or T < 1:
-        raise ValueError(f"scheduler_config.json: num_train_timesteps={T!r} must be a positive integer")
-    if cfg["prediction_type"] != "epsilon":
-        raise ValueError(f"scheduler_config.json: prediction_type={cfg['prediction_type']!r} is not supported "
-                         "(our models predict the noise: 'epsilon')")
-    if cfg["rescale_betas_zero_snr"]:
-        raise ValueError("scheduler_config.json: rescale_betas_zero_snr=true is not supported")
-    if cfg["variance_type"] not in VARIANCE_TYPES:
-        raise ValueError(f"scheduler_config.json: variance_type={cfg['variance_type']!r} is not supported "
-                         f"({', '.join(VARIANCE_TYPES)})")
+    if cfg["beta_start"] > cfg["beta_end"]:
+        raise ValueError(f"scheduler_config.json: beta_start={cfg['beta_start']} is above beta_end={cfg['beta_end']}; "
+                         "the noise grows along the chain (beta_start <= beta_end)")
     if cfg["beta_schedule"] not in BETA_SCHEDULES and cfg["trained_betas"] is None:
         raise ValueError(f"scheduler_config.json: beta_schedule={cfg['beta_schedule']!r} is not supported "
                          f"({', '.join(BETA_SCHEDULES)})")
@@ -443,7 +582,8 @@ def scheduler_betas(cfg, T):
     if cfg["trained_betas"] is not None:
         betas = torch.tensor(cfg["trained_betas"], dtype=torch.float64)
         if betas.shape != (T,):
-            raise ValueError(f"scheduler_config.json: {len(betas)} trained_betas for num_train_timesteps={T}")
+            raise ValueError(f"scheduler_config.json: {len(betas)} trained_betas for num_train_timesteps={T}; "
+                             "there must be one beta per timestep")
     else:
         b0, b1, kind = float(cfg["beta_start"]), float(cfg["beta_end"]), cfg["beta_schedule"]
         if kind == "linear":
@@ -456,6 +596,7 @@ def scheduler_betas(cfg, T):
             betas = torch.sigmoid(torch.linspace(-6, 6, T, dtype=torch.float64)) * (b1 - b0) + b0
         else:  # squaredcos_cap_v2: iDDPM's cosine schedule (it ignores beta_start and beta_end)
             betas = get_named_beta_schedule("cosine", T)
-    if not bool(((betas > 0) & (betas <= 1)).all()):
-        raise ValueError("scheduler_config.json: every beta must lie in (0, 1]")
+    if not bool(((betas > 0) & (betas < 1)).all()):  # beta = 1 leaves no signal: x_0 cannot be predicted
+        raise ValueError("scheduler_config.json: every beta must lie in (0, 1); these beta_start, beta_end and "
+                         "beta_schedule give others")
     return betas

@@ -340,9 +340,9 @@ def test_unsupported_scheduler(folder):
     path = folder / "scheduler" / "scheduler_config.json"
     config = json.loads(path.read_text())
     path.write_text(json.dumps({**config, "prediction_type": "v_prediction"}))
-    one_line_error(folder, "prediction_type='v_prediction'")
+    one_line_error(folder, 'prediction_type must be "epsilon".*got "v_prediction"')
     path.write_text(json.dumps({**config, "variance_type": "learned"}))
-    one_line_error(folder, "variance_type='learned'")
+    one_line_error(folder, 'variance_type must be "fixed_small" or .*got "learned"')
 
 
 def test_checkpoint_load_reads_diffusers_folders(folder):
