@@ -295,6 +295,131 @@ def load_folder(data_dir, image_size):
 
 
 # -----------------------------------------------------------------------------
+# one picture (sample.py's --edit, --invert and --mask)
+
+# The largest picture read: 4096 x 4096 pixels (16.8 megapixels; any shape of at most that many pixels). The networks
+# here take 32x32 to 256x256 images, so a larger picture would only be decoded to be shrunk, at hundreds of MB (PIL's
+# own guard stops only at 179 megapixels, with a traceback). The size is in the file's header, which PIL's lazy
+# Image.open reads alone: a picture over the limit is refused before a single pixel is decoded.
+MAX_PICTURE_SIDE = 4096
+MAX_PICTURE_PIXELS = MAX_PICTURE_SIDE ** 2
+
+# 16-bit grey pictures (PNG, TIFF, PGM) open in these modes, with values 0..65535 (PIL scales a PGM's maxval to it)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _check_picture_path(path, flag, fix):
+    """A missing path, a folder and a non-file each say what they are."""
+    if os.path.isdir(path):
+        raise DataError(f"{flag}: {path} is a directory{fix}")
+    if not os.path.exists(path):
+        raise DataError(f"{flag}: {path} does not exist{fix}")
+    if not os.path.isfile(path):
+        raise DataError(f"{flag}: {path} is not a regular file{fix}")
+
+
+def _open_picture_header(path, flag, fix):
+    """PIL's lazy Image.open: the header is parsed (format, mode, size), no pixel is decoded yet."""
+    from PIL import Image, UnidentifiedImageError
+
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{flag}: cannot read {path}: the file is empty{fix}")
+    # PIL's own guard (a traceback at 179 megapixels) is off while the header is read: the stricter limit is checked
+    # right after, on the size the header states, and the message names it (restored at once: nothing else runs)
+    guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError:
+        raise DataError(f"{flag}: cannot read {path}: not a picture (no format PIL reads starts like it){fix}"
+                        ) from None
+    except OSError as e:
+        raise DataError(f"{flag}: cannot read {path} ({e.strerror or e}){fix}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
+
+
+def _picture_limit():
+    """The size limit, in words."""
+    return (f"{MAX_PICTURE_PIXELS / 1e6:.1f}-megapixel limit ({MAX_PICTURE_SIDE}x{MAX_PICTURE_SIDE}): shrink it to "
+            f"at most {MAX_PICTURE_SIDE}x{MAX_PICTURE_SIDE} pixels")
+
+
+def _check_picture_size(im, path, flag, fix):
+    """The header's width x height against MAX_PICTURE_PIXELS, before decoding."""
+    w, h = im.size
+    if w * h > MAX_PICTURE_PIXELS:
+        raise DataError(f"{flag}: {path} is {w}x{h} ({w * h / 1e6:.1f} megapixels), over the {_picture_limit()}{fix}")
+
+
+def _over_white(im):
+    """A picture with alpha as a viewer shows it on a white page: colour * alpha + white * (1 - alpha), rounded.
+    (Dropping the alpha instead would show whatever colour a transparent pixel happens to store, often black.)"""
+    from PIL import Image
+
+    rgba = np.asarray(im.convert("LA" if im.mode in ("LA", "La") else "RGBA"), dtype=np.float64)
+    colour, alpha = rgba[..., :-1], rgba[..., -1:]
+    out = np.round((colour * alpha + 255.0 * (255.0 - alpha)) / 255.0).astype(np.uint8)
+    return Image.fromarray(out[..., 0] if out.shape[-1] == 1 else out)
+
+
+def _sixteen_bit_grey(im, path, flag, fix):
+    """16-bit grey (0..65535) -> 8-bit grey: round(v * 255 / 65535), so 65535 is white and 257 * k is exactly k.
+    (PIL's convert clips instead: every value above 255 turned white.)"""
+    from PIL import Image
+
+    v = np.asarray(im)
+    if v.size and (v.min() < 0 or v.max() > 65535):  # mode I holds 32-bit integers: none of the 16-bit formats
+        raise DataError(f"{flag}: {path} has 32-bit integer pixels (values {v.min()}..{v.max()}); save it with 8 or "
+                        f"16 bits per channel{fix}")
+    return Image.fromarray(np.round(v.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8))
+
+
+def _to_8_bit(im, path, flag, fix):
+    """Any PIL mode -> 8-bit "L" or "RGB", as a viewer shows the picture.
+
+    16-bit grey: scaled by its bit depth (_sixteen_bit_grey). Alpha (RGBA, LA, a palette with transparent entries):
+    composited over white (_over_white). Palettes, 1-bit, CMYK, YCbCr, 16-bit RGB (PIL keeps each value's high byte):
+    PIL's conversions. Floating-point pixels, whose range no file states, are refused.
+    """
+    mode = im.mode
+    if mode in SIXTEEN_BIT_MODES:
+        return _sixteen_bit_grey(im, path, flag, fix)
+    if mode == "F":
+        raise DataError(f"{flag}: {path} has floating-point pixels, whose range no file states; save it with 8 or "
+                        f"16 bits per channel{fix}")
+    if mode == "P" and "transparency" in im.info or mode == "PA":
+        return _over_white(im.convert("RGBA"))
+    if mode in ("RGBA", "RGBa", "LA", "La"):
+        return _over_white(im)
+    if mode in ("L", "RGB"):
+        return im
+    return im.convert("L" if mode == "1" else "RGB")
+
+
+def read_picture(path, mode="RGB", flag="--edit", fix="pass a picture file"):
+    """The picture file `path` as an 8-bit PIL image in `mode` ("RGB" or "L"), as a viewer shows it (_to_8_bit).
+
+    Checked in this order, each problem a DataError naming `flag` (then `fix` after a '; '): the path (missing, a
+    folder), the header (empty file, not a picture, more than MAX_PICTURE_PIXELS: before any pixel is decoded), the
+    pixels (truncated or corrupt data, pixels without an 8-bit meaning). "L" from colour is PIL's luminance (ITU-R
+    601-2: 0.299 R + 0.587 G + 0.114 B).
+    """
+    fix = f"; {fix}" if fix else ""
+    _check_picture_path(path, flag, fix)
+    with _open_picture_header(path, flag, fix) as im:
+        _check_picture_size(im, path, flag, fix)
+        try:
+            im.load()  # the decoding: a corrupt file fails here, with whichever exception its decoder raises
+            picture = _to_8_bit(im, path, flag, fix)
+            return picture.convert(mode)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 (PIL's decoders raise OSError, ValueError, SyntaxError, struct.error...)
+            message = " ".join(str(e).split())[:120]  # one line, short
+            raise DataError(f"{flag}: cannot read {path} ({type(e).__name__}: {message}){fix}") from None
+
+
+# -----------------------------------------------------------------------------
 # synthetic
 
 def synthetic_dataset(n=256, image_size=16, channels=3, num_classes=2, seed=0):
