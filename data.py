@@ -29,6 +29,10 @@ Sources (``load_dataset(name, ...)``):
     folder     any folder of images (class subfolders -> labels), resized + center-cropped
     synthetic  a tiny deterministic class-dependent dataset for tests and smoke runs
 
+Files a user hands over are read by two checked readers: ``read_npz`` (every array's .npy header is checked before
+its data is read, and only the arrays asked for are read) and ``read_picture`` (a picture's size is checked from its
+header before a pixel is decoded, and any pixel format is read as the 8-bit picture a viewer shows).
+
 Every problem a user can fix from the command line raises ``DataError`` with a one-line message
 that names the flag and the fix; train.py catches it and exits with status 2.
 """
@@ -37,6 +41,7 @@ import math
 import os
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -129,23 +134,122 @@ def _hwc_to_tensors(x, y):
     return x, y
 
 
-def read_npz(path, flag="--data-dir", fix="", keys=None):
-    """All arrays of an .npz file (or only `keys`) as a dict; a missing or unreadable file -> DataError naming `flag`.
+# .npz files are zip archives of .npy files, each a small header (dtype, shape) followed by the array's bytes. A
+# header can claim any shape (10^11 images) and a member can decompress to far more than the file's size (gigabytes
+# of zeros fit in a few megabytes), so nothing is read on trust: every header is read first, alone (a few hundred
+# bytes of each member), and an array is read only if it is one that was asked for, is no pickled Python object, and
+# fits in this machine's memory and in the bytes its member holds.
 
-    The one .npz reader of the project: CIFAR-10 shards here, samples and FID statistics in evaluate.py.
-    """
-    fix = f"; {fix}" if fix else ""
+NPY_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+class NpyHeader:
+    """What the .npy header of an .npz member says: the array's shape and dtype; and `stored`, the bytes of data the
+    member holds after its header (its uncompressed size, from the zip directory)."""
+
+    def __init__(self, shape, dtype, stored):
+        self.shape, self.dtype, self.stored = tuple(shape), dtype, stored
+
+    @property
+    def nbytes(self):
+        """The bytes the array claims: its element count times the item size (Python ints: no overflow)."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def describe(self):
+        """'uint8 [4, 32, 32, 3]': how the messages name an array."""
+        return f"{self.dtype} {list(self.shape)}"
+
+
+def human_bytes(n):
+    """A size a person reads at a glance: '64 bytes', '1.5 kB', '279.4 TB' (binary units, as cli.wrote)."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("kB", "MB", "GB", "TB", "PB"):
+        n /= 1024
+        if n < 1024 or unit == "PB":
+            return f"{n:.1f} {unit}"
+
+
+def memory_bytes():
+    """This machine's physical memory in bytes (64 GB where the system does not say): no array read may exceed it."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 64 * 2 ** 30
+
+
+def _check_npz_path(path, flag, fix):
+    """A missing path, or a folder where an .npz is expected, is named as such."""
+    if os.path.isdir(path):
+        raise DataError(f"{flag}: {path} is a directory, not an .npz file{fix}")
     if not os.path.isfile(path):
         raise DataError(f"{flag}: {path} does not exist{fix}")
+
+
+def _read_npy_header(zf, info):
+    """The NpyHeader of one .npy member: only its first few hundred bytes are decompressed."""
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in NPY_READERS:
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, _, dtype = NPY_READERS[version](f)
+        return NpyHeader(shape, dtype, info.file_size - f.tell())
+
+
+def npz_headers(path, flag="--data-dir", fix=""):
+    """{name: NpyHeader} of every array in an .npz, from the .npy headers alone: no array's data is read.
+
+    A missing file, a folder, or a file that is no .npz -> DataError naming `flag` (and `fix` after a '; ')."""
+    fix = f"; {fix}" if fix else ""
+    _check_npz_path(path, flag, fix)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in keys or () if k not in f.files]
-            if missing:
-                raise DataError(f"{flag}: {path} has arrays {sorted(f.files)}, not {' and '.join(keys)}{fix}")
-            return {k: f[k] for k in (keys or f.files)}
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        with zipfile.ZipFile(path) as zf:
+            return {info.filename[:-4]: _read_npy_header(zf, info)
+                    for info in zf.infolist() if info.filename.endswith(".npy")}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as e:
+        raise DataError(f"{flag}: cannot read {path} as .npz ({type(e).__name__}){fix}") from None
+
+
+def _check_readable(name, head, path, flag, fix):
+    """An array is read only if it is plain data that fits in this machine's memory and in the bytes it holds."""
+    if head.dtype.hasobject:
+        raise DataError(f"{flag}: {path}: array {name} holds Python objects (pickled), which are never read{fix}")
+    limit = memory_bytes()
+    if head.nbytes > limit:
+        raise DataError(f"{flag}: {path}: array {name} claims {head.describe()} ({human_bytes(head.nbytes)}), more "
+                        f"than this machine's memory ({human_bytes(limit)}){fix}")
+    if head.nbytes > head.stored:
+        raise DataError(f"{flag}: {path}: array {name} claims {head.describe()} ({human_bytes(head.nbytes)}) but "
+                        f"holds only {human_bytes(max(head.stored, 0))} of data: the file is truncated or corrupt{fix}")
+
+
+def check_npz_arrays(heads, keys, path, flag="--data-dir", fix=""):
+    """The checks read_npz makes before reading the arrays `keys` (headers from npz_headers), for a caller that reads
+    them later but wants a bad file refused now, before its work."""
+    fix = f"; {fix}" if fix else ""
+    for k in keys:
+        _check_readable(k, heads[k], path, flag, fix)
+
+
+def read_npz(path, flag="--data-dir", fix="", keys=None):
+    """The arrays `keys` of an .npz file (all of them when None) as a dict; nothing else in the file is read.
+
+    The one .npz reader of the project: CIFAR-10 shards here, samples and FID statistics in evaluate.py. Every array's
+    header is checked (npz_headers, _check_readable) before its data is read; a missing, unreadable or dishonest
+    file -> DataError naming `flag`.
+    """
+    heads = npz_headers(path, flag, fix)
+    fix = f"; {fix}" if fix else ""
+    missing = [k for k in keys or () if k not in heads]
+    if missing:
+        raise DataError(f"{flag}: {path} has arrays {sorted(heads)}, not {' and '.join(keys)}{fix}")
+    keys = list(keys or heads)
+    for k in keys:
+        _check_readable(k, heads[k], path, flag, fix)  # before any data is read
+    try:
+        with np.load(path, allow_pickle=False) as f:  # lazy: each f[k] decompresses that member alone
+            return {k: f[k] for k in keys}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"{flag}: cannot read {path} as .npz ({type(e).__name__}){fix}") from None
 
 

@@ -1,30 +1,39 @@
-"""Pictures handed to sample.py's --edit, --invert and --mask (data.read_picture).
+"""Files handed to the scripts: the pictures of sample.py's --edit, --invert and --mask (data.read_picture), and the
+.npz files of evaluate.py's `fid --samples` and `--ref` (data.npz_headers, data.read_npz).
 
 What is pinned: a picture too large to be worth decoding is refused from its header alone, before a pixel is decoded;
 every pixel format reaches the network as the 8-bit picture a viewer shows (16-bit grey scaled, not clipped to white;
-alpha over white; palettes, CMYK, 1-bit); a missing file, a folder and a corrupt file each get their own one line.
+alpha over white; palettes, CMYK, 1-bit); a missing file, a folder and a corrupt file each get their own one line. An
+.npz array is checked from its .npy header (shape, dtype, size against the machine's memory) before its data is read,
+and only the arrays needed are read; reference statistics and samples of the wrong kind are one line each, before the
+Inception network is loaded, and nothing is appended to results.jsonl.
 
 The command lines run as forked children of the test process (a real process each, with its own exit status, stdout,
 stderr and peak memory, running the script as __main__, but without a fresh interpreter's seconds of importing torch);
-one case runs from a fresh interpreter.
+one case per script runs from a fresh interpreter.
 """
 
+import functools
+import io
 import os
 import runpy
 import struct
 import subprocess
 import sys
 import tempfile
+import tracemalloc
 import traceback
 import zlib
 
 import numpy as np
+import numpy.lib.format as npy
 import pytest
 import torchvision.transforms.functional  # noqa: F401 (imported once here, not in every forked child: seconds)
 import torchvision.utils  # noqa: F401
 from PIL import Image
 
 import data
+import evaluate
 import sample
 from tests import tiny
 
@@ -248,13 +257,18 @@ def test_pixels_without_an_8_bit_meaning_are_refused(files, tmp_path):
 # Pictures: too large, missing, not a picture
 # ----------------------------------------------------------------------------------------------------------------
 
-def test_a_huge_picture_is_refused_in_a_fresh_interpreter(files, tmp_path):
-    # 20000 x 20000: PIL's own guard raised DecompressionBombError (a traceback)
+def test_fresh_interpreters_refuse_a_huge_picture_and_a_huge_array(files, tmp_path):
+    # one case per script from a fresh interpreter, both at once: a 20000 x 20000 picture (PIL's own guard raised
+    # DecompressionBombError: a traceback) and an .npz header claiming 10^11 images (numpy raised MemoryError)
     huge_png = png(tmp_path / "huge.png", 20000, 20000)
+    huge_npz = forged(tmp_path / "huge.npz", "x", (10 ** 11, 32, 32, 3), np.uint8)
     sampling = fresh("sample.py", ["--checkpoint", files["run"], "--edit", huge_png, "--device", "cpu", "--out",
                                    str(tmp_path / "e")])
+    scoring = fresh("evaluate.py", ["fid", "--samples", huge_npz, "--out", str(tmp_path / "r.jsonl")])
     line = one_line(finish(sampling), "--edit", huge_png, "20000x20000 (400.0 megapixels)", "4096x4096")
     assert not (tmp_path / "e.png").exists() and not (tmp_path / "e.npz").exists(), line
+    line = one_line(finish(scoring), "--samples", huge_npz, "[100000000000, 32, 32, 3] (279.4 TB)", "memory")
+    assert not (tmp_path / "r.jsonl").exists(), line
 
 
 def test_a_picture_over_the_limit_is_refused_from_its_header(files, tmp_path):
@@ -314,3 +328,281 @@ def test_every_flag_says_what_is_wrong_with_its_file(tmp_path, flag):
         line = str(e.value)
         assert line.startswith(f"{flag}: ") and "\n" not in line and all(w in line for w in words), line
         assert ("cifar10:N" in line) == (flag != "--mask"), line  # the other choice, where there is one
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Writing .npz files
+# ----------------------------------------------------------------------------------------------------------------
+
+def npy_header(shape, dtype):
+    """The .npy header of an array of `shape` and `dtype` (what precedes its data)."""
+    f = io.BytesIO()
+    npy.write_array_header_1_0(f, {"descr": npy.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+                                   "shape": tuple(shape)})
+    return f.getvalue()
+
+
+def zip_member(name, payload, zeros=0):
+    """A zip member: `payload` followed by `zeros` zero bytes (a multiple of 1 MB). Without zeros it is stored as is
+    (np.savez's way: nothing to compress); with them it is deflated, and the compressed megabyte of zeros is built
+    once and repeated (each ends in a full flush, so each is the same bytes): a 200 MB member costs milliseconds.
+    Returns (name, crc, the bytes stored, uncompressed size, zip method: 0 stored, 8 deflated)."""
+    if not zeros:
+        return name.encode(), zlib.crc32(payload), payload, len(payload), 0
+    c = zlib.compressobj(1, zlib.DEFLATED, -15)
+    head = c.compress(payload) + c.flush(zlib.Z_FULL_FLUSH)
+    block = c.compress(bytes(MB)) + c.flush(zlib.Z_FULL_FLUSH)
+    crc = zlib.crc32(payload)
+    for _ in range(zeros // MB):
+        crc = zlib.crc32(bytes(MB), crc)
+    return name.encode(), crc, head + block * (zeros // MB) + c.flush(), len(payload) + zeros, 8
+
+
+def write_zip(path, members):
+    """A zip file of members from zip_member: local headers and data, the central directory, its end record."""
+    central = b""
+    with open(path, "wb") as f:
+        for name, crc, packed, size, method in members:
+            central += struct.pack("<4s6H3I5H2I", b"PK\x01\x02", 20, 20, 0, method, 0, 0x21, crc, len(packed), size,
+                                   len(name), 0, 0, 0, 0, 0, f.tell()) + name
+            f.write(struct.pack("<4s5H3I2H", b"PK\x03\x04", 20, 0, method, 0, 0x21, crc, len(packed), size, len(name),
+                                0) + name)
+            f.write(packed)
+        start = f.tell()
+        f.write(central + struct.pack("<4s4H2IH", b"PK\x05\x06", 0, 0, len(members), len(members), len(central),
+                                      start, 0))
+    return str(path)
+
+
+def array_member(key, a):
+    """The zip member `key`.npy of array a, as np.savez stores it."""
+    f = io.BytesIO()
+    np.save(f, a, allow_pickle=True)
+    return zip_member(key + ".npy", f.getvalue())
+
+
+@functools.lru_cache(maxsize=None)
+def identity_member():
+    """sigma = I [2048, 2048] as a zip member, built once: 32 MB that most reference files of these tests share."""
+    return array_member("sigma", np.eye(2048))
+
+
+def npz(path, zeros=0, **arrays):
+    """An .npz of `arrays` (arrays, or members from array_member), plus, with zeros=N, a member `unused` of N zero
+    bytes (uint8 [N])."""
+    members = [a if isinstance(a, tuple) else array_member(key, a) for key, a in arrays.items()]
+    if zeros:
+        members.append(zip_member("unused.npy", npy_header((zeros,), np.uint8), zeros))
+    return write_zip(path, members)
+
+
+def forged(path, key, shape, dtype, holds=64):
+    """An .npz whose array `key` claims `shape` and `dtype` in its header but holds only `holds` bytes of data."""
+    return write_zip(path, [zip_member(key + ".npy", npy_header(shape, dtype) + bytes(holds))])
+
+
+def pixels(n=4, size=8):
+    return RNG.integers(0, 256, (n, size, size, 3)).astype(np.uint8)
+
+
+@pytest.fixture
+def scored(monkeypatch, capsys):
+    """scored(argv): evaluate.py's command line in-process, and its one line of refusal. The Inception network is the
+    first work of `fid`: loading it fails the test, so every refusal is proved to come before any work."""
+    def work(*args, **kwargs):
+        raise AssertionError("the Inception network was loaded before the input was checked")
+    monkeypatch.setattr(evaluate, "load_inception", work)
+
+    def scored(argv):
+        assert tiny.run(evaluate, argv) == 2
+        return tiny.one_line_error(capsys)
+    return scored
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# .npz: headers checked before the data is read
+# ----------------------------------------------------------------------------------------------------------------
+
+HEADERS = {  # a header larger than the machine's memory, and one larger than the data the file holds
+    "memory": ((10 ** 11, 8, 8, 3), ["(17.5 TB), more than this machine's memory"]),
+    "holds": ((1000, 8, 8, 3), ["(187.5 kB) but holds only 64 bytes"]),
+}
+
+
+def header_argv(tmp_path, flag, case):
+    """fid's command line with a forged header in the --samples or the --ref file; (argv, the forged file, words)."""
+    shape, words = HEADERS[case]
+    bad = forged(tmp_path / "x.npz", "x", shape, np.uint8)
+    good = npz(tmp_path / "good.npz", x=pixels())
+    files = [bad, good] if flag == "--samples" else [good, bad]
+    return ["fid", "--samples", files[0], "--ref", files[1], "--out", ""], bad, [str(list(shape))] + words
+
+
+@pytest.mark.parametrize("flag,case", [("--samples", "memory"), ("--ref", "holds")])
+def test_array_headers_are_checked_before_the_data_is_read(tmp_path, flag, case):
+    argv, bad, words = header_argv(tmp_path, flag, case)
+    one_line(forked("evaluate.py", argv), flag, bad, *words)
+
+
+@pytest.mark.parametrize("flag,case", [("--samples", "holds"), ("--ref", "memory")])
+def test_array_headers_in_process(tmp_path, scored, flag, case):
+    argv, bad, words = header_argv(tmp_path, flag, case)
+    line = scored(argv)
+    assert line.startswith(f"error: {flag}: {bad}") and all(w in line for w in words), line
+
+
+def test_read_npz_checks_every_array_it_reads(tmp_path, monkeypatch):
+    # CIFAR-10 shards (train.py --data-dir) go through the same reader
+    y = io.BytesIO()
+    np.save(y, np.zeros(10, np.int64))
+    bad = write_zip(tmp_path / "train_0.npz", [zip_member("x.npy", npy_header((10 ** 9, 32, 32, 3), np.uint8)),
+                                                zip_member("y.npy", y.getvalue())])
+    claim = r"--data-dir: .* array x claims uint8 \[1000000000, 32, 32, 3\] .*memory"
+    with pytest.raises(data.DataError, match=claim):
+        data.load_cifar10(str(bad))
+    # the limit is the machine's memory: a smaller machine refuses a smaller array
+    monkeypatch.setattr(data, "memory_bytes", lambda: 1000)
+    with pytest.raises(data.DataError, match=r"1\.5 kB.*1000 bytes"):
+        data.read_npz(npz(tmp_path / "s.npz", x=pixels(8)), "--samples", keys=("x",))
+    # pickled objects are never read
+    with pytest.raises(data.DataError, match="--samples: .*Python objects"):
+        data.read_npz(npz(tmp_path / "o.npz", x=np.array([{}], dtype=object)), "--samples")
+
+
+def peak_of(call):
+    """(result, the peak of the memory numpy and Python allocated during call(), in bytes)."""
+    tracemalloc.start()
+    try:
+        return call(), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_only_the_arrays_needed_are_read(tmp_path):
+    # a 200 MB member beside the images (or the statistics) is never decompressed: memory stays at the arrays' size
+    x = pixels()
+    samples = npz(tmp_path / "s.npz", zeros=200 * MB, x=x, y=np.zeros(4, np.int64))
+    got, peak = peak_of(lambda: evaluate.load_samples(samples))
+    assert np.array_equal(got, x) and peak < 4 * MB
+    stats = npz(tmp_path / "r.npz", zeros=200 * MB, mu=np.zeros(2048), sigma=np.eye(2048), image_size=np.array(8))
+    (mu, sigma), peak = peak_of(lambda: evaluate.reference_stats(stats))
+    assert mu.shape == (2048,) and np.array_equal(sigma, np.eye(2048)) and peak < 3 * sigma.nbytes
+    assert peak_of(lambda: evaluate.reference_image_size(stats))[1] < 3 * sigma.nbytes
+
+
+def test_a_big_unused_member_is_not_read_by_the_script(tmp_path):
+    # evaluate.py in a real process: its peak memory with a 200 MB unused member is that without it. (The samples are
+    # 8x8 and the reference CIFAR-10's 32x32: refused once the samples are read, before any Inception work.)
+    x = pixels()
+    runs = {}
+    for name, zeros in (("plain", 0), ("unused", 200 * MB)):
+        path = npz(tmp_path / f"{name}.npz", zeros=zeros, x=x)
+        runs[name] = forked("evaluate.py", ["fid", "--samples", path, "--out", ""])
+        one_line(runs[name], "--ref", "8x8")
+    assert runs["unused"][3] - runs["plain"][3] < 64 * MB, (runs["unused"][3] - runs["plain"][3]) / MB
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# .npz: what evaluate.py reads must be what it expects
+# ----------------------------------------------------------------------------------------------------------------
+
+def stats(**changes):
+    """Reference statistics of 8x8 images (mu 0, sigma I), with entries replaced (None removes one)."""
+    arrays = {"mu": np.zeros(2048), "sigma": identity_member(), "image_size": np.array(8)}
+    arrays.update(changes)
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+def asymmetric():
+    s = np.eye(2048)
+    s[0, 1] = 0.5
+    return s
+
+
+BAD_REFS = {  # name -> (the arrays of the --ref file, made when used; words the one line must hold)
+    "no-sigma": (lambda: stats(sigma=None), ["has mu", "but no sigma"]),
+    "no-mu": (lambda: stats(mu=None), ["no mu"]),
+    "string-mu": (lambda: stats(mu=np.array(["0.0"] * 2048)), ["mu <U3 [2048], expected float [2048]"]),
+    "complex-mu": (lambda: stats(mu=np.zeros(2048) + 1j), ["mu complex128 [2048], expected float [2048]"]),
+    "int-sigma": (lambda: stats(sigma=np.eye(2048, dtype=np.int64)), ["sigma int64 [2048, 2048]"]),
+    "short-mu": (lambda: stats(mu=np.zeros(64)), ["mu float64 [64]"]),
+    "flat-sigma": (lambda: stats(sigma=np.zeros(2048 * 2048)), ["sigma float64 [4194304]"]),
+    "nan-mu": (lambda: stats(mu=np.full(2048, np.nan)), ["non-finite"]),
+    "inf-sigma": (lambda: stats(sigma=np.where(np.eye(2048) > 0, np.inf, 0)), ["non-finite"]),
+    "asymmetric-sigma": (lambda: stats(sigma=asymmetric()), ["not symmetric"]),
+    "negative-variance": (lambda: stats(sigma=-np.eye(2048)), ["negative variance"]),
+    "image-size-3": (lambda: stats(image_size=np.array([8, 8, 3])), ["image_size int64 [3]"]),
+    "image-size-string": (lambda: stats(image_size=np.array("8")), ["image_size <U1 []"]),
+    "image-size-float": (lambda: stats(image_size=np.array(8.0)), ["image_size float64 []"]),
+    "image-size-negative": (lambda: stats(image_size=np.array(-8)), ["image_size -8"]),
+    "image-size-zero": (lambda: stats(image_size=np.array([8, 0])), ["image_size [8, 0]"]),
+    "nothing": (lambda: {"foo": np.zeros(3)}, ["['foo']"]),
+    "images-float": (lambda: {"x": pixels().astype(np.float32)}, ["x float32 [4, 8, 8, 3]"]),
+}
+
+
+def bad_ref(tmp_path, case):
+    """(fid's command line scoring good samples against the BAD_REFS case, the --ref file, --out, words)."""
+    arrays, words = BAD_REFS[case]
+    ref = npz(tmp_path / "ref.npz", **arrays())
+    out = tmp_path / "results.jsonl"
+    out.write_text('{"metric": "earlier"}\n')
+    argv = ["fid", "--samples", npz(tmp_path / "s.npz", x=pixels()), "--ref", ref, "--out", str(out), "--device",
+            "cpu"]
+    return argv, ref, out, words
+
+
+@pytest.mark.parametrize("case", sorted(BAD_REFS))
+def test_bad_reference_statistics_are_one_line_and_nothing_is_appended(tmp_path, scored, case):
+    argv, ref, out, words = bad_ref(tmp_path, case)
+    line = scored(argv)
+    assert line.startswith(f"error: --ref: {ref}") and all(w in line for w in words), line
+    assert out.read_text() == '{"metric": "earlier"}\n'
+
+
+@pytest.mark.parametrize("case", ["no-sigma", "complex-mu", "asymmetric-sigma", "image-size-3"])
+def test_bad_reference_statistics_in_a_real_process(tmp_path, case):
+    # one of each kind (missing, the wrong type, the wrong values, a malformed image_size): complex mu scored "FID
+    # 2480", exit 0, appended. A missing --inception would be the next error: the reference comes before the network.
+    argv, ref, out, words = bad_ref(tmp_path, case)
+    one_line(forked("evaluate.py", argv + ["--inception", str(tmp_path / "missing.pt")]), "--ref", ref, *words)
+    assert out.read_text() == '{"metric": "earlier"}\n'
+
+
+def test_good_reference_statistics_pass_the_checks(tmp_path, monkeypatch, capsys):
+    # the control of the tests above: sound statistics (float32 too, image_size as [H, W]) reach the Inception network
+    monkeypatch.setattr(evaluate, "load_inception", lambda *a: evaluate.find_inception(str(tmp_path / "missing.pt")))
+    samples = npz(tmp_path / "s.npz", x=pixels())
+    for arrays in (stats(), stats(mu=np.zeros(2048, np.float32), sigma=np.eye(2048, dtype=np.float32),
+                                  image_size=np.array([8, 8], np.int32))):
+        ref = npz(tmp_path / "ref.npz", **arrays)
+        assert evaluate.reference_image_size(ref) == (8, 8)
+        assert tiny.run(evaluate, ["fid", "--samples", samples, "--ref", ref, "--out", ""]) == 2
+        assert "--inception" in tiny.one_line_error(capsys)
+    argv = ["fid", "--samples", samples, "--ref", ref, "--inception", str(tmp_path / "missing.pt"), "--out", ""]
+    one_line(forked("evaluate.py", argv), "--inception", quiet=False)  # after "loading the FID Inception network"
+
+
+BAD_SAMPLES = {  # name -> (the arrays of the --samples file, words the one line must hold)
+    "none": ({"x": pixels(0)}, ["x uint8 [0, 8, 8, 3]", "N >= 2"]),
+    "one": ({"x": pixels(1)}, ["x uint8 [1, 8, 8, 3]"]),
+    "float": ({"x": pixels().astype(np.float32) / 255}, ["x float32 [4, 8, 8, 3]"]),
+    "rgba": ({"x": RNG.integers(0, 256, (4, 8, 8, 4)).astype(np.uint8)}, ["x uint8 [4, 8, 8, 4]"]),
+    "three-dims": ({"x": pixels()[..., 0]}, ["x uint8 [4, 8, 8]"]),
+    "no-pixels": ({"x": np.zeros((4, 0, 0, 3), np.uint8)}, ["x uint8 [4, 0, 0, 3]"]),
+    "strings": ({"arr_0": np.array(["a"] * 4)}, ["arr_0 <U1 [4]"]),
+    "other-name": ({"images": pixels()}, ["['images']"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_SAMPLES))
+def test_bad_samples_are_one_line(tmp_path, scored, case):
+    arrays, words = BAD_SAMPLES[case]
+    samples = npz(tmp_path / "s.npz", **arrays)
+    line = scored(["fid", "--samples", samples, "--out", ""])
+    assert line.startswith(f"error: --samples: {samples}") and all(w in line for w in words), line
+
+
+def test_bad_samples_in_a_real_process(tmp_path):
+    samples = npz(tmp_path / "s.npz", x=pixels(0))
+    one_line(forked("evaluate.py", ["fid", "--samples", samples, "--out", ""]), "--samples", samples, "[0, 8, 8, 3]")
