@@ -382,9 +382,15 @@ def array_member(key, a):
 
 
 @functools.lru_cache(maxsize=None)
+def identity():
+    """I [2048, 2048] float64: a valid sigma."""
+    return np.eye(2048)
+
+
+@functools.lru_cache(maxsize=None)
 def identity_member():
     """sigma = I [2048, 2048] as a zip member, built once: 32 MB that most reference files of these tests share."""
-    return array_member("sigma", np.eye(2048))
+    return array_member("sigma", identity())
 
 
 def npz(path, zeros=0, **arrays):
@@ -392,8 +398,20 @@ def npz(path, zeros=0, **arrays):
     bytes (uint8 [N])."""
     members = [a if isinstance(a, tuple) else array_member(key, a) for key, a in arrays.items()]
     if zeros:
-        members.append(zip_member("unused.npy", npy_header((zeros,), np.uint8), zeros))
+        members.append(unused_member(zeros))
     return write_zip(path, members)
+
+
+@functools.lru_cache(maxsize=None)
+def unused_member(zeros):
+    """The member `unused`: uint8 [zeros] of zeros, deflated (built once: its CRC reads every byte)."""
+    return zip_member("unused.npy", npy_header((zeros,), np.uint8), zeros)
+
+
+def header_only(key, a):
+    """A member `key`.npy with the header of array a and none of its data: a file that can only be refused from its
+    headers (reading the array would fail: it holds 0 bytes)."""
+    return zip_member(key + ".npy", npy_header(a.shape, a.dtype))
 
 
 def forged(path, key, shape, dtype, holds=64):
@@ -520,6 +538,7 @@ def asymmetric():
 
 
 BAD_REFS = {  # name -> (the arrays of the --ref file, made when used; words the one line must hold)
+    # refused from the headers: the wrong or a missing array, strings, complex numbers, other shapes
     "no-sigma": (lambda: stats(sigma=None), ["has mu", "but no sigma"]),
     "no-mu": (lambda: stats(mu=None), ["no mu"]),
     "string-mu": (lambda: stats(mu=np.array(["0.0"] * 2048)), ["mu <U3 [2048], expected float [2048]"]),
@@ -527,24 +546,30 @@ BAD_REFS = {  # name -> (the arrays of the --ref file, made when used; words the
     "int-sigma": (lambda: stats(sigma=np.eye(2048, dtype=np.int64)), ["sigma int64 [2048, 2048]"]),
     "short-mu": (lambda: stats(mu=np.zeros(64)), ["mu float64 [64]"]),
     "flat-sigma": (lambda: stats(sigma=np.zeros(2048 * 2048)), ["sigma float64 [4194304]"]),
+    "image-size-3": (lambda: stats(image_size=np.array([8, 8, 3])), ["image_size int64 [3]"]),
+    "image-size-string": (lambda: stats(image_size=np.array("8")), ["image_size <U1 []"]),
+    "image-size-float": (lambda: stats(image_size=np.array(8.0)), ["image_size float64 []"]),
+    "nothing": (lambda: {"foo": np.zeros(3)}, ["['foo']"]),
+    "images-float": (lambda: {"x": pixels().astype(np.float32)}, ["x float32 [4, 8, 8, 3]"]),
+    # refused once read: the values
     "nan-mu": (lambda: stats(mu=np.full(2048, np.nan)), ["non-finite"]),
     "inf-sigma": (lambda: stats(sigma=np.where(np.eye(2048) > 0, np.inf, 0)), ["non-finite"]),
     "asymmetric-sigma": (lambda: stats(sigma=asymmetric()), ["not symmetric"]),
     "negative-variance": (lambda: stats(sigma=-np.eye(2048)), ["negative variance"]),
-    "image-size-3": (lambda: stats(image_size=np.array([8, 8, 3])), ["image_size int64 [3]"]),
-    "image-size-string": (lambda: stats(image_size=np.array("8")), ["image_size <U1 []"]),
-    "image-size-float": (lambda: stats(image_size=np.array(8.0)), ["image_size float64 []"]),
     "image-size-negative": (lambda: stats(image_size=np.array(-8)), ["image_size -8"]),
     "image-size-zero": (lambda: stats(image_size=np.array([8, 0])), ["image_size [8, 0]"]),
-    "nothing": (lambda: {"foo": np.zeros(3)}, ["['foo']"]),
-    "images-float": (lambda: {"x": pixels().astype(np.float32)}, ["x float32 [4, 8, 8, 3]"]),
 }
+FROM_HEADERS = list(BAD_REFS)[:12]
 
 
-def bad_ref(tmp_path, case):
-    """(fid's command line scoring good samples against the BAD_REFS case, the --ref file, --out, words)."""
+def bad_ref(tmp_path, case, headers_only=False):
+    """(fid's command line scoring good samples against the BAD_REFS case, the --ref file, --out, words). With
+    headers_only, every array of the --ref file is a header without data (header_only)."""
     arrays, words = BAD_REFS[case]
-    ref = npz(tmp_path / "ref.npz", **arrays())
+    arrays = arrays()
+    if headers_only:
+        arrays = {k: header_only(k, identity() if isinstance(a, tuple) else a) for k, a in arrays.items()}
+    ref = npz(tmp_path / "ref.npz", **arrays)
     out = tmp_path / "results.jsonl"
     out.write_text('{"metric": "earlier"}\n')
     argv = ["fid", "--samples", npz(tmp_path / "s.npz", x=pixels()), "--ref", ref, "--out", str(out), "--device",
@@ -554,7 +579,8 @@ def bad_ref(tmp_path, case):
 
 @pytest.mark.parametrize("case", sorted(BAD_REFS))
 def test_bad_reference_statistics_are_one_line_and_nothing_is_appended(tmp_path, scored, case):
-    argv, ref, out, words = bad_ref(tmp_path, case)
+    # the header-level cases have no data at all: refused from the headers, before anything is read
+    argv, ref, out, words = bad_ref(tmp_path, case, headers_only=case in FROM_HEADERS)
     line = scored(argv)
     assert line.startswith(f"error: --ref: {ref}") and all(w in line for w in words), line
     assert out.read_text() == '{"metric": "earlier"}\n'
@@ -562,25 +588,25 @@ def test_bad_reference_statistics_are_one_line_and_nothing_is_appended(tmp_path,
 
 @pytest.mark.parametrize("case", ["no-sigma", "complex-mu", "asymmetric-sigma", "image-size-3"])
 def test_bad_reference_statistics_in_a_real_process(tmp_path, case):
-    # one of each kind (missing, the wrong type, the wrong values, a malformed image_size): complex mu scored "FID
-    # 2480", exit 0, appended. A missing --inception would be the next error: the reference comes before the network.
+    # one of each kind (missing, the wrong type, the wrong values, a malformed image_size), whole files: complex mu
+    # scored "FID 2480", exit 0, appended. A missing --inception would be the next error: the reference comes first.
     argv, ref, out, words = bad_ref(tmp_path, case)
     one_line(forked("evaluate.py", argv + ["--inception", str(tmp_path / "missing.pt")]), "--ref", ref, *words)
     assert out.read_text() == '{"metric": "earlier"}\n'
 
 
 def test_good_reference_statistics_pass_the_checks(tmp_path, monkeypatch, capsys):
-    # the control of the tests above: sound statistics (float32 too, image_size as [H, W]) reach the Inception network
-    monkeypatch.setattr(evaluate, "load_inception", lambda *a: evaluate.find_inception(str(tmp_path / "missing.pt")))
+    # the control of the tests above: sound statistics (float64, or float32 with image_size [H, W]) pass every check
+    # and reach the next step, loading the Inception network (here: a missing file, refused)
     samples = npz(tmp_path / "s.npz", x=pixels())
-    for arrays in (stats(), stats(mu=np.zeros(2048, np.float32), sigma=np.eye(2048, dtype=np.float32),
-                                  image_size=np.array([8, 8], np.int32))):
-        ref = npz(tmp_path / "ref.npz", **arrays)
-        assert evaluate.reference_image_size(ref) == (8, 8)
-        assert tiny.run(evaluate, ["fid", "--samples", samples, "--ref", ref, "--out", ""]) == 2
-        assert "--inception" in tiny.one_line_error(capsys)
-    argv = ["fid", "--samples", samples, "--ref", ref, "--inception", str(tmp_path / "missing.pt"), "--out", ""]
+    argv = ["fid", "--samples", samples, "--ref", npz(tmp_path / "ref.npz", **stats()), "--inception",
+            str(tmp_path / "missing.pt"), "--out", ""]
     one_line(forked("evaluate.py", argv), "--inception", quiet=False)  # after "loading the FID Inception network"
+    ref = npz(tmp_path / "ref32.npz", **stats(mu=np.zeros(2048, np.float32), sigma=np.eye(2048, dtype=np.float32),
+                                              image_size=np.array([8, 8], np.int32)))
+    assert evaluate.reference_image_size(ref) == (8, 8)
+    assert tiny.run(evaluate, argv[:4] + [ref] + argv[5:]) == 2
+    assert "--inception" in tiny.one_line_error(capsys)
 
 
 BAD_SAMPLES = {  # name -> (the arrays of the --samples file, words the one line must hold)
