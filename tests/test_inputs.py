@@ -148,7 +148,7 @@ U8 = RNG.integers(0, 256, (8, 8, 4)).astype(np.uint8)
 
 
 def pictures(folder):
-    """name -> (a picture file of every pixel format PIL reads, the uint8 RGB [8, 8, 3] the network must see)."""
+    """name -> (a picture file in each pixel format tested, the uint8 RGB [8, 8, 3] the network must see)."""
     f = lambda name: os.path.join(folder, name)  # noqa: E731
     rgb, alpha, grey = U8[..., :3], U8[..., 3], U8[..., 0]
     palette = RNG.integers(0, 256, (256, 3)).astype(np.uint8)
