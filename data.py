@@ -29,6 +29,10 @@ Sources (``load_dataset(name, ...)``):
     folder     any folder of images (class subfolders -> labels), resized + center-cropped
     synthetic  a tiny deterministic class-dependent dataset for tests and smoke runs
 
+Files a user hands over are read by two checked readers: ``read_npz`` (every array's .npy header is checked before
+its data is read, and only the arrays asked for are read) and ``read_picture`` (a picture's size is checked from its
+header before a pixel is decoded, and any pixel format is read as the 8-bit picture a viewer shows).
+
 Every problem a user can fix from the command line raises ``DataError`` with a one-line message
 that names the flag and the fix; train.py catches it and exits with status 2.
 """
@@ -37,6 +41,7 @@ import math
 import os
 import re
 import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -129,23 +134,122 @@ def _hwc_to_tensors(x, y):
     return x, y
 
 
-def read_npz(path, flag="--data-dir", fix="", keys=None):
-    """All arrays of an .npz file (or only `keys`) as a dict; a missing or unreadable file -> DataError naming `flag`.
+# .npz files are zip archives of .npy files, each a small header (dtype, shape) followed by the array's bytes. A
+# header can claim any shape (10^11 images) and a member can decompress to far more than the file's size (gigabytes
+# of zeros fit in a few megabytes), so nothing is read on trust: every header is read first, alone (a few hundred
+# bytes of each member), and an array is read only if it is one that was asked for, is no pickled Python object, and
+# fits in this machine's memory and in the bytes its member holds.
 
-    The one .npz reader of the project: CIFAR-10 shards here, samples and FID statistics in evaluate.py.
-    """
-    fix = f"; {fix}" if fix else ""
+NPY_READERS = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+
+
+class NpyHeader:
+    """What the .npy header of an .npz member says: the array's shape and dtype; and `stored`, the bytes of data the
+    member holds after its header (its uncompressed size, from the zip directory)."""
+
+    def __init__(self, shape, dtype, stored):
+        self.shape, self.dtype, self.stored = tuple(shape), dtype, stored
+
+    @property
+    def nbytes(self):
+        """The bytes the array claims: its element count times the item size (Python ints: no overflow)."""
+        return math.prod(self.shape) * self.dtype.itemsize
+
+    def describe(self):
+        """'uint8 [4, 32, 32, 3]': how the messages name an array."""
+        return f"{self.dtype} {list(self.shape)}"
+
+
+def human_bytes(n):
+    """A size a person reads at a glance: '64 bytes', '1.5 kB', '279.4 TB' (binary units, as cli.wrote)."""
+    if n < 1024:
+        return f"{n} bytes"
+    for unit in ("kB", "MB", "GB", "TB", "PB"):
+        n /= 1024
+        if n < 1024 or unit == "PB":
+            return f"{n:.1f} {unit}"
+
+
+def memory_bytes():
+    """This machine's physical memory in bytes (64 GB where the system does not say): no array read may exceed it."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return 64 * 2 ** 30
+
+
+def _check_npz_path(path, flag, fix):
+    """A missing path, or a folder where an .npz is expected, is named as such."""
+    if os.path.isdir(path):
+        raise DataError(f"{flag}: {path} is a directory, not an .npz file{fix}")
     if not os.path.isfile(path):
         raise DataError(f"{flag}: {path} does not exist{fix}")
+
+
+def _read_npy_header(zf, info):
+    """The NpyHeader of one .npy member: only its first few hundred bytes are decompressed."""
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in NPY_READERS:
+            raise ValueError(f"unsupported .npy format version {version}")
+        shape, _, dtype = NPY_READERS[version](f)
+        return NpyHeader(shape, dtype, info.file_size - f.tell())
+
+
+def npz_headers(path, flag="--data-dir", fix=""):
+    """{name: NpyHeader} of every array in an .npz, from the .npy headers alone: no array's data is read.
+
+    A missing file, a folder, or a file that is no .npz -> DataError naming `flag` (and `fix` after a '; ')."""
+    fix = f"; {fix}" if fix else ""
+    _check_npz_path(path, flag, fix)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            missing = [k for k in keys or () if k not in f.files]
-            if missing:
-                raise DataError(f"{flag}: {path} has arrays {sorted(f.files)}, not {' and '.join(keys)}{fix}")
-            return {k: f[k] for k in (keys or f.files)}
-    except DataError:
-        raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        with zipfile.ZipFile(path) as zf:
+            return {info.filename[:-4]: _read_npy_header(zf, info)
+                    for info in zf.infolist() if info.filename.endswith(".npy")}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as e:
+        raise DataError(f"{flag}: cannot read {path} as .npz ({type(e).__name__}){fix}") from None
+
+
+def _check_readable(name, head, path, flag, fix):
+    """An array is read only if it is plain data that fits in this machine's memory and in the bytes it holds."""
+    if head.dtype.hasobject:
+        raise DataError(f"{flag}: {path}: array {name} holds Python objects (pickled), which are never read{fix}")
+    limit = memory_bytes()
+    if head.nbytes > limit:
+        raise DataError(f"{flag}: {path}: array {name} claims {head.describe()} ({human_bytes(head.nbytes)}), more "
+                        f"than this machine's memory ({human_bytes(limit)}){fix}")
+    if head.nbytes > head.stored:
+        raise DataError(f"{flag}: {path}: array {name} claims {head.describe()} ({human_bytes(head.nbytes)}) but "
+                        f"holds only {human_bytes(max(head.stored, 0))} of data: the file is truncated or corrupt{fix}")
+
+
+def check_npz_arrays(heads, keys, path, flag="--data-dir", fix=""):
+    """The checks read_npz makes before reading the arrays `keys` (headers from npz_headers), for a caller that reads
+    them later but wants a bad file refused now, before its work."""
+    fix = f"; {fix}" if fix else ""
+    for k in keys:
+        _check_readable(k, heads[k], path, flag, fix)
+
+
+def read_npz(path, flag="--data-dir", fix="", keys=None):
+    """The arrays `keys` of an .npz file (all of them when None) as a dict; nothing else in the file is read.
+
+    The one .npz reader of the project: CIFAR-10 shards here, samples and FID statistics in evaluate.py. Every array's
+    header is checked (npz_headers, _check_readable) before its data is read; a missing, unreadable or dishonest
+    file -> DataError naming `flag`.
+    """
+    heads = npz_headers(path, flag, fix)
+    fix = f"; {fix}" if fix else ""
+    missing = [k for k in keys or () if k not in heads]
+    if missing:
+        raise DataError(f"{flag}: {path} has arrays {sorted(heads)}, not {' and '.join(keys)}{fix}")
+    keys = list(keys or heads)
+    for k in keys:
+        _check_readable(k, heads[k], path, flag, fix)  # before any data is read
+    try:
+        with np.load(path, allow_pickle=False) as f:  # lazy: each f[k] decompresses that member alone
+            return {k: f[k] for k in keys}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         raise DataError(f"{flag}: cannot read {path} as .npz ({type(e).__name__}){fix}") from None
 
 
@@ -292,6 +396,131 @@ def load_folder(data_dir, image_size):
     global last_loaded
     last_loaded = f"{root} ({len(files)} images, {max(len(classes), 1)} classes)"
     return _hwc_to_tensors(x, [label for _, label in files])
+
+
+# -----------------------------------------------------------------------------
+# one picture (sample.py's --edit, --invert and --mask)
+
+# The largest picture read: 4096 x 4096 pixels (16.8 megapixels; any shape of at most that many pixels). The networks
+# here take 32x32 to 256x256 images, so a larger picture would only be decoded to be shrunk, at hundreds of MB (PIL's
+# own guard stops only at 179 megapixels, with a traceback). The size is in the file's header, which PIL's lazy
+# Image.open reads alone: a picture over the limit is refused before a single pixel is decoded.
+MAX_PICTURE_SIDE = 4096
+MAX_PICTURE_PIXELS = MAX_PICTURE_SIDE ** 2
+
+# 16-bit grey pictures (PNG, TIFF, PGM) open in these modes, with values 0..65535 (PIL scales a PGM's maxval to it)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def _check_picture_path(path, flag, fix):
+    """A missing path, a folder and a non-file each say what they are."""
+    if os.path.isdir(path):
+        raise DataError(f"{flag}: {path} is a directory{fix}")
+    if not os.path.exists(path):
+        raise DataError(f"{flag}: {path} does not exist{fix}")
+    if not os.path.isfile(path):
+        raise DataError(f"{flag}: {path} is not a regular file{fix}")
+
+
+def _open_picture_header(path, flag, fix):
+    """PIL's lazy Image.open: the header is parsed (format, mode, size), no pixel is decoded yet."""
+    from PIL import Image, UnidentifiedImageError
+
+    if os.path.getsize(path) == 0:
+        raise DataError(f"{flag}: cannot read {path}: the file is empty{fix}")
+    # PIL's own guard (a traceback at 179 megapixels) is off while the header is read: the stricter limit is checked
+    # right after, on the size the header states, and the message names it (restored at once: nothing else runs)
+    guard, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+    try:
+        return Image.open(path)
+    except UnidentifiedImageError:
+        raise DataError(f"{flag}: cannot read {path}: not a picture (no format PIL reads starts like it){fix}"
+                        ) from None
+    except OSError as e:
+        raise DataError(f"{flag}: cannot read {path} ({e.strerror or e}){fix}") from None
+    finally:
+        Image.MAX_IMAGE_PIXELS = guard
+
+
+def _picture_limit():
+    """The size limit, in words."""
+    return (f"{MAX_PICTURE_PIXELS / 1e6:.1f}-megapixel limit ({MAX_PICTURE_SIDE}x{MAX_PICTURE_SIDE}): shrink it to "
+            f"at most {MAX_PICTURE_SIDE}x{MAX_PICTURE_SIDE} pixels")
+
+
+def _check_picture_size(im, path, flag, fix):
+    """The header's width x height against MAX_PICTURE_PIXELS, before decoding."""
+    w, h = im.size
+    if w * h > MAX_PICTURE_PIXELS:
+        raise DataError(f"{flag}: {path} is {w}x{h} ({w * h / 1e6:.1f} megapixels), over the {_picture_limit()}{fix}")
+
+
+def _over_white(im):
+    """A picture with alpha as a viewer shows it on a white page: colour * alpha + white * (1 - alpha), rounded.
+    (Dropping the alpha instead would show whatever colour a transparent pixel happens to store, often black.)"""
+    from PIL import Image
+
+    rgba = np.asarray(im.convert("LA" if im.mode in ("LA", "La") else "RGBA"), dtype=np.float64)
+    colour, alpha = rgba[..., :-1], rgba[..., -1:]
+    out = np.round((colour * alpha + 255.0 * (255.0 - alpha)) / 255.0).astype(np.uint8)
+    return Image.fromarray(out[..., 0] if out.shape[-1] == 1 else out)
+
+
+def _sixteen_bit_grey(im, path, flag, fix):
+    """16-bit grey (0..65535) -> 8-bit grey: round(v * 255 / 65535), so 65535 is white and 257 * k is exactly k.
+    (PIL's convert clips instead: every value above 255 turned white.)"""
+    from PIL import Image
+
+    v = np.asarray(im)
+    if v.size and (v.min() < 0 or v.max() > 65535):  # mode I holds 32-bit integers: none of the 16-bit formats
+        raise DataError(f"{flag}: {path} has 32-bit integer pixels (values {v.min()}..{v.max()}); save it with 8 or "
+                        f"16 bits per channel{fix}")
+    return Image.fromarray(np.round(v.astype(np.float64) * (255.0 / 65535.0)).astype(np.uint8))
+
+
+def _to_8_bit(im, path, flag, fix):
+    """Any PIL mode -> 8-bit "L" or "RGB", as a viewer shows the picture.
+
+    16-bit grey: scaled by its bit depth (_sixteen_bit_grey). Alpha (RGBA, LA, a palette with transparent entries):
+    composited over white (_over_white). Palettes, 1-bit, CMYK, YCbCr, 16-bit RGB (PIL keeps each value's high byte):
+    PIL's conversions. Floating-point pixels, whose range no file states, are refused.
+    """
+    mode = im.mode
+    if mode in SIXTEEN_BIT_MODES:
+        return _sixteen_bit_grey(im, path, flag, fix)
+    if mode == "F":
+        raise DataError(f"{flag}: {path} has floating-point pixels, whose range no file states; save it with 8 or "
+                        f"16 bits per channel{fix}")
+    if mode == "P" and "transparency" in im.info or mode == "PA":
+        return _over_white(im.convert("RGBA"))
+    if mode in ("RGBA", "RGBa", "LA", "La"):
+        return _over_white(im)
+    if mode in ("L", "RGB"):
+        return im
+    return im.convert("L" if mode == "1" else "RGB")
+
+
+def read_picture(path, mode="RGB", flag="--edit", fix="pass a picture file"):
+    """The picture file `path` as an 8-bit PIL image in `mode` ("RGB" or "L"), as a viewer shows it (_to_8_bit).
+
+    Checked in this order, each problem a DataError naming `flag` (then `fix` after a '; '): the path (missing, a
+    folder), the header (empty file, not a picture, more than MAX_PICTURE_PIXELS: before any pixel is decoded), the
+    pixels (truncated or corrupt data, pixels without an 8-bit meaning). "L" from colour is PIL's luminance (ITU-R
+    601-2: 0.299 R + 0.587 G + 0.114 B).
+    """
+    fix = f"; {fix}" if fix else ""
+    _check_picture_path(path, flag, fix)
+    with _open_picture_header(path, flag, fix) as im:
+        _check_picture_size(im, path, flag, fix)
+        try:
+            im.load()  # the decoding: a corrupt file fails here, with whichever exception its decoder raises
+            picture = _to_8_bit(im, path, flag, fix)
+            return picture.convert(mode)
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001 (PIL's decoders raise OSError, ValueError, SyntaxError, struct.error...)
+            message = " ".join(str(e).split())[:120]  # one line, short
+            raise DataError(f"{flag}: cannot read {path} ({type(e).__name__}: {message}){fix}") from None
 
 
 # -----------------------------------------------------------------------------

@@ -248,45 +248,119 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps=1e-6):
 # -----------------------------------------------------------------------------
 # loading samples and reference statistics
 
+# Every .npz is checked from its arrays' headers (data.npz_headers: shape and dtype, no data read) before anything is
+# read, and only the arrays used are read (data.read_npz): a header claiming 10^11 images, statistics of strings or
+# complex numbers, or a gigabyte of unused zeros beside the images cost nothing. What the files must hold:
+SAMPLES_FIX = "expected an .npz with x (or arr_0) uint8 [N, H, W, 3], N >= 2 (write one with sample.py)"
+REF_FIX = (f"a reference .npz holds mu float [{FEATURE_DIM}] and sigma float [{FEATURE_DIM}, {FEATURE_DIM}] "
+           "(Inception pool3 statistics, with image_size S or [H, W] optional) "
+           "or x uint8 [N, H, W, 3] images, N >= 2")
+
+
+def _check_images_header(head, key, path, flag, fix):
+    """Images as FID reads them, from the array's header alone: uint8 [N, H, W, 3] or [N, 3, H, W], N >= 2 (a
+    covariance needs two), H, W >= 1."""
+    shape = head.shape
+    if head.dtype != np.uint8 or len(shape) != 4 or 3 not in (shape[1], shape[3]) or shape[0] < 2 or min(shape) < 1:
+        raise UsageError(f"{flag}: {path} has {key} {head.describe()}; {fix}")
+
+
 def load_samples(path):
-    """Read generated images from an .npz: `x` (or `arr_0`, as OpenAI's tools write) uint8 [N,H,W,3]."""
-    fix = "expected an .npz with x (or arr_0) uint8 [N, H, W, 3] (write one with sample.py)"
-    arrays = data.read_npz(path, "--samples", fix)
-    key = "x" if "x" in arrays else "arr_0" if "arr_0" in arrays else None
+    """Generated images from an .npz: `x` (or `arr_0`, as OpenAI's tools write) uint8 [N,H,W,3], N >= 2; checked from
+    its header before it is read, and nothing else in the file is read."""
+    heads = data.npz_headers(path, "--samples", SAMPLES_FIX)
+    key = "x" if "x" in heads else "arr_0" if "arr_0" in heads else None
     if key is None:
-        raise UsageError(f"--samples: {path} has arrays {sorted(arrays)}; {fix}")
-    x = arrays[key]
-    if x.dtype != np.uint8 or x.ndim != 4 or 3 not in (x.shape[1], x.shape[3]) or x.shape[0] < 2:
-        raise UsageError(f"--samples: {path} has {key} {x.dtype} {list(x.shape)}; {fix}, N >= 2")
-    return x
+        raise UsageError(f"--samples: {path} has arrays {sorted(heads)}; {SAMPLES_FIX}")
+    _check_images_header(heads[key], key, path, "--samples", SAMPLES_FIX)
+    return data.read_npz(path, "--samples", SAMPLES_FIX, keys=(key,))[key]
+
+
+def _check_stats_headers(heads, path, flag):
+    """mu float [2048] and sigma float [2048, 2048], and image_size (optional) an integer S or [H, W], from the
+    headers alone: a missing half, strings, complex numbers and other shapes are refused before anything is read."""
+    for key, other in (("mu", "sigma"), ("sigma", "mu")):
+        if key not in heads:
+            raise UsageError(f"{flag}: {path} has {other} but no {key}; {REF_FIX}")
+    for key, shape in (("mu", [FEATURE_DIM]), ("sigma", [FEATURE_DIM, FEATURE_DIM])):
+        head = heads[key]
+        if head.dtype.kind != "f" or list(head.shape) != shape:
+            raise UsageError(f"{flag}: {path} has {key} {head.describe()}, expected float {shape}; {REF_FIX}")
+    head = heads.get("image_size")
+    if head is not None and (head.dtype.kind not in "iu" or head.shape not in ((), (1,), (2,))):
+        raise UsageError(f"{flag}: {path} has image_size {head.describe()}, expected an integer S or [H, W]; "
+                         f"{REF_FIX}")
 
 
 def _stats_from_arrays(arrays, path, flag):
-    mu, sigma = arrays["mu"], arrays["sigma"]
+    """(mu, sigma) as float64, once their values are checked: finite, and sigma a covariance matrix (symmetric, no
+    negative variance). Positive semi-definiteness is not checked (an eigendecomposition: seconds)."""
+    mu, sigma = arrays["mu"].astype(np.float64, copy=False), arrays["sigma"].astype(np.float64, copy=False)
     if mu.shape != (FEATURE_DIM,) or sigma.shape != (FEATURE_DIM, FEATURE_DIM):
         raise UsageError(f"{flag}: {path} has mu {list(mu.shape)} and sigma {list(sigma.shape)}, "
                          f"expected [{FEATURE_DIM}] and [{FEATURE_DIM}, {FEATURE_DIM}] (Inception pool3 statistics)")
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise UsageError(f"{flag}: {path} holds non-finite statistics; recompute them")
-    return mu.astype(np.float64), sigma.astype(np.float64)
+    smallest = np.diagonal(sigma).min()
+    if smallest < 0:
+        raise UsageError(f"{flag}: {path} has sigma with a negative variance on its diagonal ({smallest:.3g}): no "
+                         "covariance matrix; recompute the statistics")
+    gap = sigma - sigma.T  # np.cov's rounding leaves ~1e-16 of the largest variance; float32 storage keeps symmetry
+    asymmetry = np.abs(gap, out=gap).max()
+    del gap
+    if asymmetry > 1e-5 * np.diagonal(sigma).max():  # the largest variance bounds every entry (Cauchy-Schwarz)
+        raise UsageError(f"{flag}: {path} has sigma not symmetric (|sigma - sigma^T| up to {asymmetry:.3g}): no "
+                         "covariance matrix; recompute the statistics")
+    return mu, sigma
+
+
+def _image_size_value(value, path, flag):
+    """A read image_size (an integer S or [H, W], shape checked from its header) -> (H, W), both positive."""
+    if (value <= 0).any():
+        raise UsageError(f"{flag}: {path} has image_size {value.tolist()}, expected positive sizes S or [H, W]; "
+                         f"{REF_FIX}")
+    return tuple(int(v) for v in np.broadcast_to(value.reshape(-1), (2,)))
+
+
+def read_stats(path, flag="--ref"):
+    """(mu, sigma, (H, W) or None) of a statistics .npz, checked whole: its headers before reading, its values after;
+    only mu, sigma and image_size are read."""
+    heads = data.npz_headers(path, flag, REF_FIX)
+    _check_stats_headers(heads, path, flag)
+    arrays = data.read_npz(path, flag, REF_FIX, keys=[k for k in ("mu", "sigma", "image_size") if k in heads])
+    mu, sigma = _stats_from_arrays(arrays, path, flag)
+    size = _image_size_value(arrays["image_size"], path, flag) if "image_size" in arrays else None
+    return mu, sigma, size
+
+
+def _reference_file(ref):
+    """(array headers, "stats" or "images") of a --ref file, its images' header checked."""
+    if not str(ref).endswith(".npz"):
+        raise UsageError(f"--ref: {ref!r} is neither a known reference ({', '.join(REFS)}) "
+                         "nor an .npz file with mu/sigma or x")
+    heads = data.npz_headers(ref, "--ref", REF_FIX)
+    if "mu" in heads or "sigma" in heads:
+        return heads, "stats"
+    if "x" in heads:  # read later, after the samples: checked now, before the work
+        _check_images_header(heads["x"], "x", ref, "--ref", REF_FIX)
+        data.check_npz_arrays(heads, ["x"], ref, "--ref", REF_FIX)
+        return heads, "images"
+    raise UsageError(f"--ref: {ref} has arrays {sorted(heads)}; {REF_FIX}")
 
 
 def reference_image_size(ref):
     """The image size (H, W) the reference statistics were computed from, or None when the file does not say.
 
-    Named CIFAR-10 references are 32x32; an .npz of images says it by its shape; statistics written by this file
-    carry `image_size`."""
+    Named CIFAR-10 references are 32x32; an .npz of images says it by its shape (header); statistics written by this
+    file carry `image_size`. A statistics file is checked whole here (read_stats), as cmd_fid calls this before any
+    work: a bad --ref is refused before the Inception network is loaded or a sample drawn."""
     if ref in REFS:
         return (REFS[ref][2],) * 2
-    if not str(ref).endswith(".npz"):
-        raise UsageError(f"--ref: {ref!r} is neither a known reference ({', '.join(REFS)}) "
-                         "nor an .npz file with mu/sigma or x")
-    arrays = data.read_npz(ref, "--ref")
-    if "x" in arrays:
-        return image_size(arrays["x"])
-    if "image_size" in arrays:
-        return tuple(int(v) for v in np.broadcast_to(arrays["image_size"], (2,)))
-    return None
+    heads, kind = _reference_file(ref)
+    if kind == "images":
+        shape = heads["x"].shape
+        return tuple(shape[1:3]) if shape[3] == 3 else tuple(shape[2:4])  # NHWC or NCHW, as image_size reads them
+    return read_stats(ref)[2]
 
 
 def check_sizes(size, ref, what):
@@ -318,24 +392,18 @@ def reference_stats(ref="cifar10-train", data_dir=None, cache_dir=None, net=None
         return feature_stats(inception_features(images, net, batch_size, show_progress=show_progress,
                                                 desc=f"{what} features"))
 
-    if ref not in REFS:  # a file
-        if not str(ref).endswith(".npz"):
-            raise UsageError(f"--ref: {ref!r} is neither a known reference ({', '.join(REFS)}) "
-                             "nor an .npz file with mu/sigma or x")
-        arrays = data.read_npz(ref, "--ref")
-        if "mu" in arrays and "sigma" in arrays:
-            return _stats_from_arrays(arrays, ref, "--ref")
-        if "x" in arrays:
-            return compute(arrays["x"], "reference")
-        raise UsageError(f"--ref: {ref} has arrays {sorted(arrays)}; expected mu and sigma, or x "
-                         "(uint8 images)")
+    if ref not in REFS:  # a file: statistics, or images whose statistics are computed
+        _, kind = _reference_file(ref)
+        if kind == "stats":
+            return read_stats(ref)[:2]
+        return compute(data.read_npz(ref, "--ref", REF_FIX, keys=("x",))["x"], "reference")
 
     split, stats_name, size = REFS[ref]
     dirs = [Path(data_dir)] if data_dir is not None else [Path(d) for d in data.DEFAULT_CIFAR10_DIRS]
     cache = Path(cache_dir if cache_dir is not None else DEFAULT_CACHE_DIR) / f"fid_stats_{ref}.npz"
     for path in [d / stats_name for d in dirs] + [cache]:
         if path.is_file():
-            return _stats_from_arrays(data.read_npz(path, "--ref"), path, "--ref")
+            return read_stats(path)[:2]
 
     say(f"no {stats_name} found: computing the {ref} statistics from its images (cached to {cache})")
     x, _ = data.load_cifar10(data_dir, split=split)  # uint8 [N, 3, 32, 32]

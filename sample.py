@@ -183,10 +183,9 @@ def samples_dir(ckpt):
 def open_picture(spec, data_dir=None, flag="--invert", mode="RGB"):
     """A picture file, or cifar10:N for the N-th CIFAR-10 test image (read by data.py), as a PIL image in `mode`;
     its label (or None) and a name for files."""
-    import torchvision.transforms.functional as TF
-    from PIL import Image
     m = re.fullmatch(r"cifar10:(\d+)", spec)
     if m:
+        import torchvision.transforms.functional as TF  # here: torchvision's import takes seconds, a refusal none
         x, y = data.load_cifar10(data_dir, split="test")
         i = int(m.group(1))
         if i >= x.shape[0]:
@@ -194,12 +193,9 @@ def open_picture(spec, data_dir=None, flag="--invert", mode="RGB"):
         return TF.to_pil_image(x[i]).convert(mode), int(y[i]), f"cifar10-{i}"
     if spec.startswith("cifar10"):
         raise UsageError(f"{flag}: expected cifar10:N with N a test-set index, got {spec!r}")
-    try:
-        with Image.open(spec) as im:
-            img = im.convert(mode)
-    except (OSError, ValueError):
-        raise UsageError(f"{flag}: cannot read an image from {spec}; pass a picture file"
-                         + (" or cifar10:N (a CIFAR-10 test image)" if flag != "--mask" else "")) from None
+    # the file: data.read_picture checks it (missing, too large, corrupt) and reads it as an 8-bit picture
+    img = data.read_picture(spec, mode, flag, "pass a picture file"
+                            + (" or cifar10:N (a CIFAR-10 test image)" if flag != "--mask" else ""))
     return img, None, re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(spec))[0])
 
 
