@@ -23,6 +23,7 @@ Everything is loaded with torch.load(weights_only=True): tensors and plain conta
 
 import glob
 import os
+import re
 import warnings
 
 import torch
@@ -131,6 +132,14 @@ def find(path, flag="--checkpoint"):
     if not os.path.isfile(path):
         raise UsageError(f"{flag}: {path} does not exist; pass a ckpt.pt, a run folder or a diffusers model folder")
     return path
+
+
+def samples_dir(path):
+    """Where images drawn from the checkpoint at `path` (checkpoint.find's answer) go: <run>/samples for a run's
+    ckpt.pt; samples/<model> for a diffusers folder or hf:NAME (not ours to write in)."""
+    if os.path.isfile(path):
+        return os.path.join(os.path.dirname(path), "samples")
+    return os.path.join("samples", re.sub(r"[^A-Za-z0-9._-]+", "_", path.strip("/")) or "model")
 
 
 def _is_diffusers_folder(path):

@@ -139,6 +139,24 @@ def check_number(flag, value, lo=None, hi=None, lo_open=False, hi_open=False, in
     return value
 
 
+def parse_list(text, flag, kind=str, allowed=None):
+    """'10,20,50' -> [10, 20, 50] with kind int (floats, names with str): never empty, no value twice, each in
+    `allowed` when given; anything else is one line naming the flag."""
+    try:
+        values = [kind(v.strip()) for v in str(text).split(",") if v.strip()]
+    except ValueError:
+        values = None
+    if not values:
+        example = ",".join(allowed) if allowed else {int: "10,20,50,100", float: "0,0.2,0.5,1"}.get(kind, "a,b")
+        raise UsageError(f"{flag}: expected a comma-separated list like {example}, got {text!r}")
+    if len(set(values)) != len(values):
+        raise UsageError(f"{flag}: {text!r} names a value twice; give each once")
+    unknown = [v for v in values if allowed is not None and v not in allowed]
+    if unknown:
+        raise UsageError(f"{flag}: unknown {unknown[0]!r}; choose from {', '.join(allowed)}")
+    return values
+
+
 def parse_ints(text, flag):
     """'1,2,2,2' -> [1, 2, 2, 2]; anything else names the flag."""
     try:

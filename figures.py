@@ -11,7 +11,7 @@ RUN is a run folder or ckpt.pt of train.py, a diffusers UNet2DModel folder (the 
 google/ddpm-cifar10-32 downloaded once) or hf:google/ddpm-cifar10-32 with a network. Each command writes one PNG
 (into --out, default <run>/figures/ or runs/figures/), never over an existing one without --force, and prints
 what the picture shows. DDIM's Table 1 (FID over steps x eta) is a measurement, not a picture: it is
-`python evaluate.py table`.
+`python benchmarks/fid_table.py`.
 
 What each figure is, in the papers' words and in this repository's functions:
 

@@ -67,8 +67,7 @@ import torch
 import checkpoint
 import data
 import sampling
-from cli import (Parser, UsageError, check_compiler, check_number, distributed, main_guard, precision_name, progress,
-                 say, wrote)
+from cli import (Parser, UsageError, check_compiler, check_number, distributed, main_guard, precision_name, say, wrote)
 from ddim import ddim_invert, slerp
 from edit import SAMPLERS as EDIT_SAMPLERS
 from edit import sdedit, sdedit_steps
@@ -170,10 +169,7 @@ def default_checkpoint():
 
 def samples_dir(ckpt):
     """<run>/samples for a run's ckpt.pt; samples/<model> for a diffusers folder or hf:NAME (not ours to write in)."""
-    path = ckpt["path"]
-    if os.path.isfile(path):
-        return os.path.join(os.path.dirname(path), "samples")
-    return os.path.join("samples", re.sub(r"[^A-Za-z0-9._-]+", "_", path.strip("/")) or "model")
+    return checkpoint.samples_dir(ckpt["path"])
 
 
 # ----------------------------------------------------------------------------------------------------------------

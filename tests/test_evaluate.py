@@ -15,10 +15,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
+import fid  # noqa: E402
 from cli import UsageError  # noqa: E402
 from data import DataError  # noqa: E402
-from evaluate import (feature_stats, find_inception, frechet_distance,  # noqa: E402
-                      inception_features, load_inception, load_samples, reference_stats)
+from fid import (feature_stats, find_inception, frechet_distance,  # noqa: E402
+                 inception_features, load_inception, load_samples, reference_stats)
 from tests import tiny  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
@@ -226,7 +227,7 @@ def test_features_show_a_progress_bar(net, images, capsys):
 
 
 def test_find_inception_missing(monkeypatch, tmp_path):
-    monkeypatch.setattr(evaluate.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(fid.importlib.util, "find_spec", lambda name: None)
     monkeypatch.setattr(sys, "path", [str(tmp_path)])
     with pytest.raises(UsageError) as e:
         find_inception()
@@ -255,7 +256,7 @@ def test_reference_stats_computed_and_cached(net, images, base, tmp_path, monkey
     np.testing.assert_allclose(sigma, expected[1], rtol=1e-4, atol=1e-5)
     assert (cache / "fid_stats_cifar10-train.npz").is_file()
     # the second call must not run the network again
-    monkeypatch.setattr(evaluate, "inception_features", None)
+    monkeypatch.setattr(fid, "inception_features", None)
     mu2, sigma2 = reference_stats("cifar10-train", data_dir=data_dir, cache_dir=cache, net=net)
     np.testing.assert_array_equal(mu2, mu)
     np.testing.assert_array_equal(sigma2, sigma)
@@ -310,7 +311,7 @@ def test_cli_bad_inception(tmp_path, capsys):
 def test_cli_fid_end_to_end(tmp_path, capsys, monkeypatch):
     # the plumbing: samples -> features -> stats -> distance -> JSON line appended to --out.
     # A 2048x2048 sqrtm takes ~30 s on a small CPU, so the distance is replaced by a cheap stand-in.
-    monkeypatch.setattr(evaluate, "frechet_distance",
+    monkeypatch.setattr(fid, "frechet_distance",
                         lambda mu1, s1, mu2, s2: float(np.sum((mu1 - mu2) ** 2)))
     np.savez(tmp_path / "s.npz", x=make_images(2))
     np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048))
@@ -343,7 +344,7 @@ def ref8(tmp_path):
 
 @needs_inception
 def test_cli_fid_from_checkpoint(tiny_run, ref8, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(evaluate, "frechet_distance", lambda mu1, s1, mu2, s2: float(np.sum((mu1 - mu2) ** 2)))
+    monkeypatch.setattr(fid, "frechet_distance", lambda mu1, s1, mu2, s2: float(np.sum((mu1 - mu2) ** 2)))
     out = tmp_path / "r.jsonl"
     argv = ["fid", "--checkpoint", tiny_run, "--steps", "4", "--n", "3", "--sample-batch-size", "2",
             "--ref", ref8, "--device", "cpu", "--out", str(out), "--save-samples", str(tmp_path / "s")]
@@ -400,7 +401,7 @@ def test_cli_bad_input_is_one_line_before_any_work(tiny_run, ref8, tmp_path, cap
     def work(*args, **kwargs):  # sampling, Inception features and the bound are the work
         raise AssertionError("the work started before the input was checked")
     monkeypatch.setattr(evaluate.sampling.Sampler, "generate", work)
-    monkeypatch.setattr(evaluate, "inception_features", work)
+    monkeypatch.setattr(fid, "inception_features", work)
     monkeypatch.setattr(evaluate.checkpoint.GaussianDiffusion, "calc_bpd_loop", work)
     (tmp_path / "file").write_text("a file, not a folder")
     (tmp_path / "dir").mkdir()
@@ -466,7 +467,7 @@ def test_cli_bpd_never_appends_nan(tiny_run, tmp_path, capsys):
 @needs_inception
 def test_cli_never_appends_a_non_finite_fid(tmp_path, capsys, monkeypatch):
     # whatever produced it, a NaN result is refused by main before anything is written
-    monkeypatch.setattr(evaluate, "frechet_distance", lambda *a: float("nan"))
+    monkeypatch.setattr(fid, "frechet_distance", lambda *a: float("nan"))
     np.savez(tmp_path / "s.npz", x=make_images(2))
     np.savez(tmp_path / "ref.npz", mu=np.zeros(2048), sigma=np.eye(2048), image_size=np.array(32))
     out = tmp_path / "r.jsonl"

@@ -309,13 +309,13 @@ def test_compile_without_a_c_compiler_is_one_line_before_any_work(tmp_path, scri
 
 
 def test_evaluate_compile_without_headers_is_one_line(tmp_path, monkeypatch, capsys):
-    """evaluate.py table --compile where Python's headers are missing: the same one-line refusal, naming them."""
-    import evaluate  # noqa: PLC0415
+    """benchmarks/fid_table.py --compile where Python's headers are missing: the same one-line refusal, naming them."""
+    from benchmarks import fid_table  # noqa: PLC0415
     import sysconfig  # noqa: PLC0415
     real = sysconfig.get_paths
     monkeypatch.setattr(sysconfig, "get_paths", lambda *a, **k: dict(real(*a, **k), include=str(tmp_path)))
     run = tiny.write(str(tmp_path / "run"))
-    assert tiny.run(evaluate, ["table", "--checkpoint", run, "--compile", "--out", str(tmp_path / "r.jsonl")]) == 2
+    assert tiny.run(fid_table, ["--checkpoint", run, "--compile", "--out", str(tmp_path / "r.jsonl")]) == 2
     err = tiny.one_line_error(capsys)
     assert "--compile: torch.compile needs Python's C headers" in err and "Python.h is missing" in err
 

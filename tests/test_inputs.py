@@ -34,6 +34,7 @@ from PIL import Image
 
 import data
 import evaluate
+import fid
 import sample
 from tests import tiny
 
@@ -429,7 +430,7 @@ def scored(monkeypatch, capsys):
     first work of `fid`: loading it fails the test, so every refusal is proved to come before any work."""
     def work(*args, **kwargs):
         raise AssertionError("the Inception network was loaded before the input was checked")
-    monkeypatch.setattr(evaluate, "load_inception", work)
+    monkeypatch.setattr(fid, "load_inception", work)
 
     def scored(argv):
         assert tiny.run(evaluate, argv) == 2
@@ -500,12 +501,12 @@ def test_only_the_arrays_needed_are_read(tmp_path):
     # a 200 MB member beside the images (or the statistics) is never decompressed: memory stays at the arrays' size
     x = pixels()
     samples = npz(tmp_path / "s.npz", zeros=200 * MB, x=x, y=np.zeros(4, np.int64))
-    got, peak = peak_of(lambda: evaluate.load_samples(samples))
+    got, peak = peak_of(lambda: fid.load_samples(samples))
     assert np.array_equal(got, x) and peak < 4 * MB
     stats = npz(tmp_path / "r.npz", zeros=200 * MB, mu=np.zeros(2048), sigma=np.eye(2048), image_size=np.array(8))
-    (mu, sigma), peak = peak_of(lambda: evaluate.reference_stats(stats))
+    (mu, sigma), peak = peak_of(lambda: fid.reference_stats(stats))
     assert mu.shape == (2048,) and np.array_equal(sigma, np.eye(2048)) and peak < 3 * sigma.nbytes
-    assert peak_of(lambda: evaluate.reference_image_size(stats))[1] < 3 * sigma.nbytes
+    assert peak_of(lambda: fid.reference_image_size(stats))[1] < 3 * sigma.nbytes
 
 
 def test_a_big_unused_member_is_not_read_by_the_script(tmp_path):
@@ -604,7 +605,7 @@ def test_good_reference_statistics_pass_the_checks(tmp_path, monkeypatch, capsys
     one_line(forked("evaluate.py", argv), "--inception", quiet=False)  # after "loading the FID Inception network"
     ref = npz(tmp_path / "ref32.npz", **stats(mu=np.zeros(2048, np.float32), sigma=np.eye(2048, dtype=np.float32),
                                               image_size=np.array([8, 8], np.int32)))
-    assert evaluate.reference_image_size(ref) == (8, 8)
+    assert fid.reference_image_size(ref) == (8, 8)
     assert tiny.run(evaluate, argv[:4] + [ref] + argv[5:]) == 2
     assert "--inception" in tiny.one_line_error(capsys)
 

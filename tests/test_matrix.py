@@ -88,7 +88,7 @@ COMMANDS = {
                   (".jsonl",)),
     "bpd": ("evaluate.py", ["bpd", "--checkpoint", "{ckpt}", "--n", "2", "--data-dir", "{cifar}", "--no-progress"],
             (".jsonl",)),
-    "table": ("evaluate.py", ["table", "--checkpoint", "{ckpt}", "--samplers", "ddim", "--steps", "3", "--n", "2",
+    "table": ("benchmarks/fid_table.py", ["--checkpoint", "{ckpt}", "--samplers", "ddim", "--steps", "3", "--n", "2",
                               *FID], (".jsonl", ".md")),
     "fig-ddpm-x0": ("figures.py", ["ddpm-x0", "--checkpoint", "{ckpt}", "--columns", "20,1", *FIG], (".png",)),
     "fig-ddpm-shared": ("figures.py", ["ddpm-shared", "--checkpoint", "{ckpt}", "--columns", "20,5", *FIG],

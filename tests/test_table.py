@@ -19,6 +19,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import evaluate  # noqa: E402
+import fid  # noqa: E402
+from benchmarks import fid_table  # noqa: E402
 import sample  # noqa: E402
 import sampling  # noqa: E402
 from ddim import ddim_sample_loop  # noqa: E402
@@ -36,9 +38,9 @@ def fake_features(images, net=None, batch_size=200, **kwargs):
 
 @pytest.fixture()
 def cheap_fid(monkeypatch):
-    monkeypatch.setattr(evaluate, "load_inception", lambda *a, **k: "the FID network")
-    monkeypatch.setattr(evaluate, "inception_features", fake_features)
-    monkeypatch.setattr(evaluate, "frechet_distance", lambda mu1, s1, mu2, s2: float(np.sum((mu1 - mu2) ** 2)))
+    monkeypatch.setattr(fid, "load_inception", lambda *a, **k: "the FID network")
+    monkeypatch.setattr(fid, "inception_features", fake_features)
+    monkeypatch.setattr(fid, "frechet_distance", lambda mu1, s1, mu2, s2: float(np.sum((mu1 - mu2) ** 2)))
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +68,7 @@ def test_table_is_ddim_table1_layout_and_each_cell_is_the_fid_command(tiny_run, 
                                                                        monkeypatch):
     out, table = tmp_path / "r.jsonl", tmp_path / "table.md"
     common = ["--n", "2", "--sample-batch-size", "2", "--ref", ref8, "--device", "cpu", "--no-progress"]
-    assert run(evaluate, ["table", "--checkpoint", tiny_run, "--steps", "10,2", "--out", str(out)] + common) == 0
+    assert run(fid_table, ["--checkpoint", tiny_run, "--steps", "10,2", "--out", str(out)] + common) == 0
     printed = capsys.readouterr().out
     rows = table_lines(printed)
     # DDIM Table 1: columns S, rows eta = 0.0, 0.2, 0.5, 1.0 and sigma-hat (ddpm with sigma_t^2 = beta_t)
@@ -94,7 +96,7 @@ def test_table_is_ddim_table1_layout_and_each_cell_is_the_fid_command(tiny_run, 
     # resumed: every cell is in --out already, so nothing is drawn again and the table is the same
     capsys.readouterr()
     monkeypatch.setattr(sampling.Sampler, "generate", lambda *a, **k: pytest.fail("a finished cell was drawn again"))
-    assert run(evaluate, ["table", "--checkpoint", tiny_run, "--steps", "10,2", "--out", str(out)] + common) == 0
+    assert run(fid_table, ["--checkpoint", tiny_run, "--steps", "10,2", "--out", str(out)] + common) == 0
     assert table_lines(capsys.readouterr().out) == rows and len(out.read_text().splitlines()) == 10
 
 
@@ -104,13 +106,13 @@ def test_table_of_other_samplers_is_one_row_each_with_the_solver_anchor(tiny_run
     monkeypatch.setitem(sampling.SAMPLERS, "heun", sampling.Entry(ddim_sample_loop, ("eta", "clip"),
                                                                         steps=18, skip="karras"))
     out = tmp_path / "r.jsonl"
-    assert run(evaluate, ["table", "--checkpoint", tiny_run, "--samplers", "ddim,heun", "--steps", "3", "--n", "2",
+    assert run(fid_table, ["--checkpoint", tiny_run, "--samplers", "ddim,heun", "--steps", "3", "--n", "2",
                           "--ref", ref8, "--device", "cpu", "--no-progress", "--out", str(out),
                           "--table", str(tmp_path / "t.md")]) == 0
     printed = capsys.readouterr().out
     rows = table_lines(printed)
     assert [cells(r)[:2] for r in rows[2:]] == [["ddim", "0.0"], ["heun", "0.0"]]  # eta 0 only, off the default grid
-    assert evaluate.SOLVER_ANCHOR in printed and "4.70 at 10 NFE and 2.87 at 20 NFE" in printed
+    assert fid_table.SOLVER_ANCHOR in printed and "4.70 at 10 NFE and 2.87 at 20 NFE" in printed
     assert (tmp_path / "t.md").is_file() and len(out.read_text().splitlines()) == 2
 
 
@@ -135,26 +137,25 @@ def test_table_bad_input_is_one_line_before_any_work(tiny_run, ref8, tmp_path, c
     def work(*args, **kwargs):
         raise AssertionError("the work started before the input was checked")
     monkeypatch.setattr(sampling.Sampler, "generate", work)
-    monkeypatch.setattr(evaluate, "inception_features", work)
-    monkeypatch.setattr(evaluate, "load_inception", work)
+    monkeypatch.setattr(fid, "inception_features", work)
+    monkeypatch.setattr(fid, "load_inception", work)
     (tmp_path / "file").write_text("a file, not a folder")
     (tmp_path / "dir").mkdir()
     argv = [str(tmp_path / a[1:]) if a.startswith("@") else a for a in argv]
-    base = ["table", "--checkpoint", tiny_run, "--steps", "2", "--ref", ref8, "--device", "cpu",
+    base = ["--checkpoint", tiny_run, "--steps", "2", "--ref", ref8, "--device", "cpu",
             "--out", str(tmp_path / "r.jsonl")]
-    assert run(evaluate, base + argv) == 2
+    assert run(fid_table, base + argv) == 2
     assert one_line_error(capsys).startswith(f"error: {flag}")
     assert not (tmp_path / "r.jsonl").exists()
 
 
 def test_every_table_default_is_in_help():
-    parser = evaluate.build_parser()
-    sub = next(a for a in parser._actions if a.dest == "command").choices["table"]
+    sub = fid_table.build_parser()
     formatter = sub._get_formatter()
     for action in sub._actions:
         if action.option_strings and action.dest != "help":
             assert "default" in formatter._expand_help(action), action.option_strings
-    assert "GPU job" in sub.description
+    assert "GPU job" in fid_table.__doc__
 
 
 # ----------------------------------------------------------------------------- torchrun
