@@ -1,5 +1,5 @@
 """
-The command-line conventions every script shares (train.py, sample.py, evaluate.py, bench.py, toy2d.py, figures.py),
+The command-line conventions every script shares (train.py, sample.py, evaluate.py, figures.py, toy2d.py, benchmarks/),
 defined once.
 
   * Bad input is the user's to fix, not a crash: it gets ONE line that names the flag and the fix, exit code 2, no

@@ -222,7 +222,7 @@ def check_args(args):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The network, the optimiser, the EMA and the one training step (bench.py times `train_step` itself)
+# The network, the optimiser, the EMA and the one training step (benchmarks/bench.py times `train_step` itself)
 # ----------------------------------------------------------------------------------------------------------------
 
 def build_model_args(args, num_classes, channels):
@@ -381,7 +381,7 @@ def train_step(step, x0, y, model, net, diffusion, optimizer, ema, args, t_sampl
 def train_step_ddgan(step, x0, G, D, diffusion, opt_g, opt_d, ema, args):
     """One DDGAN iteration on the batch x0 (a D step, then a G step: ddgan.ddgan_train_step, DDGAN eqs. 4-6 with R1);
     returns [d_loss, g_loss], left on the device. Not a branch of `train_step`: two networks and two optimizers share
-    nothing with Algorithm 1's one loss, and `train_step` stays what bench.py times."""
+    nothing with Algorithm 1's one loss, and `train_step` stays what benchmarks/bench.py times."""
     # the learning rates of this step: cosine decay to 1e-5 from --lr (G) and --lr-d (D)
     for opt, base in ((opt_g, args.lr), (opt_d, args.lr_d)):
         for group in opt.param_groups:

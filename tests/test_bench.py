@@ -1,4 +1,4 @@
-"""bench.py: the tiny CPU run end to end, the FLOP counts it relies on, its command-line errors.
+"""benchmarks/bench.py: the tiny CPU run end to end, the FLOP counts it relies on, its command-line errors.
 
 The peers (diffusers, denoising_diffusion_pytorch) are optional: their test runs only where both are installed.
 """
@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-import bench
+from benchmarks import bench
 
 TINY = ["--tiny", "--device", "cpu"]
 

@@ -2,85 +2,22 @@
 Speed, side by side: training and DDIM-sampling throughput of this repository's DDPM CIFAR-10 U-Net against
 diffusers' port of the same network and lucidrains' denoising_diffusion_pytorch U-Net of the same width, in one run.
 
-    python bench.py                          # GPU: the full benchmark; prints a markdown table for BENCHMARKS.md
-    python bench.py --json bench.json        # ... and writes every number (repeat times included) as JSON
-    python bench.py --profile prof           # ... then profiles this repo's rows: traces, time by category, top kernels
-    python bench.py --peers none --no-compile          # this repository only, eager only
-    python bench.py --peers none --tasks sample --sample-n 10000 --sample-batch 2000 --repeats 3   # 10k DDIM-50
-    python bench.py --tiny                   # seconds on a CPU: a tiny U-Net, batch 4 (what the tests run)
+    python benchmarks/bench.py                     # GPU: the full benchmark, a markdown table for BENCHMARKS.md
+    python benchmarks/bench.py --json bench.json   # ... and every number (repeat times included) as JSON
+    python benchmarks/bench.py --profile prof      # ... then profiles this repo's rows: traces, time by category
+    python benchmarks/bench.py --peers none --no-compile                  # this repository only, eager only
+    python benchmarks/bench.py --tiny              # seconds on a CPU: a tiny U-Net, batch 4 (what the tests run)
 
-WHAT IS MEASURED
-  train    images/s of one training step at batch 128 (--batch-size), median of --repeats timed runs of
-           --steps-per-repeat steps each, after --warmup untimed steps. For this repository "one step" is train.py's
-           own `train_step` (the function its loop calls): after a batch drawn from the device-resident data
-           (data.Batches, random flips), the warm-up learning rate, bf16 autocast forward, loss, zero_grad, backward,
-           gradient clipping at norm 1, fused AdamW, the EMA update (train.EMA), and the on-device loss sum. The
-           peers run the same harness in `peer_training_step` (the same optimizer, clipping and EMA, built by
-           train.make_optimizer / train.EMA), around their own network and loss. Rows:
-             this repo (eager)          UNet(**model_args) of train.py's defaults + train.train_step (L_simple)
-             this repo (torch.compile)  the same with torch.compile(model), as `train.py --compile`
-             this repo (eager, contiguous)  on CUDA, the eager step again in NCHW (--formats): what channels_last
-                                        buys, or costs (PyTorch's GroupNorm makes its input contiguous)
-             diffusers                  UNet2DModel configured as google/ddpm-cifar10-32 (the DDPM CIFAR-10 network
-                                        ported to diffusers), dropout 0.1, noised by DDPMScheduler.add_noise,
-                                        loss = MSE(eps_pred, eps)
-             denoising_diffusion_pytorch  lucidrains' Unet(dim=128, dim_mults=(1, 2, 2, 2), dropout=0.1,
-                                        flash_attn=True) inside GaussianDiffusion(image_size=32, timesteps=1000,
-                                        objective='pred_noise', beta_schedule='linear'); loss = diffusion(x).
-                                        NOT the same network: linear attention at every level, full attention at
-                                        the bottom, 2 res blocks per level; its FLOPs are counted and shown.
-           Every row uses the same harness (optimizer, clipping, EMA, data, batch, bf16 autocast, the first of
-           --formats, TF32 on): only the network and the loss differ.
-  sample   images/s of DDIM with 50 steps (eta 0, x_0 clipped) for --sample-n 1000 images in batches of
-           --sample-batch 500, eval mode, bf16 autocast, the first of --formats: ddim.ddim_sample_loop against
-           diffusers' DDIMPipeline (output_type="pt", so the images stay on the GPU) and lucidrains'
-           GaussianDiffusion.sample with sampling_timesteps=50; "this repo (torch.compile)" is sample.py --compile
-           (sampling.Compiled: torch.compile, on CUDA with CUDA graphs), compiled during the warm-up draws (one per
-           batch size). The weights are random (initialised, not trained): throughput does not depend on them.
-           Weight tensors that a library initialises to exactly zero (this repo's output convolutions) are filled
-           with small random values first in every row, so no row runs its matmuls on zeros (faster on GPUs).
-  FLOPs    counted with torch.utils.flop_counter.FlopCounterMode on one forward, and one forward + backward, of each
-           network at batch 1 on the meta device (no arithmetic is done, so it takes a second on any machine). The
-           counter counts a convolution or matmul as 2 FLOPs per multiply-add; attention's two batched matmuls are
-           included, normalisation and activations are not. The default U-Net: 12.44 GFLOP forward per 32x32 image,
-           37.32 GFLOP forward + backward (the training step's model FLOPs; the 3x rule gives 37.33). diffusers'
-           google/ddpm-cifar10-32 network counts exactly the same (and has the same 35.75M parameters); lucidrains'
-           Unet: 8.97 / 26.87 GFLOP, 28.54M parameters.
-  MFU      model FLOP utilisation: counted FLOPs per image x images/s, over the device's dense bf16 peak from
-           its datasheet (DATASHEET_TFLOPS: H100 SXM and H200 989.4 TFLOP/s, H100 PCIe 756; --peak-tflops for
-           another GPU; none on a CPU). Beside it, "% of ceiling": over the FLOP/s MEASURED at the start of the run,
-           what this device reaches in practice: an 8192^3 bf16 matmul on CUDA; on a CPU the better of a 2048^3
-           fp32 matmul (1024^3 with --tiny) and a 256-channel 3x3 convolution (conv_peak: oneDNN's convolutions
-           beat MKL's matmul on some CPUs, which made a matmul-only ceiling read 130-190%).
-  syncs    on CUDA, the host-device synchronisations in one training step (or one sampling call) counted with
-           torch.cuda.set_sync_debug_mode("warn") outside the timed loops: 0 means the CPU can run ahead of the GPU.
-  memory   on CUDA, a row's peak: what it holds (weights, optimizer, EMA, data), measured over its set-up and
-           warm-up, plus the most one of its repeats allocates on top.
-  profile  --profile DIR: after timing, torch.profiler over 5 training steps (or one sampling batch) of this repo's
-           baseline row and its torch.compile row: a Chrome/Perfetto trace per row in DIR, and in the report the
-           time per step by category (convolution, matmul, attention, normalization, copy / layout / cast, ...),
-           the 15 most expensive kernels (CUDA: device time) or operators (CPU: self time), the number of launches
-           per step, and the wall time beside the busy time (busy well under wall: launch-bound).
-Interleaved: every row of a table is set up and warmed up first, then each of --repeats rounds times one repeat of
-every row in turn, the order rotated each round, so a clock that ramps or a busy neighbour touches every row alike.
-Timing: torch.cuda.synchronize() before and after each timed repeat and nowhere inside it.
+train: images/s of one training step at --batch-size 128, the median of --repeats timed runs after --warmup steps.
+For this repository "one step" is train.py's own `train_step`; the peers run the same harness (optimizer, clipping,
+EMA, data, bf16 autocast, layout) around their own network and loss. sample: images/s of DDIM-50 against diffusers'
+DDIMPipeline and lucidrains' sampler. FLOPs are counted on the meta device (FlopCounterMode); MFU is over the
+device's datasheet bf16 peak, beside "% of ceiling" over a measured matmul. Rows are timed interleaved (all set up
+and warmed up first, then rounds with the order rotated), synchronising only around each timed repeat.
 
-THE PEERS ARE OPTIONAL. Neither is in requirements.txt; a missing one gets a row that says how to install it:
-    pip install diffusers==0.42.1 denoising-diffusion-pytorch==2.3.4
-These are the versions this script was written against (2.3.4's denoising_diffusion_pytorch also installs
-ema-pytorch, accelerate and pytorch-fid; the last is needed only by its Trainer, never here).
-
-ON A GPU MACHINE WITHOUT NETWORK the wheels are carried. All three are pure-Python (py3-none-any), so one download
-serves any platform. On a machine with network, in the repository root:
-    python3 -m pip download --no-deps -d .whl diffusers==0.42.1 denoising-diffusion-pytorch==2.3.4 ema-pytorch==0.8.3
-(keep .whl/ out of git: `echo /.whl/ >> .git/info/exclude`), copy .whl/ along with the repository, and there:
-    python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
-    PYTHONPATH=/tmp/site python3 bench.py --json bench.json
-That installs only these three. What they import besides is: diffusers: huggingface_hub (>= 1.32; which imports
-httpx, and that httpcore, h11, anyio), safetensors (>= 0.8), regex, requests, filelock, numpy, Pillow;
-denoising_diffusion_pytorch: ema_pytorch, accelerate (which imports psutil), einops, scipy, torchvision, Pillow,
-packaging. A machine lacking any of those needs its wheel carried too (`pip download --no-deps NAME==VERSION`, with
---platform/--python-version flags for the compiled ones: safetensors, regex, psutil).
+The peers are optional (`pip install diffusers==0.42.1 denoising-diffusion-pytorch==2.3.4`); a missing one gets a row
+saying how to install it. BENCHMARKS.md says exactly what each row measures, how to run this on a GPU machine
+without network (wheels carried), and records every result.
 """
 
 import argparse
@@ -97,7 +34,9 @@ import time
 import traceback
 import warnings
 
-import torch
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the library files
+
+import torch  # noqa: E402
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -109,14 +48,14 @@ import train
 from cli import UsageError
 from ddim import ddim_sample_loop
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
 PEERS = ("diffusers", "lucidrains")
 PEER_PACKAGES = {"diffusers": "diffusers==0.42.1", "lucidrains": "denoising-diffusion-pytorch==2.3.4"}
-INSTALL_HINT = "pip install " + " ".join(PEER_PACKAGES.values())
+PEERS_HINT = "pip install " + " ".join(PEER_PACKAGES.values())
 # the default (full) run and the --tiny run; an explicit flag wins over both
-DEFAULTS = dict(batch_size=128, repeats=5, steps_per_repeat=20, warmup=5, sample_n=1000, sample_batch=500,
+FULL_SIZE = dict(batch_size=128, repeats=5, steps_per_repeat=20, warmup=5, sample_n=1000, sample_batch=500,
                 sample_steps=50)
-TINY_DEFAULTS = dict(batch_size=4, repeats=2, steps_per_repeat=2, warmup=1, sample_n=8, sample_batch=4,
+TINY_SIZE = dict(batch_size=4, repeats=2, steps_per_repeat=2, warmup=1, sample_n=8, sample_batch=4,
                      sample_steps=5)
 FORMATS = ("channels_last", "contiguous")
 # Dense (no sparsity) bf16 tensor-core peaks from NVIDIA's datasheets, TFLOP/s: the MFU denominator. The first name
@@ -136,7 +75,7 @@ def build_parser():
     p = cli.Parser(description="Training and sampling throughput of this repo's U-Net against diffusers and "
                                  "denoising_diffusion_pytorch (see the module docstring).")
     p.add_argument("--tiny", action="store_true", help="a tiny U-Net and tiny counts: the script's own test, seconds "
-                   "on a CPU (defaults: " + ", ".join(f"{k} {v}" for k, v in TINY_DEFAULTS.items()) + ")")
+                   "on a CPU (defaults: " + ", ".join(f"{k} {v}" for k, v in TINY_SIZE.items()) + ")")
     p.add_argument("--batch-size", type=int, default=None, help="training batch (default 128)")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats; the median is reported (default 5)")
     p.add_argument("--steps-per-repeat", type=int, default=None, help="training steps per timed repeat (default 20)")
@@ -173,7 +112,7 @@ def build_parser():
 
 def resolve_args(args):
     """Fill the defaults (full or --tiny) and check the numbers; a UsageError names the flag."""
-    for key, value in (TINY_DEFAULTS if args.tiny else DEFAULTS).items():
+    for key, value in (TINY_SIZE if args.tiny else FULL_SIZE).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     for flag in ("batch_size", "repeats", "steps_per_repeat", "sample_batch", "sample_steps"):
@@ -191,8 +130,8 @@ def resolve_args(args):
         if os.path.exists(args.json) and not args.force:  # an earlier run's numbers are never replaced silently
             raise UsageError(f"--json: {args.json} already exists; pass --force to replace it or choose another name")
     if args.formats is not None:
-        args.formats = parse_list("--formats", args.formats, FORMATS)
-    args.tasks = parse_list("--tasks", args.tasks, ("train", "sample"))
+        args.formats = tuple(cli.parse_list(args.formats, "--formats", allowed=FORMATS))
+    args.tasks = tuple(cli.parse_list(args.tasks, "--tasks", allowed=("train", "sample")))
     if args.sample_n == 0:
         args.tasks = tuple(t for t in args.tasks if t != "sample")  # --sample-n 0: no sampling rows
     if not args.tasks:
@@ -209,15 +148,6 @@ def resolve_args(args):
             raise UsageError(f"--profile: {args.profile} already holds files (an earlier profile?); pass --force to "
                              f"write over its traces or choose another folder")
     return args
-
-
-def parse_list(flag, text, allowed):
-    """'a,b' -> ('a', 'b'), each one of `allowed`, none twice, at least one."""
-    items = tuple(x.strip() for x in text.split(",") if x.strip())
-    bad = [x for x in items if x not in allowed]
-    if not items or bad or len(set(items)) < len(items):
-        raise UsageError(f"{flag}: a comma-separated list of {', '.join(allowed)} (each at most once), got {text!r}")
-    return items
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,7 +195,7 @@ def build_diffusers_unet(cfg):
     down = tuple("AttnDownBlock2D" if r in attn else "DownBlock2D" for r in res)
     up = tuple("AttnUpBlock2D" if r in attn else "UpBlock2D" for r in reversed(res))
     # the remaining values are the DDPM port's: one attention head (attention_head_dim None = all channels),
-    # DDPM's asymmetric-free downsampling padding 0, sin-then-cos embedding shifted by 1, GroupNorm eps 1e-6
+    # DDPM's downsampling (padding 0 in the convolution, after DDPM's asymmetric (0, 1, 0, 1) pad), sin-then-cos embedding shifted by 1, GroupNorm eps 1e-6
     return UNet2DModel(sample_size=size, in_channels=3, out_channels=3, block_out_channels=tuple(channels),
                        layers_per_block=blocks, down_block_types=down, up_block_types=up, attention_head_dim=None,
                        downsample_padding=0, flip_sin_to_cos=False, freq_shift=1, norm_eps=1e-6, norm_num_groups=32,
@@ -424,10 +354,6 @@ def free_memory(device):
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_memory_gib(device):
-    return round(torch.cuda.max_memory_allocated(device) / 2 ** 30, 2) if device.type == "cuda" else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -675,7 +601,7 @@ def peer_status(name):
         return peer_version(name), None
     except ImportError as e:
         missing = getattr(e, "name", None) or str(e)
-        return None, f"not installed ({INSTALL_HINT}; import failed: {missing})"
+        return None, f"not installed ({PEERS_HINT}; import failed: {missing})"
 
 
 # ----------------------------------------------------------------------------------------------------------------
