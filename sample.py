@@ -74,6 +74,7 @@ from edit import sdedit, sdedit_steps
 
 FRAMES = 8  # --interpolate: images per row, alpha = 0, 1/7, ..., 1 (DDIM Figure 6); --edit: variations per row
 N_SAMPLES, N_EDITS = 64, 8  # --n when not given: images to sample; variations of an --edit
+FEW_STEPS = 1000  # fewer training steps than this: sample.py warns that the images will be noise
 STRENGTH = 0.5  # --edit's default t0 / T, inside SDEdit's useful range 0.3-0.6 (SDEdit §4, Figure 3)
 
 
@@ -152,19 +153,25 @@ def check_args(args):
                          "and --cfg-scale")
 
 
-def default_checkpoint():
-    """runs/cifar10, else the newest run under runs/ that holds a diffusion model."""
-    if os.path.isfile(os.path.join("runs", "cifar10", checkpoint.FILENAME)):
-        return os.path.join("runs", "cifar10")
-    for path in sorted(glob.glob(os.path.join("runs", "*", checkpoint.FILENAME)), key=os.path.getmtime, reverse=True):
+def default_checkpoint(sampler):
+    """The most recently written run under runs/ that `sampler` can draw from (a DDGAN run for ddgan, an eps-model
+    for the others), saying which runs it saw and which it took."""
+    found = sorted(glob.glob(os.path.join("runs", "*", checkpoint.FILENAME)), key=os.path.getmtime, reverse=True)
+    usable = []
+    for path in found:
         try:
-            if checkpoint.load(path)["kind"] == "diffusion":
-                say(f"using {os.path.dirname(path)}, the newest diffusion run under runs/ (choose with --checkpoint)")
-                return os.path.dirname(path)
+            ckpt = checkpoint.load(path)
         except UsageError:
             continue
-    raise UsageError("--checkpoint: no run found under runs/; train one with `python train.py --dataset cifar10` "
-                     "or pass --checkpoint PATH")
+        if ckpt["kind"] == ("ddgan" if sampler == "ddgan" else "diffusion"):
+            usable.append((os.path.dirname(path), ckpt.get("step")))
+    if not usable:
+        raise UsageError("--checkpoint: no run found under runs/; train one with `python train.py --dataset cifar10` "
+                         "or pass --checkpoint PATH")
+    others = ", ".join(run for run, _ in usable[1:])
+    say(f"using {usable[0][0]}, the most recently written run under runs/"
+        + (f" (also there: {others}; choose with --checkpoint)" if others else " (choose with --checkpoint)"))
+    return usable[0][0]
 
 
 def samples_dir(ckpt):
@@ -419,7 +426,7 @@ def main(argv=None):
         settings = dataclasses.replace(settings, sampler=args.edit_sampler)
 
     # what to sample from, checked and built before any work (checkpoint.py: every problem is one line)
-    ckpt = checkpoint.load(args.checkpoint or default_checkpoint())
+    ckpt = checkpoint.load(args.checkpoint or default_checkpoint(settings.sampler))
     mode = "--interpolate" if args.interpolate else "--invert" if args.invert else "--edit" if args.edit else None
     if mode and ckpt["kind"] == "ddgan":
         # from_checkpoint would advise --sampler ddgan, which these experiments refuse: name the real conflict
@@ -436,6 +443,9 @@ def main(argv=None):
     sampling.check_outputs(out, args.force, "--out", typed=args.out is not None, hold=rank == 0)
 
     params = sum(p.numel() for p in s.model.parameters())
+    if isinstance(ckpt.get("step"), int) and ckpt["step"] < FEW_STEPS:
+        say(f"note: {ckpt['path']} has trained {ckpt['step']} steps only: expect noise, not pictures (a model needs "
+            "thousands of steps; the digits recipe shows learning in minutes on a CPU)")
     say(f"checkpoint {ckpt['path']}: {checkpoint.describe_step(ckpt)}, {params / 1e6:.1f}M parameters, "
         f"{'EMA' if settings.ema else 'raw'} weights; {device.type}, {precision_name(device, args.precision)}")
     result = experiment()

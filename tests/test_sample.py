@@ -212,7 +212,7 @@ def test_invert_center_crops_a_non_square_picture(runs, tmp_path, capsys):
     assert (original[..., 0] == 0).all() and (original[..., 2] == 255).all()
 
 
-def test_default_checkpoint_is_runs_cifar10_else_the_newest_diffusion_run(tmp_path, monkeypatch, capsys):
+def test_default_checkpoint_is_the_most_recently_written_diffusion_run(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     tiny.write("runs/older")
     tiny.write("runs/newer")
@@ -220,12 +220,27 @@ def test_default_checkpoint_is_runs_cifar10_else_the_newest_diffusion_run(tmp_pa
     os.utime("runs/older/ckpt.pt", (1, 1))
     os.utime("runs/newer/ckpt.pt", (2, 2))  # the classifier, written now, is the newest: it cannot be sampled
     run(["--steps", "2", "--n", "2", "--no-progress"])
-    assert "using runs/newer, the newest diffusion run under runs/" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "using runs/newer, the most recently written run under runs/ (also there: runs/older;" in out
     assert os.path.isfile("runs/newer/samples/ddim2_seed0_n2.npz")
+    # runs/cifar10 is no exception: an older one loses to a newer run, a newer one wins
     tiny.write("runs/cifar10")
     os.utime("runs/cifar10/ckpt.pt", (0, 0))
+    run(["--steps", "2", "--n", "2", "--seed", "1", "--no-progress"])
+    assert "also there: runs/older, runs/cifar10" in capsys.readouterr().out
+    assert os.path.isfile("runs/newer/samples/ddim2_seed1_n2.npz")
+    assert not os.path.isfile("runs/cifar10/samples/ddim2_seed0_n2.npz")
+    os.utime("runs/cifar10/ckpt.pt", (3, 3))
     run(["--steps", "2", "--n", "2", "--no-progress"])
     assert os.path.isfile("runs/cifar10/samples/ddim2_seed0_n2.npz")
+
+
+def test_a_barely_trained_checkpoint_is_said_to_be_one(tmp_path, capsys):
+    young, old = tiny.write(str(tmp_path / "young"), step=999), tiny.write(str(tmp_path / "old"), step=1000)
+    run(["--checkpoint", young, "--steps", "2", "--n", "2", "--no-progress"])
+    assert "has trained 999 steps only: expect noise" in capsys.readouterr().out
+    run(["--checkpoint", old, "--steps", "2", "--n", "2", "--no-progress"])
+    assert "expect noise" not in capsys.readouterr().out
 
 
 def test_a_diverged_sampler_writes_nothing(runs, tmp_path, capsys):
