@@ -443,11 +443,11 @@ def main(argv=None):
     sampling.check_outputs(out, args.force, "--out", typed=args.out is not None, hold=rank == 0)
 
     params = sum(p.numel() for p in s.model.parameters())
-    if isinstance(ckpt.get("step"), int) and ckpt["step"] < FEW_STEPS:
-        say(f"note: {ckpt['path']} has trained {ckpt['step']} steps only: expect noise, not pictures (a model needs "
-            "thousands of steps; the digits recipe shows learning in minutes on a CPU)")
     say(f"checkpoint {ckpt['path']}: {checkpoint.describe_step(ckpt)}, {params / 1e6:.1f}M parameters, "
         f"{'EMA' if settings.ema else 'raw'} weights; {device.type}, {precision_name(device, args.precision)}")
+    if isinstance(ckpt.get("step"), int) and ckpt["step"] < FEW_STEPS:
+        say(f"note: {ckpt['path']} has trained {ckpt['step']} steps only: expect noise, not pictures (a model needs "
+            "thousands of steps)")
     result = experiment()
     if rank != 0:  # every rank holds the gathered images; rank 0 alone writes them
         return

@@ -427,9 +427,11 @@ def test_progress_and_announcements_in_a_real_process(runs, tmp_path):
     assert "sampling: 100%" in r.stderr and "6/6" in r.stderr and "img/s" in r.stderr and "ETA" in r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith(f"checkpoint {runs['uncond']}") and "step 10" in lines[0] and "parameters" in lines[0]
-    assert lines[1] == "sampling 6 images: ddim on 4 of 100 steps, seed 0"
-    assert lines[2].startswith(f"wrote {out}.png (") and lines[3].startswith(f"wrote {out}.npz (")
-    assert lines[4] == f"next: python evaluate.py fid --samples {out}.npz"
+    # a 10-step run: the warning comes right after the checkpoint it is about
+    assert lines[1].startswith(f"note: {runs['uncond']}") and "trained 10 steps only" in lines[1]
+    assert lines[2] == "sampling 6 images: ddim on 4 of 100 steps, seed 0"
+    assert lines[3].startswith(f"wrote {out}.png (") and lines[4].startswith(f"wrote {out}.npz (")
+    assert lines[5] == f"next: python evaluate.py fid --samples {out}.npz"
 
 
 def test_no_progress_turns_the_bar_off(runs, tmp_path, capsys):
