@@ -58,7 +58,12 @@ def sqrtm(a, *args, **kwargs):
 
 
 scipy.linalg.sqrtm = sqrtm
-TIMEOUT = 300  # seconds: a cell that hangs is killed by SIGALRM (exit status -14) instead of stalling the tests
+# seconds: a cell that hangs is killed by SIGALRM (exit status -14) instead of stalling the tests; tests/test_fuzz.py
+# asks for less (SCRIPT_SERVER_TIMEOUT), and caps each child's address space (SCRIPT_SERVER_MEMORY_GB more than
+# the imports mapped) so that a value
+# that slipped past the checks fails with a MemoryError instead of swapping the machine
+TIMEOUT = int(os.environ.get("SCRIPT_SERVER_TIMEOUT", "300"))
+MEMORY_GB = float(os.environ.get("SCRIPT_SERVER_MEMORY_GB", "0"))
 
 
 def child(request):
@@ -77,6 +82,11 @@ def child(request):
         sys.stderr = open(2, "w", closefd=False)
         os.chdir(request["cwd"])
         signal.alarm(TIMEOUT)
+        if MEMORY_GB:
+            import resource  # noqa: PLC0415
+            with open("/proc/self/statm") as f:  # what the imports already mapped, plus the allowance
+                limit = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE") + int(MEMORY_GB * 2**30)
+            resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         script = os.path.join(ROOT, request["script"])
         sys.argv = [script, *request["args"]]
         try:
