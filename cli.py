@@ -65,7 +65,17 @@ class Parser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message):
-        self.exit(2, f"error: {message} (see --help)\n")
+        self.exit(2, f"error: {one_line(message)} (see --help)\n")
+
+
+def one_line(message, limit=400):
+    """A message as the one line a user reads: no line breaks, and a value of 100k characters (a pasted file, a
+    runaway shell variable) shown by its two ends and its length, not spelled out."""
+    message = " ".join(str(message).split("\n"))
+    if len(message) <= limit:
+        return message
+    half = limit // 2 - 20
+    return f"{message[:half]} ...[{len(message) - 2 * half:,} characters]... {message[-half:]}"
 
 
 class Interrupted(KeyboardInterrupt):
@@ -99,10 +109,10 @@ def main_guard(main, argv=None, catch_signals=True):
     try:
         return main(argv)
     except (UsageError, data.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(2)
     except OutputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1)
     except KeyboardInterrupt as e:
         if not catch_signals:
@@ -122,11 +132,27 @@ def main_guard(main, argv=None, catch_signals=True):
 # Checking values (each names its flag and the fix)
 # ----------------------------------------------------------------------------------------------------------------
 
-def check_number(flag, value, lo=None, hi=None, lo_open=False, hi_open=False, integer=False):
-    """A finite number in [lo, hi] (or the open ends asked for); NaN and inf are refused, never silently ignored."""
-    bounds = (("(" if lo_open else "[") + ("-inf" if lo is None else f"{lo:g}") + ", "
-              + ("inf" if hi is None else f"{hi:g}") + (")" if hi_open else "]"))
-    ok = isinstance(value, (int, float)) and math.isfinite(value)
+# Upper bounds of what the scripts take, far above any real use and below what would not fit in memory or finish
+# (a typo's extra zeros, a runaway shell variable): refused in one line before the work
+MAX_SEED = 2 ** 62  # torch seeds are 64-bit; the scripts derive more from one (ranks, batches)
+MAX_IMAGES = 10 ** 7  # images drawn or scored by one command (CIFAR-10's FID: 50,000)
+MAX_BATCH = 2 ** 20  # images (or 2-D points) in one batch
+MAX_STEPS = 10 ** 9  # training steps, and every step count or interval of one
+MAX_IMAGE_SIZE = 4096  # pixels on a side
+
+
+def _bound(value, integer):
+    if value is None:
+        return "inf"
+    return f"{int(value):,}" if integer and float(value).is_integer() else f"{value:g}"
+
+
+def check_number(flag, value, lo=None, hi=None, lo_open=False, hi_open=False, integer=False, fix=None):
+    """A finite number in [lo, hi] (or the open ends asked for); NaN and inf are refused, never silently ignored.
+    `fix`: what to do instead, added to the message (default: choose a value in the range)."""
+    bounds = (("(" if lo_open else "[") + ("-inf" if lo is None else _bound(lo, integer)) + ", "
+              + _bound(hi, integer) + (")" if hi_open else "]"))
+    ok = not isinstance(value, bool) and (isinstance(value, int) or isinstance(value, float) and math.isfinite(value))
     if ok and lo is not None:
         ok = value > lo if lo_open else value >= lo
     if ok and hi is not None:
@@ -135,8 +161,14 @@ def check_number(flag, value, lo=None, hi=None, lo_open=False, hi_open=False, in
         ok = float(value).is_integer()
     if not ok:
         kind = "an integer" if integer else "a finite number"
-        raise UsageError(f"{flag}: must be {kind} in {bounds}, got {value!r}")
+        big = isinstance(value, int) and value.bit_length() > 128
+        shown = f"a number of about {int(value.bit_length() * 0.30103) + 1} digits" if big else f"{value!r}"
+        raise UsageError(f"{flag}: must be {kind} in {bounds}, got {shown}" + (f"; {fix}" if fix else ""))
     return value
+
+
+def check_seed(flag, value):
+    return check_number(flag, value, lo=0, hi=MAX_SEED, integer=True)
 
 
 def parse_list(text, flag, kind=str, allowed=None):

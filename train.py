@@ -169,8 +169,7 @@ def check_args(args):
     num("--dropout", args.dropout, 0, 1, hi_open=True)
     num("--p-uncond", args.p_uncond, 0, 1, hi_open=True)
     num("--ema", args.ema, 0, 1, hi_open=True)
-    if not 0 <= args.seed <= 2 ** 62:  # torch seeds are 64-bit; ranks add 1000 x rank
-        raise UsageError(f"--seed: must be an integer from 0 to 2^62, got {args.seed}")
+    cli.check_seed("--seed", args.seed)  # torch seeds are 64-bit; ranks add 1000 x rank
     num("--diffusion-steps", args.diffusion_steps, 1, 100_000)  # DDPM 1000, iDDPM 4000; more is a typo
     for flag in ("--weight-decay", "--grad-clip", "--max-minutes", "--save-minutes", "--sample-minutes", "--warmup",
                  "--sample-every", "--n-sample"):
@@ -178,9 +177,23 @@ def check_args(args):
     for flag in ("--steps", "--batch-size", "--diffusion-steps", "--ch", "--num-res-blocks", "--image-size",
                  "--log-every", "--save-every", "--eval-every", "--synthetic-n", "--num-heads"):
         num(flag, getattr(args, flag[2:].replace("-", "_")), 1)
+    # upper bounds: what fits in memory and finishes; far above any recipe (fix: a smaller value)
+    for flag, hi in (("--steps", cli.MAX_STEPS), ("--warmup", cli.MAX_STEPS), ("--log-every", cli.MAX_STEPS),
+                     ("--save-every", cli.MAX_STEPS), ("--sample-every", cli.MAX_STEPS),
+                     ("--eval-every", cli.MAX_STEPS), ("--batch-size", cli.MAX_BATCH), ("--n-sample", 10_000),
+                     ("--image-size", cli.MAX_IMAGE_SIZE), ("--synthetic-n", cli.MAX_IMAGES), ("--ch", 4096),
+                     ("--num-res-blocks", 64), ("--num-heads", 4096), ("--lr", 1.0), ("--weight-decay", 100.0),
+                     ("--grad-clip", 1e6), ("--max-minutes", 1e7), ("--save-minutes", 1e7),
+                     ("--sample-minutes", 1e7)):
+        lo = 1 if flag in ("--steps", "--log-every", "--save-every", "--eval-every", "--batch-size", "--image-size",
+                           "--synthetic-n", "--ch", "--num-res-blocks", "--num-heads") else 0
+        num(flag, getattr(args, flag[2:].replace("-", "_")), lo, hi, integer=isinstance(hi, int))
+    if args.synthetic_n * 3 * args.image_size ** 2 > 16 * 2 ** 30:
+        raise UsageError(f"--synthetic-n: {args.synthetic_n} images of {args.image_size}x{args.image_size} take "
+                         f"{args.synthetic_n * 3 * args.image_size ** 2 / 2 ** 30:.0f} GiB; generate fewer")
     mult = cli.parse_ints(args.ch_mult, "--ch-mult")
-    if not mult or min(mult) < 1:
-        raise UsageError(f"--ch-mult: expected positive integers like 1,2,2,2, got {args.ch_mult!r}")
+    if not mult or min(mult) < 1 or max(mult) > 64 or len(mult) > 12:
+        raise UsageError(f"--ch-mult: expected up to 12 integers from 1 to 64 like 1,2,2,2, got {args.ch_mult!r}")
     if args.image_size % 2 ** (len(mult) - 1):
         raise UsageError(f"--image-size: {args.image_size} must be divisible by 2^{len(mult) - 1} for --ch-mult "
                          f"{args.ch_mult}; pick a multiple of {2 ** (len(mult) - 1)}")
@@ -207,10 +220,10 @@ def check_args(args):
     if args.out is not None and not args.out.strip():
         raise UsageError("--out: empty; give a run folder, or leave --out out for runs/<dataset>")
     if args.task == "ddgan":
-        num("--lr-d", args.lr_d, 0, lo_open=True)
-        num("--r1-gamma", args.r1_gamma, 0)
-        for flag in ("--latent-dim", "--d-ch", "--lazy-reg"):
-            num(flag, getattr(args, flag[2:].replace("-", "_")), 1)
+        num("--lr-d", args.lr_d, 0, 1, lo_open=True)
+        num("--r1-gamma", args.r1_gamma, 0, 1e6)
+        for flag, hi in (("--latent-dim", 4096), ("--d-ch", 4096), ("--lazy-reg", cli.MAX_STEPS)):
+            num(flag, getattr(args, flag[2:].replace("-", "_")), 1, hi, integer=True)
         if args.compile:  # R1 differentiates D's gradient: torch.compile has no double backward
             raise UsageError("--compile: --task ddgan trains eagerly (R1 needs a double backward); drop --compile")
         if args.grad_clip > 0:  # ddgan.ddgan_train_step steps its optimizers itself, unclipped, as the paper

@@ -990,7 +990,7 @@ def main(argv=None):
         resolve_args(args)
         results = benchmark(args)
     except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {cli.one_line(e)}", file=sys.stderr)
         sys.exit(2)
     print(markdown(results), flush=True)
     if args.json:
