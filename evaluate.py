@@ -26,6 +26,7 @@ import time
 import torch
 
 import checkpoint
+import cli
 import data
 import fid
 import sampling
@@ -43,9 +44,10 @@ def load_sampler(args, device):
 
 def cmd_fid(args):
     """`fid`: score generated images (a file, or freshly drawn from a checkpoint) against the reference statistics."""
-    for flag, value in (("--batch-size", args.batch_size), ("--n", args.n),
-                        ("--sample-batch-size", args.sample_batch_size)):
-        check_number(flag, value, lo=1, integer=True)
+    for flag, value, hi in (("--batch-size", args.batch_size, cli.MAX_BATCH), ("--n", args.n, cli.MAX_IMAGES),
+                            ("--sample-batch-size", args.sample_batch_size, cli.MAX_BATCH)):
+        check_number(flag, value, lo=1, hi=hi, integer=True)
+    cli.check_seed("--seed", args.seed)
     if getattr(args, "compile", False):
         check_compiler()
     # under torchrun the ranks share the sampling (sampling.Sampler.generate); rank 0 alone scores and writes
@@ -101,8 +103,9 @@ def cmd_fid(args):
 
 def cmd_bpd(args):
     """`bpd`: the variational bound on -log p(x_0) in bits/dim of test images, with its terms (B1, L1-L3)."""
-    check_number("--n", args.n, lo=1, integer=True)
-    check_number("--batch-size", args.batch_size, lo=1, integer=True)
+    check_number("--n", args.n, lo=1, hi=cli.MAX_IMAGES, integer=True)
+    check_number("--batch-size", args.batch_size, lo=1, hi=cli.MAX_BATCH, integer=True)
+    cli.check_seed("--seed", args.seed)
     device = resolve_device(args.device)
     ckpt = checkpoint.load(args.checkpoint)
     if ckpt["kind"] != "diffusion":

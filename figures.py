@@ -244,9 +244,10 @@ def main(argv=None):
     # -- check everything before any work ----------------------------------------------------------------------------
     device = cli.resolve_device(args.device)
     args.device = device
-    for flag, value in (("--n", args.n), ("--steps", args.steps)):
+    for flag, value, hi in (("--n", args.n, 10_000), ("--steps", args.steps, None)):  # --steps: <= T, below
         if value is not None:
-            cli.check_number(flag, value, lo=1, integer=True)
+            cli.check_number(flag, value, lo=1, hi=hi, integer=True)
+    cli.check_seed("--seed", args.seed)
     ckpt = checkpoint.load(args.checkpoint or os.path.join("runs", "cifar10"))
     if ckpt["kind"] != "diffusion":
         raise cli.UsageError(f"--checkpoint: {ckpt['path']} holds a {ckpt['kind']}, not a diffusion model")

@@ -67,7 +67,8 @@ import torch
 import checkpoint
 import data
 import sampling
-from cli import (Parser, UsageError, check_compiler, check_number, distributed, main_guard, precision_name, say, wrote)
+from cli import (MAX_BATCH, MAX_IMAGES, Parser, UsageError, check_compiler, check_number, check_seed, distributed,
+                 main_guard, precision_name, say, wrote)
 from ddim import ddim_invert, slerp
 from edit import SAMPLERS as EDIT_SAMPLERS
 from edit import sdedit, sdedit_steps
@@ -121,8 +122,9 @@ def check_args(args):
     """What can be checked before loading anything."""
     if args.n is None:
         args.n = N_EDITS if args.edit else N_SAMPLES
-    check_number("--n", args.n, lo=1, integer=True)
-    check_number("--batch-size", args.batch_size, lo=1, integer=True)
+    check_number("--n", args.n, lo=1, hi=MAX_IMAGES, integer=True, fix="draw more in several runs with other --seed")
+    check_number("--batch-size", args.batch_size, lo=1, hi=MAX_BATCH, integer=True)
+    check_seed("--seed", args.seed)
     if args.compile:
         check_compiler()
     chosen = [flag for flag, on in (("--interpolate", args.interpolate), ("--invert", args.invert),

@@ -52,7 +52,8 @@ import torch.nn.functional as F
 import ddgan
 import ddim
 import score
-from cli import Parser, UsageError, check_new_file, check_number, main_guard, progress, say, wrote
+from cli import (MAX_BATCH, MAX_IMAGES, MAX_STEPS, Parser, UsageError, check_new_file, check_number, check_seed,
+                 main_guard, progress, say, wrote)
 from ddpm import GaussianDiffusion, randn
 from schedules import SCHEDULES, get_named_beta_schedule
 from unet import timestep_embedding
@@ -441,13 +442,15 @@ def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
     try:
-        for flag, value, low in [("--steps", args.steps, 1), ("--batch-size", args.batch_size, 2),
-                                 ("--hidden", args.hidden, 1), ("--depth", args.depth, 1),
-                                 ("--diffusion-steps", args.diffusion_steps, 2), ("--n-samples", args.n_samples, 2),
-                                 ("--classifier-steps", args.classifier_steps, 1), ("--threads", args.threads, 1),
-                                 ("--ddgan-steps", args.ddgan_steps, 0)]:
-            check_number(flag, value, lo=low, integer=True)
-        check_number("--lr", args.lr, lo=0, lo_open=True)
+        for flag, value, low, high in [
+                ("--steps", args.steps, 1, MAX_STEPS), ("--batch-size", args.batch_size, 2, MAX_BATCH),
+                ("--hidden", args.hidden, 1, 65_536), ("--depth", args.depth, 1, 1000),
+                ("--diffusion-steps", args.diffusion_steps, 2, 100_000), ("--n-samples", args.n_samples, 2, MAX_IMAGES),
+                ("--classifier-steps", args.classifier_steps, 1, MAX_STEPS), ("--threads", args.threads, 1, 1024),
+                ("--ddgan-steps", args.ddgan_steps, 0, MAX_STEPS)]:
+            check_number(flag, value, lo=low, hi=high, integer=True)
+        check_seed("--seed", args.seed)
+        check_number("--lr", args.lr, lo=0, hi=1, lo_open=True)
         check_number("--p-uncond", args.p_uncond, lo=0, hi=1, hi_open=True)
         check_number("--guide-class", args.guide_class, lo=0, hi=NUM_CLASSES[args.data] - 1, integer=True)
         for flag in ("cfg_scales", "classifier_scales"):
@@ -459,7 +462,7 @@ def parse_args(argv=None):
             if not scales:
                 raise UsageError(f"{name}: expected comma-separated numbers >= 0, got {getattr(args, flag)!r}")
             for v in scales:
-                check_number(name, v, lo=0)
+                check_number(name, v, lo=0, hi=1e6)
             setattr(args, flag, scales)
         if args.out is None:
             args.out = os.path.join("runs", "toy2d", f"toy2d_{args.data}{'_cond' if args.cond else ''}.png")

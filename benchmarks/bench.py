@@ -115,12 +115,11 @@ def resolve_args(args):
     for key, value in (TINY_SIZE if args.tiny else FULL_SIZE).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    for flag in ("batch_size", "repeats", "steps_per_repeat", "sample_batch", "sample_steps"):
-        if getattr(args, flag) < 1:
-            raise UsageError(f"--{flag.replace('_', '-')}: must be >= 1, got {getattr(args, flag)}")
-    for flag in ("warmup", "sample_n"):
-        if getattr(args, flag) < 0:
-            raise UsageError(f"--{flag.replace('_', '-')}: must be >= 0, got {getattr(args, flag)}")
+    for flag, lo, hi in (("batch_size", 1, cli.MAX_BATCH), ("repeats", 1, 10_000), ("steps_per_repeat", 1, 10 ** 6),
+                         ("sample_batch", 1, cli.MAX_BATCH), ("sample_steps", 1, 1000), ("warmup", 0, 10 ** 6),
+                         ("sample_n", 0, cli.MAX_IMAGES)):
+        cli.check_number(f"--{flag.replace('_', '-')}", getattr(args, flag), lo=lo, hi=hi, integer=True)
+    cli.check_seed("--seed", args.seed)
     if args.sample_steps > 1000:
         raise UsageError(f"--sample-steps: must be at most the 1000 diffusion steps, got {args.sample_steps}")
     if args.json:
@@ -136,8 +135,8 @@ def resolve_args(args):
         args.tasks = tuple(t for t in args.tasks if t != "sample")  # --sample-n 0: no sampling rows
     if not args.tasks:
         raise UsageError("--sample-n 0 leaves no table to run with --tasks sample; give --sample-n > 0")
-    if args.peak_tflops is not None and not args.peak_tflops > 0:
-        raise UsageError(f"--peak-tflops: must be > 0 (TFLOP/s, dense bf16), got {args.peak_tflops}")
+    if args.peak_tflops is not None:  # TFLOP/s, dense bf16: no chip is near 10^6
+        cli.check_number("--peak-tflops", args.peak_tflops, lo=0, hi=1e6, lo_open=True)
     if args.profile is not None:
         parent = os.path.dirname(os.path.abspath(args.profile))
         if not os.path.isdir(parent):

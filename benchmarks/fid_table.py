@@ -134,9 +134,10 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.out:
         check_appendable(args.out, "--out")  # before the work, not after it
-    for flag, value in (("--batch-size", args.batch_size), ("--n", args.n),
-                        ("--sample-batch-size", args.sample_batch_size)):
-        check_number(flag, value, lo=1, integer=True)
+    for flag, value, hi in (("--batch-size", args.batch_size, cli.MAX_BATCH), ("--n", args.n, cli.MAX_IMAGES),
+                            ("--sample-batch-size", args.sample_batch_size, cli.MAX_BATCH)):
+        check_number(flag, value, lo=1, hi=hi, integer=True)
+    cli.check_seed("--seed", args.seed)
     if getattr(args, "compile", False):
         check_compiler()
     steps = cli.parse_list(args.steps, "--steps", int)
