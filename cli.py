@@ -207,11 +207,18 @@ def check_writable_dir(path, flag):
         os.remove(probe)
     except OSError as e:
         raise UsageError(f"{flag}: cannot write to {path} ({e.strerror or e}); choose a writable directory") from None
+    except ValueError as e:  # a NUL in the name
+        raise UsageError(f"{flag}: {path!r} is no folder name ({e}); choose another") from None
     return path
 
 
 def check_new_file(path, flag, force=False):
-    """An output file that must not silently replace another: it may exist only with --force; its folder is made."""
+    """An output file that must not silently replace another: it may exist only with --force; its folder is made, and
+    a name the file system refuses (too long) is refused now, not after the work."""
+    if not str(path).strip():
+        raise UsageError(f"{flag}: empty; give a file name")
+    if len(os.path.basename(path).encode()) > 255 or len(os.path.abspath(path).encode()) > 4000:
+        raise UsageError(f"{flag}: the name {path} is longer than a file system allows; choose a shorter one")
     if os.path.isdir(path):
         raise UsageError(f"{flag}: {path} is a directory; give a file name")
     if os.path.exists(path) and not force:

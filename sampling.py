@@ -367,14 +367,15 @@ class Sampler:
                 raise UsageError(f"--var: only ancestral steps (ddpm, pc --predictor ddpm) draw with sigma_t^2; "
                                  f"{o.sampler} does not: drop --var")
         self.check_guidance(classifier)
-        check_number("--langevin-steps", o.langevin_steps, lo=1, integer=True)
-        check_number("--corrector-steps", o.corrector_steps, lo=0, integer=True)
-        check_number("--snr", o.snr, lo=0, lo_open=True)
+        # per noise level: NCSN takes 100, the SDE paper 1; 10^4 times T network calls would not finish
+        check_number("--langevin-steps", o.langevin_steps, lo=1, hi=10_000, integer=True)
+        check_number("--corrector-steps", o.corrector_steps, lo=0, hi=10_000, integer=True)
+        check_number("--snr", o.snr, lo=0, hi=100, lo_open=True)
 
     def check_guidance(self, classifier):
         o = self.settings
         if o.classifier_scale is not None:
-            check_number("--classifier-scale", o.classifier_scale, lo=0)
+            check_number("--classifier-scale", o.classifier_scale, lo=0, hi=1e6)  # beyond: eps overflows
             if classifier is None:
                 raise UsageError("--classifier-scale: classifier guidance needs --classifier RUN (a run trained with "
                                  "--task classifier)")
@@ -385,7 +386,7 @@ class Sampler:
                 raise UsageError(f"--classifier: the {o.sampler} sampler takes no classifier guidance; "
                                  "drop --classifier")
         if o.cfg_scale is not None:
-            check_number("--cfg-scale", o.cfg_scale, lo=0)
+            check_number("--cfg-scale", o.cfg_scale, lo=0, hi=1e6)  # beyond: eps overflows
             if self.num_classes is None:
                 raise UsageError("--cfg-scale: this run is unconditional; classifier-free guidance needs a run trained "
                                  "with --class-cond")

@@ -459,14 +459,17 @@ def parse_args(argv=None):
                 scales = [float(v) for v in getattr(args, flag).split(",") if v.strip()]
             except ValueError:
                 raise UsageError(f"{name}: expected comma-separated numbers, got {getattr(args, flag)!r}") from None
-            if not scales:
-                raise UsageError(f"{name}: expected comma-separated numbers >= 0, got {getattr(args, flag)!r}")
+            if not scales or len(scales) > 16:  # one panel each
+                raise UsageError(f"{name}: expected 1 to 16 comma-separated numbers >= 0, got {getattr(args, flag)!r}")
             for v in scales:
                 check_number(name, v, lo=0, hi=1e6)
             setattr(args, flag, scales)
         if args.out is None:
             args.out = os.path.join("runs", "toy2d", f"toy2d_{args.data}{'_cond' if args.cond else ''}.png")
         check_new_file(args.out, "--out", args.force)  # before the training, not after it
+        from PIL import Image  # noqa: PLC0415
+        if os.path.splitext(args.out)[1].lower() not in Image.registered_extensions():
+            raise UsageError(f"--out: {args.out} has no picture extension; end it with .png")
     except UsageError as e:
         p.error(str(e))
     return args

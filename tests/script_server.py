@@ -41,6 +41,11 @@ import PIL.Image  # noqa: E402, F401
 import safetensors.torch  # noqa: E402, F401
 import torchvision.transforms.functional  # noqa: E402, F401
 
+# more modules to import once, comma-separated (SCRIPT_SERVER_PRELOAD, e.g. the scripts themselves: their imports
+# then cost nothing per request; tests/test_fuzz.py, whose requests are mostly refused in milliseconds)
+for _name in filter(None, os.environ.get("SCRIPT_SERVER_PRELOAD", "").split(",")):
+    __import__(_name)
+
 # tiny networks: one intra-op thread is faster than two, as in conftest.py
 torch.set_num_threads(1)
 
@@ -59,9 +64,8 @@ def sqrtm(a, *args, **kwargs):
 
 scipy.linalg.sqrtm = sqrtm
 # seconds: a cell that hangs is killed by SIGALRM (exit status -14) instead of stalling the tests; tests/test_fuzz.py
-# asks for less (SCRIPT_SERVER_TIMEOUT), and caps each child's address space (SCRIPT_SERVER_MEMORY_GB more than
-# the imports mapped) so that a value
-# that slipped past the checks fails with a MemoryError instead of swapping the machine
+# asks for less (SCRIPT_SERVER_TIMEOUT), and caps each child's address space (SCRIPT_SERVER_MEMORY_GB more than the
+# imports mapped) so that a value that slipped past the checks fails with a MemoryError instead of swapping the machine
 TIMEOUT = int(os.environ.get("SCRIPT_SERVER_TIMEOUT", "300"))
 MEMORY_GB = float(os.environ.get("SCRIPT_SERVER_MEMORY_GB", "0"))
 

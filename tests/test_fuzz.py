@@ -27,7 +27,8 @@ from PIL import Image
 from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, OMP_NUM_THREADS="1", SCRIPT_SERVER_TIMEOUT="20", SCRIPT_SERVER_MEMORY_GB="6")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", SCRIPT_SERVER_TIMEOUT="20", SCRIPT_SERVER_MEMORY_GB="6",
+           SCRIPT_SERVER_PRELOAD="train,sample,evaluate,figures,toy2d")
 pytestmark = pytest.mark.xdist_group("fuzz")
 
 OK = "ok"  # the expectation of a value that must work (exit 0)
@@ -100,7 +101,7 @@ def cases_of(script, base, flags, extra=(), label=None):
 TRAIN = ["--dataset", "synthetic", "--synthetic-n", "8", "--image-size", "8", "--ch", "8", "--ch-mult", "1,2",
          "--num-res-blocks", "1", "--attn", "4", "--batch-size", "4", "--steps", "1", "--log-every", "1",
          "--sample-every", "0", "--n-sample", "0", "--no-progress", "--device", "cpu", "--diffusion-steps", "10",
-         "--out", "{root}/out/train"]
+         "--out", "{tmp}/train"]
 TRAIN_DDGAN = TRAIN + ["--task", "ddgan", "--grad-clip", "0", "--d-ch", "8", "--latent-dim", "4"]
 TRAIN_FLAGS = {
     "--image-size": ints("--image-size", hi=4096),
@@ -158,7 +159,7 @@ TRAIN_EXTRA = [
 ]
 
 SAMPLE = ["--checkpoint", "{run}", "--n", "2", "--batch-size", "2", "--steps", "2", "--device", "cpu",
-          "--no-progress", "--out", "{root}/out/sample/s"]
+          "--no-progress", "--out", "{tmp}/sample/s"]
 SAMPLE_FLAGS = {
     "--n": ints("--n", hi=10 ** 7),
     "--batch-size": ints("--batch-size", hi=2 ** 20),
@@ -244,14 +245,14 @@ FIGURES = ("ddpm-x0", "ddpm-shared", "ddim-consistency", "ddim-interp", "guidanc
 
 def figure_base(figure):
     base = [figure, "--checkpoint", "{run}", "--n", "1", "--device", "cpu", "--no-progress",
-            "--out", "{root}/out/figures"]
+            "--out", "{tmp}/figures"]
     if figure in ("ddpm-x0", "ddpm-shared"):
-        base += ["--steps", "2", "--columns", "99,0"]
+        base += ["--steps", "2", "--columns", "99,1"]
     if figure == "ddim-consistency":
         base += ["--columns", "2"]
     if figure == "guidance":
         base = [figure, "--checkpoint", "{cond}", "--n", "1", "--device", "cpu", "--no-progress",
-                "--out", "{root}/out/figures", "--scales", "0,1"]
+                "--out", "{tmp}/figures", "--scales", "0,1"]
     return base
 
 
@@ -282,7 +283,7 @@ def figure_flags(figure):
 
 TOY = ["--steps", "1", "--batch-size", "4", "--hidden", "8", "--depth", "1", "--diffusion-steps", "4",
        "--n-samples", "4", "--classifier-steps", "1", "--ddgan-steps", "0", "--no-progress", "--out",
-       "{root}/out/toy.png"]
+       "{tmp}/toy.png"]
 TOY_FLAGS = {
     "--steps": ints("--steps"),
     "--batch-size": {**ints("--batch-size", hi=2 ** 20), "one": "1"},
@@ -327,7 +328,7 @@ BENCH_FLAGS = {
 
 TABLE = ["--checkpoint", "{run}", "--samplers", "ddim", "--steps", "2", "--n", "2", "--sample-batch-size", "2",
          "--ref", "{ref}", "--inception", "{inception}", "--device", "cpu", "--no-progress",
-         "--out", "{root}/out/table/results.jsonl"]
+         "--out", "{tmp}/table/results.jsonl"]
 TABLE_FLAGS = {
     "--n": {**ints("--n", hi=10 ** 7), "one": "1"},
     "--sample-batch-size": ints("--sample-batch-size", hi=2 ** 20),
@@ -432,7 +433,6 @@ class World:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             torch.jit.script(TinyInception()).save(j("inception.pt"))
-        os.makedirs(j("out"))
 
     def run(self, script, args, cwd):
         out, err = os.path.join(cwd, ".stdout"), os.path.join(cwd, ".stderr")
@@ -465,7 +465,7 @@ def fill(value, paths):
 
 @pytest.mark.parametrize("script, base, args, expected", CASES)
 def test_case(world, tmp_path, script, base, args, expected):
-    argv = [fill(a, world.paths) for a in base + args]
+    argv = [fill(a, dict(world.paths, tmp=str(tmp_path))) for a in base + args]
     rc, out, err, seconds = world.run(script, argv, str(tmp_path))
     shown = err if len(err) < 3000 else err[:1500] + " ... " + err[-1500:]
     if expected == OK:
@@ -478,3 +478,21 @@ def test_case(world, tmp_path, script, base, args, expected):
     assert len(lines[0]) <= 1000, f"a line of {len(lines[0])} characters: {shown}"
     assert expected in lines[0], f"does not name {expected}: {shown}"
     assert seconds < 10, f"refused after {seconds} s: not before the work"
+
+
+BASES = [pytest.param("train.py", TRAIN, id="train.py"), pytest.param("train.py", TRAIN_DDGAN, id="train.py ddgan"),
+         pytest.param("sample.py", SAMPLE, id="sample.py"),
+         pytest.param("evaluate.py", EVALUATE_FID, id="evaluate.py fid"),
+         pytest.param("evaluate.py", FID_SAMPLES, id="evaluate.py fid --samples"),
+         pytest.param("evaluate.py", EVALUATE_BPD, id="evaluate.py bpd"),
+         *[pytest.param("figures.py", figure_base(f), id=f"figures.py {f}") for f in FIGURES],
+         pytest.param("toy2d.py", TOY, id="toy2d.py"),
+         pytest.param("benchmarks/fid_table.py", TABLE, id="benchmarks/fid_table.py")]
+
+
+@pytest.mark.parametrize("script, base", BASES)
+def test_base_works(world, tmp_path, script, base):
+    """Each script's base command works as it is: a case's refusal is its own value's, not the base's."""
+    argv = [fill(a, dict(world.paths, tmp=str(tmp_path))) for a in base]
+    rc, out, err, seconds = world.run(script, argv, str(tmp_path))
+    assert rc == 0, err[-3000:]
