@@ -197,8 +197,29 @@ def parse_ints(text, flag):
         raise UsageError(f"{flag}: expected comma-separated integers like 1,2,2,2, got {text!r}") from None
 
 
+def check_name(path, flag):
+    """A path typed by the user that a file system can hold: not empty (an unset shell variable), no part longer than
+    255 bytes and 4,000 in all (a pasted file, a runaway variable), no NUL; whether it exists is the reader's check."""
+    text = str(path)
+    if not text.strip():
+        raise UsageError(f"{flag}: empty; give a path, or leave {flag} out for its default")
+    if "\0" in text:
+        raise UsageError(f"{flag}: the name holds a NUL character; choose another")
+    if any(len(part.encode()) > 255 for part in text.split(os.sep)) or len(os.path.abspath(text).encode()) > 4000:
+        raise UsageError(f"{flag}: the name {text} is longer than a file system allows; choose a shorter one")
+    return path
+
+
+def check_names(flags):
+    """check_name of each (flag, value) whose value was given (not None)."""
+    for flag, value in flags:
+        if value is not None:
+            check_name(value, flag)
+
+
 def check_writable_dir(path, flag):
     """Create `path` if needed and prove it is writable now, before the work, not after it."""
+    check_name(path, flag)
     try:
         os.makedirs(path, exist_ok=True)
         probe = os.path.join(path, f".write-test{os.getpid()}")
@@ -215,10 +236,7 @@ def check_writable_dir(path, flag):
 def check_new_file(path, flag, force=False):
     """An output file that must not silently replace another: it may exist only with --force; its folder is made, and
     a name the file system refuses (too long) is refused now, not after the work."""
-    if not str(path).strip():
-        raise UsageError(f"{flag}: empty; give a file name")
-    if len(os.path.basename(path).encode()) > 255 or len(os.path.abspath(path).encode()) > 4000:
-        raise UsageError(f"{flag}: the name {path} is longer than a file system allows; choose a shorter one")
+    check_name(path, flag)
     if os.path.isdir(path):
         raise UsageError(f"{flag}: {path} is a directory; give a file name")
     if os.path.exists(path) and not force:
@@ -369,6 +387,7 @@ def wrote(path, what=""):
 def check_appendable(path, flag):
     """A file that results are appended to (results.jsonl): an existing file must be writable, a new one creatable;
     checked before the work, not after it."""
+    check_name(path, flag)
     if os.path.isdir(path):
         raise UsageError(f"{flag}: {path} is a directory; give a file name")
     if os.path.exists(path):

@@ -119,6 +119,9 @@ def cmd_bpd(args):
         # another size (the 256x256 LSUN and CelebA-HQ models) data.py would ask for train.py's --image-size
         raise UsageError(f"--checkpoint: {ckpt['path']} makes {size}x{size} images and names no dataset; bpd has "
                          "test images only for 32x32 CIFAR-10 models and train.py runs (their --dataset)")
+    if name == "synthetic" and args.data_dir is not None:  # as train.py refuses it: a --data-dir read by nothing
+        raise UsageError(f"--data-dir: {ckpt['path']} was trained on --dataset synthetic, whose images are generated; "
+                         "drop --data-dir")
     model = checkpoint.build_network(ckpt, use_ema=not args.no_ema, device=device)
     diffusion = checkpoint.build_diffusion(ckpt["diffusion_args"], sampling.VARIANCE_FLAGS.get(args.var))
     say(f"loading the {name} test split")
@@ -223,6 +226,10 @@ def main(argv=None):
     """Run a subcommand; its record (a dict) is printed as a JSON line and appended to results.jsonl (--out). The
     ranks other than 0 under torchrun return None."""
     args = build_parser().parse_args(argv)
+    # every path typed: an empty one (an unset shell variable) is refused, never silently dropped (--out '' skips)
+    cli.check_names([(f"--{name.replace('_', '-')}", getattr(args, name, None))
+                     for name in ("samples", "checkpoint", "classifier", "ref", "inception", "data_dir", "cache_dir",
+                                  "save_samples")])
     args.out = results_file(args)
     if args.out:
         check_appendable(args.out, "--out")  # before the work, not after it

@@ -77,12 +77,12 @@ def build_parser():
 
 def paper_ts(text, T, count=8):
     """The paper's t's (1..T) for the columns: given, or `count` evenly spaced from T down to 1."""
-    if text:
-        ts = cli.parse_ints(text, "--columns")
+    if text is not None:
+        ts = cli.parse_list(text, "--columns", int)  # never empty, no t twice
     else:
         ts = sorted({round(T - i * (T - 1) / (count - 1)) for i in range(count)}, reverse=True)
-    if not ts or any(not 1 <= t <= T for t in ts):
-        raise cli.UsageError(f"--columns: paper timesteps must lie in 1..{T}, got {text!r}")
+    if not ts or len(ts) > 64 or any(not 1 <= t <= T for t in ts):
+        raise cli.UsageError(f"--columns: up to 64 paper timesteps in 1..{T}, got {text!r}")
     return sorted(set(ts), reverse=True)
 
 
@@ -241,6 +241,7 @@ def draw(rows, row_labels, col_labels, title, path, force=False):
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
+    cli.check_names([("--checkpoint", args.checkpoint), ("--out", args.out), ("--classifier", args.classifier)])
     # -- check everything before any work ----------------------------------------------------------------------------
     device = cli.resolve_device(args.device)
     args.device = device
@@ -260,9 +261,9 @@ def main(argv=None):
     if args.figure == "ddim-consistency":
         if args.steps is not None:  # its step counts are its columns: a --steps would be silently ignored
             raise cli.UsageError("--steps: ddim-consistency decodes with each step count of --columns; drop --steps")
-        counts = cli.parse_ints(args.columns or "10,20,50,100,1000", "--columns")
-        if not counts or any(not 1 <= c <= T for c in counts):
-            raise cli.UsageError(f"--columns: step counts must lie in 1..{T}, got {args.columns!r}")
+        counts = cli.parse_list("10,20,50,100,1000" if args.columns is None else args.columns, "--columns", int)
+        if len(counts) > 64 or any(not 1 <= c <= T for c in counts):
+            raise cli.UsageError(f"--columns: up to 64 step counts in 1..{T}, got {args.columns!r}")
     num_classes = checkpoint.num_classes_of(ckpt)
     classifier = None
     if args.figure == "guidance":
@@ -270,8 +271,10 @@ def main(argv=None):
             scales = [float(s) for s in args.scales.split(",")]
         except ValueError:
             raise cli.UsageError(f"--scales: expected comma-separated numbers like 0,1,4,10, got {args.scales!r}")
+        if len(scales) > 16:  # one column each
+            raise cli.UsageError(f"--scales: at most 16 scales, got {len(scales)}")
         for s in scales:
-            cli.check_number("--scales", s, lo=0)
+            cli.check_number("--scales", s, lo=0, hi=1e6)  # beyond: the guided eps overflows
         if args.classifier is None and num_classes is None:
             raise cli.UsageError("--classifier: an unconditional model needs a noisy classifier for guidance "
                                  "(train.py --task classifier), or use a class-conditional run (--class-cond)")

@@ -67,8 +67,8 @@ import torch
 import checkpoint
 import data
 import sampling
-from cli import (MAX_BATCH, MAX_IMAGES, Parser, UsageError, check_compiler, check_number, check_seed, distributed,
-                 main_guard, precision_name, say, wrote)
+from cli import (MAX_BATCH, MAX_IMAGES, Parser, UsageError, check_compiler, check_names, check_number, check_seed,
+                 distributed, main_guard, precision_name, say, wrote)
 from ddim import ddim_invert, slerp
 from edit import SAMPLERS as EDIT_SAMPLERS
 from edit import sdedit, sdedit_steps
@@ -120,6 +120,9 @@ def build_parser():
 
 def check_args(args):
     """What can be checked before loading anything."""
+    check_names([("--checkpoint", args.checkpoint), ("--classifier", args.classifier), ("--invert", args.invert),
+                 ("--edit", args.edit), ("--mask", args.mask), ("--data-dir", args.data_dir), ("--out", args.out)])
+    # an empty one (an unset shell variable) is refused, never silently dropped
     if args.n is None:
         args.n = N_EDITS if args.edit else N_SAMPLES
     check_number("--n", args.n, lo=1, hi=MAX_IMAGES, integer=True, fix="draw more in several runs with other --seed")

@@ -626,6 +626,12 @@ def check_outputs(out, force=False, flag="--out", typed=True, hold=True):
     either exists (without --force) or another process is writing it right now. `typed`: the user gave `flag` (a
     default name's refusal names the file and --force only); `hold` False checks without claiming (torchrun's ranks
     other than 0, which never write)."""
+    if typed:
+        from cli import check_name  # noqa: PLC0415
+        check_name(out, flag)
+        if out.endswith(os.sep) or os.path.isdir(out):
+            raise UsageError(f"{flag}: {out} is a folder; give a name without extension, e.g. "
+                             f"{os.path.join(out, 'samples')}")
     return outputs.claim([out + ".png", out + ".npz"], flag, force, typed, hold)
 
 

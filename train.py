@@ -165,6 +165,7 @@ def build_parser():
 def check_args(args):
     """Every number and combination a flag can get wrong: one line naming the flag, before any work."""
     num = cli.check_number
+    cli.check_names([("--data-dir", args.data_dir), ("--out", args.out)])
     num("--lr", args.lr, 0, lo_open=True)
     num("--dropout", args.dropout, 0, 1, hi_open=True)
     num("--p-uncond", args.p_uncond, 0, 1, hi_open=True)

@@ -120,6 +120,7 @@ def resolve_args(args):
                          ("sample_n", 0, cli.MAX_IMAGES)):
         cli.check_number(f"--{flag.replace('_', '-')}", getattr(args, flag), lo=lo, hi=hi, integer=True)
     cli.check_seed("--seed", args.seed)
+    cli.check_names([("--json", args.json), ("--profile", args.profile)])
     if args.sample_steps > 1000:
         raise UsageError(f"--sample-steps: must be at most the 1000 diffusion steps, got {args.sample_steps}")
     if args.json:

@@ -132,6 +132,8 @@ def format_table(rows, steps, values, paper, title, notes):
 def main(argv=None):
     """FID of every (row, S) cell, each appended to --out as it is done, then the table (printed, --table)."""
     args = build_parser().parse_args(argv)
+    cli.check_names([("--checkpoint", args.checkpoint), ("--ref", args.ref), ("--inception", args.inception),
+                     ("--data-dir", args.data_dir), ("--cache-dir", args.cache_dir), ("--table", args.table)])
     if args.out:
         check_appendable(args.out, "--out")  # before the work, not after it
     for flag, value, hi in (("--batch-size", args.batch_size, cli.MAX_BATCH), ("--n", args.n, cli.MAX_IMAGES),

@@ -216,7 +216,9 @@ FID_FLAGS = {
     "--checkpoint": {**FILES, "classifier": "{clf}"},
     "--ref": {**FILES, "unknown-name": "imagenet-train"},
     "--inception": FILES,
-    "--cache-dir": {k: v for k, v in DIR_CASES.items() if k != "empty-name"},
+    # the cache is read for the named references only (cifar10-train): beside an .npz --ref it is not used
+    "--cache-dir": {**{k: v for k, v in DIR_CASES.items() if k not in ("file", "under-file")},
+                    "file": ("{root}/garbage.bin", OK), "under-file": ("{root}/garbage.bin/sub", OK)},
     "--out": {"dir": "{root}/a-folder", "under-file": "{root}/garbage.bin/r.jsonl",
               "huge-name": "{root}/" + "x" * 100_000, "long-part": "{root}/" + "y" * 300},
     "--save-samples": {"empty": "", "dir": "{root}/a-folder/", "under-file": "{root}/garbage.bin/s",
