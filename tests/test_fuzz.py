@@ -436,6 +436,12 @@ class World:
             warnings.simplefilter("ignore")
             torch.jit.script(TinyInception()).save(j("inception.pt"))
 
+    def folder(self):
+        self.cases = getattr(self, "cases", 0) + 1
+        path = os.path.join(self.root, "cases", str(self.cases))
+        os.makedirs(path)
+        return path
+
     def run(self, script, args, cwd):
         out, err = os.path.join(cwd, ".stdout"), os.path.join(cwd, ".stderr")
         self.server.stdin.write(json.dumps({"script": script, "args": args, "cwd": cwd, "stdout": out,
@@ -466,9 +472,10 @@ def fill(value, paths):
 
 
 @pytest.mark.parametrize("script, base, args, expected", CASES)
-def test_case(world, tmp_path, script, base, args, expected):
-    argv = [fill(a, dict(world.paths, tmp=str(tmp_path))) for a in base + args]
-    rc, out, err, seconds = world.run(script, argv, str(tmp_path))
+def test_case(world, script, base, args, expected):
+    folder = world.folder()  # a fresh folder per case (pytest's tmp_path costs more than a refusal)
+    argv = [fill(a, dict(world.paths, tmp=folder)) for a in base + args]
+    rc, out, err, seconds = world.run(script, argv, folder)
     shown = err if len(err) < 3000 else err[:1500] + " ... " + err[-1500:]
     if expected == OK:
         assert rc == 0, shown
