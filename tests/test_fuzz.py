@@ -268,7 +268,7 @@ def figure_flags(figure):
     }
     if figure in ("ddpm-x0", "ddpm-shared"):
         flags["--steps"] = {**ints("--steps"), "above-T": str(tiny.TIMESTEPS + 1)}
-        flags["--columns"] = {**BAD_STR, "word": "a", "neg": "-1", "above-T": str(tiny.TIMESTEPS), "1e12": BIG,
+        flags["--columns"] = {**BAD_STR, "word": "a", "neg": "-1", "above-T": str(tiny.TIMESTEPS + 1), "1e12": BIG,
                               "float": "1.5", "twice": "5,5"}
     if figure == "ddim-consistency":
         flags["--columns"] = {**BAD_STR, "word": "a", "zero": "0", "neg": "-1", "above-T": str(tiny.TIMESTEPS + 1),
