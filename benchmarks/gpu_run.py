@@ -10,21 +10,21 @@ limit, every result written under --out as it goes.
 Stages, in order (each a subprocess of this repository's own command lines, killed at its limit so that one
 overrunning stage cannot eat the next ones' time):
 
-    tests         the CUDA half of the suite: pytest -k cuda on tests/test_fast_path.py and tests/test_data.py
-    bench_train   benchmarks/bench.py --tasks train --profile: training img/s at batch 128, bf16, the default
-                  35.7M network (eager channels_last, eager NCHW, torch.compile) against diffusers' UNet2DModel
-                  and lucidrains' Unet, MFU over the datasheet peak and over a measured 8192^3 bf16 matmul,
-                  then one profiled training step of this repo's rows
-    bench_sample  benchmarks/bench.py --tasks sample: DDIM-50 img/s against diffusers' DDIMPipeline (and lucidrains)
-    train         train.py, the default recipe with --compile, for about --train-minutes of wall time (fewer when
-                  the earlier stages ran long: the FID stages' time is kept for them); checkpoint and samples.png
-    fid_ddim      evaluate.py fid --checkpoint: 10,000 DDIM-50 samples from the EMA weights, their FID against the
-                  CIFAR-10 training statistics (Inception on the GPU); the samples are kept (.png, .npz)
-    fid_dpmpp     the same for 10,000 DPM-Solver++(2M) samples at 20 steps
+    tests       the CUDA half of the suite: pytest -k cuda on tests/test_fast_path.py and tests/test_data.py
+    bench       benchmarks/bench.py --profile: training img/s at batch 128, bf16, the default 35.7M network (this
+                repo eager channels_last, eager NCHW, torch.compile) against diffusers' UNet2DModel and lucidrains'
+                Unet, then DDIM-50 sampling img/s against diffusers' DDIMPipeline (and lucidrains), interleaved, MFU
+                over the datasheet peak and over a measured 8192^3 bf16 matmul, one profiled training step (a
+                missing peer package is a row saying how to install it)
+    train       train.py, the default recipe (plus --train-flags), for --train-minutes of wall time, or less when
+                the earlier stages ran long (the FID stages' limits are kept for them); checkpoint and samples.png
+    fid_ddim    evaluate.py fid --checkpoint: 10,000 DDIM-50 samples from the EMA weights (eager, bf16) and their
+                FID against the CIFAR-10 training statistics, Inception on the GPU; the samples are kept (.png, .npz)
+    fid_dpmpp   the same for 10,000 DPM-Solver++(2M) samples at 20 steps
 
 Written under --out: preflight.json (what was found, which stages will be skipped and why) before any stage; per
-stage NN_name.log (its output, as it runs) and its own results (bench_*.md / .json, run/, fid.jsonl,
-*.png); summary.json and summary.md rewritten after every stage, so that a run cut off from outside still leaves
+stage N_name.log (its output, as it runs) and its own results (bench.md / bench.json / profile/, run/, fid.jsonl,
+ddim50.png / .npz, dpmpp2m20.png / .npz); summary.json and summary.md rewritten after every stage, so that a run cut off from outside still leaves
 what it did. --bundle PATH also packs the small results (no checkpoint, sample arrays or traces) into one
 .tar.gz after every stage. Without CUDA and without --tiny: one line and exit 2, before any work.
 BENCHMARKS.md ("Measuring on a GPU") says what an offline GPU machine needs and how the numbers go into its tables.
@@ -45,9 +45,9 @@ import tarfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # the repository
-STAGES = ("tests", "bench_train", "bench_sample", "train", "fid_ddim", "fid_dpmpp")
+STAGES = ("tests", "bench", "train", "fid_ddim", "fid_dpmpp")
 # each stage's own limit in seconds (full size); the train stage's is its --max-minutes plus TRAIN_GRACE_S
-LIMIT_S = {"tests": 60, "bench_train": 120, "bench_sample": 75, "fid_ddim": 80, "fid_dpmpp": 55}
+LIMIT_S = {"tests": 60, "bench": 180, "fid_ddim": 70, "fid_dpmpp": 50}
 TINY_LIMIT_S = 120  # every stage, --tiny
 TRAIN_GRACE_S = 30  # train.py ends within --max-minutes; this covers its start and the kill's margin
 MIN_STAGE_S = 15  # a stage that would get less is skipped as out of time
@@ -74,9 +74,12 @@ def build_parser():
                    help="the whole run's wall-time budget; the train stage gets what the later stages leave "
                         "(default 9)")
     p.add_argument("--train-minutes", type=float, default=4.0, help="training wall time at most (default 4)")
-    p.add_argument("--train-flags", default="--compile",
-                   help="extra train.py flags beside the default recipe, one string (default '--compile'; a "
-                        "compiled run that fails before its first checkpoint is retried once without --compile)")
+    p.add_argument("--train-flags", default="",
+                   help="train.py flags beside the default recipe, one string, e.g. '--compile' (default: none, "
+                        "the default recipe as it is)")
+    p.add_argument("--bench-flags", default="--repeats 3 --sample-n 500",
+                   help="benchmarks/bench.py flags beside --json and --profile, one string (default '--repeats 3 "
+                        "--sample-n 500': its stage in about 2-3 minutes)")
     p.add_argument("--n", type=int, default=None, help="samples per FID stage (default 10000; --tiny 4)")
     p.add_argument("--data-dir", default=None,
                    help="CIFAR-10 folder with train_*.npz shards (any number) and fid_stats_train.npz (default: "
@@ -168,31 +171,22 @@ def py(script, *argv):
     return [sys.executable, os.path.join(ROOT, script), *argv]
 
 
-def stage_commands(name, args, pre, out):
-    """The command line(s) of a stage: a list of argv, tried in turn while the previous one failed."""
+def stage_command(name, args, pre, out):
+    """The command line of a stage (argv)."""
     tiny, dev = args.tiny, (["--device", args.device] if args.device else [])
     run = os.path.join(out, "run")
     if name == "tests":
-        return [[sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-k", "cuda", "-rs",
-                 "tests/test_fast_path.py", "tests/test_data.py"]]
-    if name in ("bench_train", "bench_sample"):
-        task = name.split("_")[1]
-        argv = ["--tasks", task, "--json", os.path.join(out, name + ".json")] + dev
-        if task == "train":
-            argv += ["--profile", os.path.join(out, "profile")]
-        if tiny:
-            argv += TINY_BENCH
-        return [py("benchmarks/bench.py", *argv)]
+        return [sys.executable, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-k", "cuda", "-rs",
+                 "tests/test_fast_path.py", "tests/test_data.py"]
+    if name == "bench":
+        argv = ["--json", os.path.join(out, "bench.json"), "--profile", os.path.join(out, "profile"), *dev]
+        return py("benchmarks/bench.py", *argv, *(TINY_BENCH if tiny else shlex.split(args.bench_flags)))
     if name == "train":
         data = ["--dataset", "synthetic", "--synthetic-n", "8", *TINY_NET, "--steps", "2", "--batch-size", "2",
                 "--n-sample", "2", "--log-every", "1"] if tiny else \
             ["--dataset", "cifar10", "--data-dir", pre["data_dir"], "--max-minutes", f"{args.train_budget / 60:.2f}"]
-        base = py("train.py", *data, "--out", run, "--no-progress", *dev)
-        extra = shlex.split(args.train_flags) if not tiny else []
-        tries = [base + extra]
-        if "--compile" in extra:
-            tries.append(base + [f for f in extra if f != "--compile"])
-        return tries
+        return py("train.py", *data, "--out", run, "--no-progress", *dev,
+                  *(shlex.split(args.train_flags) if not tiny else []))
     if name in ("fid_ddim", "fid_dpmpp"):
         sampler, steps = ("ddim", 50) if name == "fid_ddim" else ("dpmpp2m", 20)
         if tiny:
@@ -203,8 +197,7 @@ def stage_commands(name, args, pre, out):
                 "--no-progress", *dev]
         if tiny:
             argv += ["--batch-size", "8"]
-        compiled = py("evaluate.py", *argv, "--compile")
-        return [compiled, py("evaluate.py", *argv)] if not tiny else [py("evaluate.py", *argv)]
+        return py("evaluate.py", *argv)
     raise ValueError(name)
 
 
@@ -254,8 +247,8 @@ def read_jsonl(path):
 
 def stage_results(name, out, args):
     """The numbers a stage left, for the summary."""
-    if name.startswith("bench_"):
-        md = os.path.join(out, name + ".md")
+    if name == "bench":
+        md = os.path.join(out, "bench.md")
         return {"table": open(md).read().strip()} if os.path.isfile(md) else {}
     if name == "train":
         run = os.path.join(out, "run")
@@ -273,8 +266,8 @@ def stage_results(name, out, args):
 def result_files(name, out):
     if name == "tests":
         return []
-    if name.startswith("bench_"):
-        return [name + ".md", name + ".json"]
+    if name == "bench":
+        return ["bench.md", "bench.json", "profile"]
     if name == "train":
         return ["run/ckpt.pt", "run/samples.png", "run/metrics.jsonl"]
     return ["fid.jsonl"]
@@ -418,27 +411,13 @@ def main(argv=None):
             continue
         if name == "train" and not args.tiny:
             say(f"{name}: {args.train_budget / 60:.2f} minutes of training")
-        tries = stage_commands(name, args, pre, out)
-        stdout = os.path.join(out, name + ".md") if name.startswith("bench_") else None
-        entry.update(status="running", limit_s=round(limit), commands=[shlex.join(t) for t in tries])
+        command = stage_command(name, args, pre, out)
+        stdout = os.path.join(out, "bench.md") if name == "bench" else None  # bench.py's table; its log to the .log
+        entry.update(status="running", limit_s=round(limit), command=shlex.join(command))
         write_summary(out, summary, bundle)
         say(f"{name}: running (limit {limit:.0f} s), log {log}")
-        t0 = time.time()
-        for k, argv_k in enumerate(tries):
-            budget = limit - (time.time() - t0)
-            if k and budget < MIN_STAGE_S:
-                break
-            if k:
-                say(f"{name}: retrying without --compile")
-            rc, _ = run_command(argv_k, log, stdout, budget)
-            if rc == 0 or rc is None:
-                break
-            if name == "train" and os.path.isfile(os.path.join(out, "run", "ckpt.pt")):
-                break  # it trained and saved before failing: not a compile failure, keep what it did
-            if name == "train" and k + 1 < len(tries):  # a fresh run folder for the retry
-                import shutil  # noqa: PLC0415
-                shutil.rmtree(os.path.join(out, "run"), ignore_errors=True)
-        entry["seconds"] = round(time.time() - t0, 1)
+        rc, seconds = run_command(command, log, stdout, limit)
+        entry["seconds"] = round(seconds, 1)
         entry["returncode"] = rc
         entry["status"] = "ok" if rc == 0 else ("stopped at its limit" if rc is None else f"failed (exit {rc})")
         entry["results"] = stage_results(name, out, args)

@@ -70,10 +70,9 @@ def test_tiny_rehearsal_runs_every_stage_and_writes_its_result(rehearsal):
     for name in gpu_run.STAGES[1:]:
         assert stages[name]["status"] == "ok", (name, stages[name].get("tail"))
         assert (out / stages[name]["log"]).stat().st_size > 0
-    for name in ("bench_train", "bench_sample"):
-        assert "img/s" in (out / f"{name}.md").read_text()
-        assert json.loads((out / f"{name}.json").read_text())
-        assert "| this repo" in stages[name]["results"]["table"]
+    table = (out / "bench.md").read_text()
+    assert "| train (batch 4) | this repo" in table and "| sample" in table  # bench.py --tiny's two tables
+    assert json.loads((out / "bench.json").read_text()) and stages["bench"]["results"]["table"] in table
     assert list((out / "profile").glob("*.json.gz"))  # the profiled training step
     assert (out / "run" / "ckpt.pt").is_file() and (out / "run" / "samples.png").is_file()
     assert stages["train"]["results"]["last_log"]["step"] == 2
@@ -92,7 +91,7 @@ def test_tiny_rehearsal_bundles_the_small_results(rehearsal):
     out, _ = rehearsal
     with tarfile.open(out.parent / "results.tar.gz") as tar:
         names = {os.path.relpath(n, "out") for n in tar.getnames()}
-    assert {"summary.json", "summary.md", "preflight.json", "bench_train.md", "fid.jsonl",
+    assert {"summary.json", "summary.md", "preflight.json", "bench.md", "fid.jsonl",
             "run/samples.png"} <= names
     assert not any(n.endswith((".pt", ".npz", ".json.gz")) for n in names)  # no checkpoint, arrays, traces
 
