@@ -27,6 +27,7 @@ turned into uint8 with ``to_uint8_images`` before any FID computation, as real i
 Sources (``load_dataset(name, ...)``):
     cifar10    real CIFAR-10 from .npz shards (offline copy), or torchvision's download
     folder     any folder of images (class subfolders -> labels), resized + center-cropped
+    digits     scikit-learn's 1,797 handwritten digits (8x8, grey, bundled: no download), upsampled: learns on a CPU
     synthetic  a tiny deterministic class-dependent dataset for tests and smoke runs
 
 Files a user hands over are read by two checked readers: ``read_npz`` (every array's .npy header is checked before
@@ -55,7 +56,16 @@ DEFAULT_CIFAR10_DIRS = [REPO / "data" / "cifar10", REPO.parent / "shared" / "dat
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")  # torchvision's order, labels 0..9
 
-DATASETS = ("cifar10", "folder", "synthetic")
+DATASETS = ("cifar10", "digits", "folder", "synthetic")
+
+# Datasets whose images mean the same mirrored, so a random horizontal flip is a free augmentation (DDPM §4 flips
+# CIFAR-10). Handwritten digits are not mirror-symmetric: a flipped 2 or 7 is not a digit.
+NOT_MIRRORED = ("digits",)
+
+
+def flips(name):
+    """Whether training batches of --dataset `name` are flipped at random (DDPM's only augmentation)."""
+    return name not in NOT_MIRRORED
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 
@@ -100,6 +110,18 @@ def grid_columns(n):
     return 1
 
 
+# A grid of 8x8 or 16x16 images (--dataset digits) is a postage stamp at 1:1; grids of images smaller than this are
+# drawn with each pixel repeated (nearest neighbour: no invented detail) up to at least this side.
+READABLE_SIDE = 32
+
+
+def readable(x):
+    """x [N, C, H, W] (any dtype) with each pixel repeated k = ceil(READABLE_SIDE / H) times along both axes, for a
+    grid a person can read; unchanged from 32 pixels up (CIFAR-10's grids stay 1:1)."""
+    k = -(-READABLE_SIDE // x.shape[-2])
+    return x if k <= 1 else x.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+
+
 def save_grid(x, path, nrow=None):
     """Write a PNG grid of images x (float [N, C, H, W] in [-1, 1], or uint8) to path, atomically.
 
@@ -111,6 +133,7 @@ def save_grid(x, path, nrow=None):
 
     x = x.detach()
     x = x.float() / 255.0 if x.dtype == torch.uint8 else ((x.float() + 1.0) / 2.0).clamp(0, 1)
+    x = readable(x)
     if nrow is None:
         nrow = grid_columns(x.shape[0])
     path = os.fspath(path)
@@ -524,6 +547,41 @@ def read_picture(path, mode="RGB", flag="--edit", fix="pass a picture file"):
 
 
 # -----------------------------------------------------------------------------
+# digits
+
+DIGITS_TEST = 297  # the last 297 of the 1,797 digits are held out (split="test"); the first 1,500 train
+
+
+def load_digits(image_size=16, split="train"):
+    """scikit-learn's handwritten digits -> (x uint8 [N, 1, S, S], y int64 [N]): 1,797 real 8x8 grey images of the
+    digits 0-9 (UCI's optical digits, 43 writers), bundled inside scikit-learn, so nothing is downloaded.
+
+    Each pixel counts the ink in a 4x4 block of the 32x32 scan: 0 (paper) .. 16 (ink), scaled here to 0 .. 255, so
+    data.to_float maps paper to -1 and ink to +1. Upsampled bilinearly to `image_size` (a multiple of 8; the digits
+    recipe: 16, so the U-Net has a 16 -> 8 level to work at). One channel: grey data needs no colour, and a 3-channel
+    model spends its first minutes learning that R = G = B. split="train": the first 1,500; "test": the last 297.
+    """
+    if image_size % 8 or image_size < 8:
+        raise DataError(f"--image-size: the digits are 8x8, upsampled by a whole factor; got {image_size}, pass "
+                        f"a multiple of 8 (the digits recipe: 16)")
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits  # noqa: PLC0415 (only this dataset needs it)
+    except ImportError:
+        raise DataError("--dataset digits: needs scikit-learn; pip install scikit-learn") from None
+    bunch = sklearn_digits()
+    x = torch.from_numpy(bunch.images).float().unsqueeze(1) * (255.0 / 16.0)    # [1797, 1, 8, 8] in 0..255
+    if image_size != 8:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8).contiguous()
+    y = torch.from_numpy(bunch.target).long()
+    keep = slice(None, -DIGITS_TEST) if split == "train" else slice(-DIGITS_TEST, None)
+    global last_loaded
+    last_loaded = (f"scikit-learn's handwritten digits ({split}: {len(y[keep])} of {len(y)}, 8x8 -> "
+                   f"{image_size}x{image_size}, grey)")
+    return x[keep].contiguous(), y[keep].contiguous()
+
+
+# -----------------------------------------------------------------------------
 # synthetic
 
 def synthetic_dataset(n=256, image_size=16, channels=3, num_classes=2, seed=0):
@@ -575,6 +633,10 @@ def load_dataset(name, data_dir=None, image_size=32, split="train", synthetic_n=
             raise DataError(f"--image-size: CIFAR-10 images are 32x32, got {image_size}; pass "
                             f"--image-size 32 (or use --dataset folder to resize other images)")
         return load_cifar10(data_dir, split=split)
+    if name == "digits":
+        if data_dir is not None:
+            raise DataError("--data-dir: --dataset digits ships inside scikit-learn; drop --data-dir")
+        return load_digits(image_size, split)
     if name == "folder":
         return load_folder(data_dir, image_size)
     if name == "synthetic":

@@ -69,9 +69,9 @@ RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "samples.png", "loss.png
 # On --resume these flags may change: the run goes on with the new value and config.json records the change.
 CHANGEABLE = ("steps", "lr", "warmup", "weight_decay", "grad_clip", "ema", "p_uncond", "max_minutes", "log_every",
               "save_every", "save_minutes", "sample_every", "sample_minutes", "n_sample", "eval_every", "precision",
-              "compile", "lr_d")
+              "compile", "lr_d", "tensorboard")
 # These belong to one process, not to the run (never saved, never compared).
-RUNTIME = ("out", "resume", "device", "no_progress")
+RUNTIME = ("out", "resume", "device", "no_progress", "config")
 # Every other flag defines the network, the diffusion, the data or the random stream: --resume refuses a change.
 
 
@@ -82,6 +82,11 @@ class RunFailed(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # The flags of a resumed run
 # ----------------------------------------------------------------------------------------------------------------
+
+def dests(parser):
+    """The dest names of every flag of `parser`."""
+    return {a.dest for a in parser._actions if a.dest != "help"}
+
 
 def given_flags(parser, argv):
     """The flags the user typed (their dest names): argparse fills a default only where the namespace has nothing,

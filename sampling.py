@@ -639,8 +639,9 @@ def save_samples(images, labels, out, nrow=None, grid=None, extra=None, force=Fa
     """
     import torchvision.utils  # noqa: PLC0415
 
-    # the PNG is data.save_grid's picture (uint8 -> [0, 1], a full grid by default), written to an open file
-    picture = torch.from_numpy(images if grid is None else grid).permute(0, 3, 1, 2).float() / 255.0
+    # the PNG is data.save_grid's picture (uint8 -> [0, 1], small images enlarged, a full grid by default), written
+    # to an open file
+    picture = data.readable(torch.from_numpy(images if grid is None else grid).permute(0, 3, 1, 2).float() / 255.0)
     columns = nrow if nrow is not None else data.grid_columns(picture.shape[0])
     arrays = {"x": images} if labels is None else {"x": images, "y": labels}
     arrays.update(extra or {})

@@ -27,7 +27,7 @@ the time budget, logs, loss.png, sample grids) is runs.py. On CUDA: bf16 autocas
 --task ddgan: a DENOISING DIFFUSION GAN (Xiao, Kreis & Vahdat, ICLR 2022; ddgan.py): T = 4 steps whose reverse steps
 push a generator's x_0' = G(x_t, z, t) through DDPM's posterior (DDGAN eq. 6), trained against a discriminator
 D(x_{t-1}, x_t, t) (DDGAN eqs. 4-5, R1 on every --lazy-reg-th D step); Adam (0.5, 0.9) for both, cosine decay to
-1e-5, untyped flags from the paper's CIFAR-10 recipe (DDGAN_DEFAULTS), `train_step_ddgan` its step; one process
+1e-5, untyped flags from the paper's CIFAR-10 recipe (recipes.py: ddgan-cifar10), `train_step_ddgan` its step; one process
 (R1 differentiates D's gradient, which DistributedDataParallel does not support).
 """
 
@@ -44,6 +44,7 @@ import checkpoint
 import cli
 import data
 import ddgan
+import recipes
 import runs
 from cli import UsageError, say
 from ddpm import ImportanceSampler
@@ -51,18 +52,7 @@ from guidance import noisy_classifier_loss
 from schedules import SCHEDULES
 from unet import EncoderUNet
 
-# --task ddgan: the value each flag takes when the user does not type it, the DDGAN paper's CIFAR-10 recipe
-# (ddgan.CIFAR10_RECIPE: its appendix and the authors' README command) where train.py's defaults are DDPM's.
-RECIPE = ddgan.CIFAR10_RECIPE
-DDGAN_DEFAULTS = {
-    "diffusion_steps": RECIPE["num_timesteps"], "schedule": RECIPE["schedule"],  # T = 4 on the vp schedule (§4)
-    "ch": RECIPE["ch"], "ch_mult": ",".join(map(str, RECIPE["ch_mult"])), "num_res_blocks": RECIPE["num_res_blocks"],
-    "attn": ",".join(map(str, RECIPE["attn_resolutions"])), "dropout": RECIPE["dropout"],
-    "scale_shift_norm": RECIPE["use_scale_shift_norm"],                   # their G conditions on (t, z) by AdaGN
-    "batch_size": RECIPE["batch_size"], "lr": RECIPE["lr_g"], "ema": RECIPE["ema_decay"],
-    "warmup": 0, "grad_clip": 0.0,                                        # the authors' code has neither
-    "steps": math.ceil(RECIPE["epochs"] * 50_000 / RECIPE["batch_size"]),  # 1800 epochs of CIFAR-10's 50k images
-}
+RECIPE = ddgan.CIFAR10_RECIPE  # DDGAN's CIFAR-10 recipe (the defaults of its own flags below)
 DDGAN_MIN_LR = 1e-5  # their cosine decay ends at 1e-5 (CosineAnnealingLR(eta_min=1e-5), for G and D alike)
 
 
@@ -75,6 +65,11 @@ def build_parser():
     splitting would only scatter."""
     p = cli.Parser(description="Train a DDPM/iDDPM diffusion model (DDPM Algorithm 1) or a noisy classifier for "
                                "classifier guidance (ADM §4).")
+    g = p.add_argument_group("recipe (flags typed beside it win)")
+    g.add_argument("--recipe", default=None, metavar="NAME", help="a named set of flags (recipes.py; default "
+                   f"{recipes.DEFAULT}): " + recipes.describe())
+    g.add_argument("--config", default=None, metavar="RUN/config.json", help="start a new run with the flags of the run "
+                   "that wrote this config.json (its --out aside)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=data.DATASETS,
                    help="x_0 ~ q(x_0): CIFAR-10, a folder of images (--data-dir), or a small generated set")
@@ -85,9 +80,8 @@ def build_parser():
     g = p.add_argument_group("what to train")
     g.add_argument("--task", default="diffusion", choices=("diffusion", "classifier", "ddgan"),
                    help="diffusion: the eps-model eps_theta(x_t, t); classifier: p_phi(y | x_t, t) for guidance (G4); "
-                        "ddgan: a Denoising Diffusion GAN (Xiao et al. 2022), whose untyped flags take DDGAN's "
-                        "CIFAR-10 recipe: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                        DDGAN_DEFAULTS.items()))
+                        "ddgan: a Denoising Diffusion GAN (Xiao et al. 2022), whose untyped flags take the "
+                        "ddgan-cifar10 recipe")
     g.add_argument("--class-cond", action="store_true",
                    help="condition eps_theta on the class label y (for classifier-free guidance, G5)")
     g.add_argument("--p-uncond", type=float, default=0.1, help="with --class-cond: probability of replacing y by the "
@@ -407,10 +401,8 @@ def setup(argv):
     started = time.perf_counter()  # --max-minutes counts from here
     parser = build_parser()
     args, given = parser.parse_args(argv), runs.given_flags(parser, argv)
-    if args.task == "ddgan":  # the paper's recipe wherever the user typed nothing (DDGAN_DEFAULTS)
-        for key, value in DDGAN_DEFAULTS.items():
-            if key not in given:
-                setattr(args, key, value)
+    # --recipe NAME / --config RUN/config.json: every flag not typed (recipes.py; --task ddgan alone: DDGAN's recipe)
+    args.recipe = recipes.apply(args, given, runs.dests(parser), runs.RUNTIME)
     check_args(args)
     out = args.out or os.path.join("runs", args.dataset + ("" if args.task == "diffusion" else f"-{args.task}"))
     run = runs.Run(args, given, out, started)  # torchrun: the process group, cuda:LOCAL_RANK
@@ -433,7 +425,7 @@ def build(run):
                                                 synthetic_n=args.synthetic_n)
     args.num_classes = ckpt["config"]["num_classes"] if ckpt else int(y.max()) + 1
     batches = data.Batches(x, y, args.batch_size // run.world_size, device, seed=args.seed, rank=run.rank,
-                           world_size=run.world_size, flip=True, channels_last=device.type == "cuda")
+                           world_size=run.world_size, flip=data.flips(args.dataset), channels_last=device.type == "cuda")
 
     # the network (the same initial weights on every rank; a resumed run's as its checkpoint describes it), the
     # diffusion, AdamW, the EMA; DDGAN's discriminator and its own Adam (--lr-d)
