@@ -63,6 +63,7 @@ from ddim import ddim_sample_loop
 from guidance import classifier_accuracy_at, noisy_classifier_loss
 
 GRID_STEPS = 50          # the sample grid: DDIM with 50 steps (DDIM §5: close to 1000-step DDPM quality)
+LEAST_GRID, LEAST_GRID_STEPS = 4, 10  # the smallest grid a run draws when it promised one: 4 images, DDIM-10
 EXTRA_MIN_SECONDS = 20   # a grid or an accuracy check may take max(this, 5% of the run so far), shrunk to fit
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "samples.png", "loss.png")
 
@@ -82,6 +83,15 @@ class RunFailed(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # The flags of a resumed run
 # ----------------------------------------------------------------------------------------------------------------
+
+def check_tensorboard():
+    """--tensorboard needs the tensorboard package (optional): one line naming the install, before any work."""
+    try:
+        import tensorboard  # noqa: F401, PLC0415
+    except ImportError:
+        raise UsageError("--tensorboard: tensorboard is not installed; pip install tensorboard, or drop "
+                         "--tensorboard (metrics.jsonl and samples.png hold the same)") from None
+
 
 def dests(parser):
     """The dest names of every flag of `parser`."""
@@ -139,6 +149,7 @@ class RunFolder:
         self.metrics_path = os.path.join(out, "metrics.jsonl")
         self.lock = None      # the open train.lock while this process holds it
         self.metrics = None   # metrics.jsonl, open for appending while the run trains
+        self.tensorboard = None  # --tensorboard: a SummaryWriter into the run folder (events.out.tfevents.*)
         self.made = missing_folders(out) if is_main else []  # what `open` creates, removed if the start is refused
 
     def open(self, resume):
@@ -166,20 +177,25 @@ class RunFolder:
             say(f"removed {tmp} (a temporary checkpoint left by a process that died while saving)")
 
     def trim_metrics(self, step):
-        """Cut metrics.jsonl back to the checkpoint's step: steps redone after a resume must not appear twice."""
+        """Cut metrics.jsonl back to the checkpoint's step: steps redone after a resume must not appear twice.
+        Returns the elapsed_s of the last line kept (the run's seconds up to its checkpoint, which a log line always
+        precedes), from which a resumed run counts on: elapsed_s is the run's time over all its starts."""
         if not os.path.isfile(self.metrics_path):
-            return
-        keep = []
+            return 0.0
+        keep, elapsed = [], 0.0
         with open(self.metrics_path) as f:
             for line in f:
                 try:
-                    if json.loads(line)["step"] <= step:
+                    record = json.loads(line)
+                    if record["step"] <= step:
                         keep.append(line if line.endswith("\n") else line + "\n")
+                        elapsed = float(record.get("elapsed_s", elapsed))
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by a kill is dropped
         with open(self.metrics_path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(self.metrics_path + ".tmp", self.metrics_path)
+        return elapsed
 
     def write_config(self, cfg, event, step, processes, changed):
         """config.json: the run's flags now, and its history (each start/resume: step, time, processes, flags
@@ -200,19 +216,37 @@ class RunFolder:
             json.dump(dict(cfg, history=history + [entry]), f, indent=1)
         os.replace(path + ".tmp", path)
 
-    def open_metrics(self):
+    def open_metrics(self, tensorboard=False):
         self.metrics = open(self.metrics_path, "a")
+        if tensorboard:  # checked importable before any work (check_tensorboard)
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (optional dependency)
+            self.tensorboard = SummaryWriter(self.out)
 
     def append_metrics(self, record):
+        """One line of metrics.jsonl; with --tensorboard the same numbers as scalars at the record's step."""
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
+
+    def add_grid(self, images, step):
+        """--tensorboard: the sample grid (float [N, C, H, W] in [-1, 1]) as the image "samples" at `step`."""
+        if self.tensorboard is not None:
+            import torchvision.utils  # noqa: PLC0415
+            grid = torchvision.utils.make_grid(data.readable((images.float().cpu() + 1) / 2).clamp(0, 1),
+                                               nrow=data.grid_columns(images.shape[0]))
+            self.tensorboard.add_image("samples", grid, step)
+            self.tensorboard.flush()
 
     def close(self):
-        """Close metrics.jsonl and drop the lock (closing the file drops the flock)."""
-        for f in (self.metrics, self.lock):
+        """Close metrics.jsonl (and the TensorBoard events) and drop the lock (closing the file drops the flock)."""
+        for f in (self.metrics, self.tensorboard, self.lock):
             if f is not None:
                 f.close()
-        self.metrics = self.lock = None
+        self.metrics = self.tensorboard = self.lock = None
 
     def abandon(self):
         """After a refused start: close, and remove the folders this process created (deepest first), each only if
@@ -389,6 +423,8 @@ class Run:
         self.good_lr = None             # the learning rate that trained it
         self.last_loss = None           # the last logged loss, for the story of a divergence
         self.grids = 0                  # sample grids drawn
+        self.logs = 0                   # log lines written by this process
+        self.elapsed_before = 0.0       # seconds the run trained before this start (--resume), for elapsed_s
         self.cfg = None                 # the flags a checkpoint stores (less RUNTIME), with the data's size
         self.clock = self.probe = self.test_set = None  # set by `begin`
         self.signals = Signals(window=2.0 if self.world_size > 1 else 0.0, quiet=not self.is_main)
@@ -479,10 +515,10 @@ class Run:
                            deadline=self.started + 60 * args.max_minutes if args.max_minutes else math.inf)
         if not self.is_main:
             return
-        if args.resume:
-            self.folder.trim_metrics(self.step)
+        if args.resume:  # metrics.jsonl's elapsed_s goes on from the checkpoint's
+            self.elapsed_before = self.folder.trim_metrics(self.step)
         self.folder.write_config(self.cfg, "resume" if args.resume else "start", self.step, self.world_size, changed)
-        self.folder.open_metrics()
+        self.folder.open_metrics(args.tensorboard)
         self.announce(training, x, source, changed)
         if args.task == "classifier":
             self.test_set = self.load_test_set()
@@ -558,12 +594,13 @@ class Run:
             end.stop = signal.Signals(signum) if signum else "time" if out_of_time else None
         if end.stop is None and step >= args.steps:
             end.stop = "steps"
+        by_signal = isinstance(end.stop, signal.Signals)
         if end.stop:
             # the end: always a checkpoint; a final grid / accuracy unless a signal asked to stop
-            by_signal = isinstance(end.stop, signal.Signals)
             end.save, end.sample = True, grids and not by_signal
             end.evaluate = args.task == "classifier" and not by_signal
-        end.sample |= end.save and self.grids == 0 and grids  # a first grid with the first checkpoint
+        # a first grid with the first checkpoint; never after Ctrl-C / SIGTERM: the user asked to stop now
+        end.sample = (end.sample or (end.save and self.grids == 0 and grids)) and not by_signal
         return end
 
     def clock_and_signals(self, save_due_by_step):
@@ -573,7 +610,7 @@ class Run:
         save_due = args.save_minutes > 0 and now - clock.saved >= 60 * args.save_minutes
         # out of time: going on to the next check, with the save due now (if any) and the final one, would overrun
         reserve = (clock.step_s * (1 if self.world_size == 1 else args.log_every)
-                   + clock.save_s * (1 + (save_due_by_step or save_due)))
+                   + clock.save_s * (1 + (save_due_by_step or save_due)) + self.least_grid_s())
         flags = [args.max_minutes > 0 and now + reserve >= clock.deadline, save_due,
                  args.sample_minutes > 0 and now - clock.sampled >= 60 * args.sample_minutes, self.signals.signum]
         if self.world_size > 1:
@@ -611,14 +648,14 @@ class Run:
         if self.is_main:
             # the learning rate of the last step (G's for DDGAN), as the step set it
             self.write_log(bar, losses, training.optimizer.param_groups[0]["lr"], img_s, accuracy)
-        self.logged_step, clock.logged = self.step, time.perf_counter()
+        self.logged_step, clock.logged, self.logs = self.step, time.perf_counter(), self.logs + 1
 
     def write_log(self, bar, losses, lr, img_s, accuracy):
         """One line of metrics.jsonl, and the bar's postfix (or a printed line with --no-progress).
         losses: {"loss": ...}, or {"d_loss": ..., "g_loss": ...} for --task ddgan."""
         args = self.args
         record = {"step": self.step, **{k: round(v, 6) for k, v in losses.items()}, "lr": lr,
-                  "img_per_s": round(img_s, 2), "elapsed_s": round(time.perf_counter() - self.clock.start, 1),
+                  "img_per_s": round(img_s, 2), "elapsed_s": round(self.elapsed_before + time.perf_counter() - self.clock.start, 1),
                   **accuracy}
         if self.device.type == "cuda":
             record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 2)
@@ -627,8 +664,9 @@ class Run:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
         bar.set_postfix_str(f"{shown}, {rate} img/s", refresh=False)
         if args.no_progress:
-            eta = cli.human_time((args.steps - self.step) * self.clock.step_s)
-            say(f"step {self.step:,}/{args.steps:,} | {shown.replace(', ', ' | ')} | {rate} img/s | ETA {eta}")
+            total = self.bar_total()
+            eta = cli.human_time((total - self.step) * self.clock.step_s)
+            say(f"step {self.step:,}/{total:,} | {shown.replace(', ', ' | ')} | {rate} img/s | ETA {eta}")
 
     def save(self, training):
         """Write the checkpoint (rank 0; every rank's random state is gathered first), then redraw loss.png. Never
@@ -729,6 +767,41 @@ class Run:
                 say(f"warning: could not write samples.png ({e.strerror or e})")
                 return
             cli.wrote(os.path.join(self.out, "samples.png"), f"{n} EMA samples at step {self.step:,}")
+            self.folder.add_grid(imgs, self.step)
+
+    def image_step_s(self):
+        """Seconds one network call on one image takes, from the measured training step (forward + backward: about
+        3 forwards per image): the unit of a grid's cost."""
+        return self.clock.step_s / (3 * (self.args.batch_size // self.world_size))
+
+    def least_grid_s(self):
+        """Seconds of the smallest grid the run promises (LEAST_GRID images, LEAST_GRID_STEPS DDIM steps), kept in
+        reserve by the --max-minutes check so that the promised final grid always fits."""
+        args = self.args
+        if args.task not in ("diffusion", "ddgan") or not args.n_sample:
+            return 0.0
+        return min(LEAST_GRID, args.n_sample) * LEAST_GRID_STEPS * self.image_step_s()
+
+    def bar_total(self):
+        """The step the run will stop at, as far as the clock can tell: --steps, or earlier where the --max-minutes
+        budget runs out first at the measured step time (the bar's total, so its ETA is the run's)."""
+        args, clock = self.args, self.clock
+        if not args.max_minutes or not clock.step_s:
+            return args.steps
+        left = clock.deadline - time.perf_counter() - clock.save_s - self.least_grid_s()
+        return max(self.step, min(args.steps, self.step + int(left / clock.step_s)))
+
+    def show(self, bar, training, loss_sum):
+        """The bar between log steps: its total (bar_total) and, at steps 1, 2, 4, 8 ... before the first log, the
+        running mean loss so far (one read of the device sum each: a handful per run, none after the first log)."""
+        steps = self.step - self.logged_step
+        early = not self.logs and 0 < steps < self.args.log_every and steps & (steps - 1) == 0
+        if early:
+            self.clock.step_s = (time.perf_counter() - self.clock.logged) / steps
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in zip(training.loss_names, (loss_sum / steps).tolist()))
+            bar.set_postfix_str(f"{shown} (running)", refresh=False)
+        if early or self.step % self.args.log_every == 0:
+            bar.total = self.bar_total()
 
     def grid_size(self, training, final):
         """(images, sampling steps) of the grid the time budget allows, said when smaller than asked or slow; 0
@@ -737,10 +810,16 @@ class Run:
         args = self.args
         steps = min(GRID_STEPS, training.diffusion.num_timesteps)
         method = "DDGAN" if training.kind == "ddgan" else "DDIM"  # DDGAN: all T steps of its chain (T = 4)
-        per_image = steps * self.clock.step_s / (3 * (args.batch_size // self.world_size))
+        per_image = steps * self.image_step_s()
         budget = self.extra_budget(final)
         n = min(args.n_sample, int(budget / per_image) if per_image > 0 else args.n_sample)
-        least = min(4, args.n_sample)
+        least = min(LEAST_GRID, args.n_sample)
+        if n < least and (final or self.grids == 1) and method == "DDIM":
+            # the grid the banner promised (the first, the last): the least one, with fewer DDIM steps if need be
+            steps = max(LEAST_GRID_STEPS, min(steps, int(budget / (least * self.image_step_s() or 1))))
+            say(f"step {self.step:,}: time is short: {least} images (of --n-sample {args.n_sample}) with {method} "
+                f"{steps} steps, ~{cli.human_time(least * steps * self.image_step_s())} ...")
+            return least, steps
         if n < least:
             allowed = (f"only {cli.human_time(max(budget, 0))} of --max-minutes is left" if budget < EXTRA_MIN_SECONDS
                        else f"a grid may take {cli.human_time(budget)} now (5% of the run so far, at least "

@@ -152,6 +152,8 @@ def build_parser():
     g.add_argument("--n-sample", type=int, default=64, help="images in the sample grid (fewer when time is short); "
                    "0: no grids at all")
     g.add_argument("--eval-every", type=int, default=5000, help="classifier: test accuracy at 4 noise levels every N steps")
+    g.add_argument("--tensorboard", action="store_true", help="also write metrics.jsonl's numbers and the sample "
+                   "grids as TensorBoard events into the run folder (tensorboard --logdir runs; pip install tensorboard)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar; a log line per --log-every instead")
     return p
 
@@ -213,6 +215,8 @@ def check_args(args):
         raise UsageError("--data-dir: --dataset synthetic generates its images; drop --data-dir")
     if args.compile:
         cli.check_compiler()
+    if args.tensorboard:
+        runs.check_tensorboard()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -486,6 +490,7 @@ def train(run, training):
                                            training.optimizer, training.ema, args, training.t_sampler)
                 run.step += 1
                 bar.update(1)
+                run.show(bar, training, loss_sum)  # the bar's total (--steps or the time budget), the early loss
 
                 # what this step ends with: cadences, wall clock and signals, agreed by every rank
                 end = run.end_of_step()
