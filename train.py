@@ -490,7 +490,6 @@ def train(run, training):
                                            training.optimizer, training.ema, args, training.t_sampler)
                 run.step += 1
                 bar.update(1)
-                run.show(bar, training, loss_sum)  # the bar's total (--steps or the time budget), the early loss
 
                 # what this step ends with: cadences, wall clock and signals, agreed by every rank
                 end = run.end_of_step()
@@ -503,6 +502,7 @@ def train(run, training):
                 if run.step % args.log_every == 0 or end.save or end.evaluate:
                     run.log(bar, training, loss_sum, accuracy)
                     loss_sum.zero_()
+                run.show(bar, training, loss_sum)  # the bar: its total (--steps or the time budget), the early loss
 
                 # a checkpoint (never a bad one) and loss.png; a grid from the EMA weights (shrunk to the time left)
                 if end.save:

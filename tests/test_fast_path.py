@@ -221,7 +221,8 @@ class HostReads(TorchDispatchMode):
 def test_training_loop_reads_nothing_from_the_device_between_log_steps(tmp_path, monkeypatch, device):
     """train.py's loop, run for real: from the batch draw to the end-of-step decision (train_step, the EMA, the
     loss sum, runs.Run.end_of_step) the host reads no tensor, at any step, so on a GPU the CPU runs ahead and the device never
-    idles; the loss is read every --log-every steps only. Checked by recording every host read in each step's window
+    idles; the loss is read every --log-every steps (and, for the bar, at steps 1, 2, 4, ... before the first log
+    only, after the step's decision). Checked by recording every host read in each step's window
     (the CPU) and with CUDA's sync debug mode (on CUDA), and the same recorder sees the log steps' reads (it can fail).
     """
     steps, log_every = 12, 4
