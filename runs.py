@@ -84,6 +84,100 @@ class RunFailed(Exception):
 # The flags of a resumed run
 # ----------------------------------------------------------------------------------------------------------------
 
+# ----------------------------------------------------------------------------------------------------------------
+# The flags, checked
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_args(args):
+    """Every number and combination a train.py flag can get wrong: one line naming the flag, before any work (and
+    again after --resume takes the checkpoint's flags)."""
+    num = cli.check_number
+    num("--lr", args.lr, 0, lo_open=True)
+    num("--dropout", args.dropout, 0, 1, hi_open=True)
+    num("--p-uncond", args.p_uncond, 0, 1, hi_open=True)
+    num("--ema", args.ema, 0, 1, hi_open=True)
+    if not 0 <= args.seed <= 2 ** 62:  # torch seeds are 64-bit; ranks add 1000 x rank
+        raise UsageError(f"--seed: must be an integer from 0 to 2^62, got {args.seed}")
+    num("--diffusion-steps", args.diffusion_steps, 1, 100_000)  # DDPM 1000, iDDPM 4000; more is a typo
+    for flag in ("--weight-decay", "--grad-clip", "--max-minutes", "--save-minutes", "--sample-minutes", "--warmup",
+                 "--sample-every", "--n-sample"):
+        num(flag, getattr(args, flag[2:].replace("-", "_")), 0)
+    for flag in ("--steps", "--batch-size", "--diffusion-steps", "--ch", "--num-res-blocks", "--image-size",
+                 "--log-every", "--save-every", "--eval-every", "--synthetic-n", "--num-heads"):
+        num(flag, getattr(args, flag[2:].replace("-", "_")), 1)
+    mult = cli.parse_ints(args.ch_mult, "--ch-mult")
+    if not mult or min(mult) < 1:
+        raise UsageError(f"--ch-mult: expected positive integers like 1,2,2,2, got {args.ch_mult!r}")
+    if args.image_size % 2 ** (len(mult) - 1):
+        raise UsageError(f"--image-size: {args.image_size} must be divisible by 2^{len(mult) - 1} for --ch-mult "
+                         f"{args.ch_mult}; pick a multiple of {2 ** (len(mult) - 1)}")
+    resolutions = [args.image_size // 2 ** i for i in range(len(mult))]
+    attn = cli.parse_ints(args.attn, "--attn")
+    for r in attn:
+        if r not in resolutions:
+            raise UsageError(f"--attn: {r} is not a resolution of this network ({', '.join(map(str, resolutions))}); "
+                             f"pick among them or pass --attn ''")
+    # attention runs at the --attn levels and always in the middle block (at the lowest resolution)
+    widths = sorted({args.ch * m for m, r in zip(mult, resolutions) if r in attn} | {args.ch * mult[-1]})
+    if args.num_head_channels == -1:
+        if any(w % args.num_heads for w in widths):
+            raise UsageError(f"--num-heads: {args.num_heads} heads do not divide the attention widths "
+                             f"{widths}; pick a divisor of {math.gcd(*widths)}")
+    elif args.num_head_channels < 1 or any(w % args.num_head_channels for w in widths):
+        raise UsageError(f"--num-head-channels: {args.num_head_channels} does not divide the attention widths "
+                         f"{widths}; pick a divisor of {math.gcd(*widths)} or -1 (use --num-heads)")
+    if args.task in ("classifier", "ddgan"):
+        for flag, value, default in (("--class-cond", args.class_cond, False), ("--loss", args.loss, "mse"),
+                                     ("--t-sampler", args.t_sampler, "uniform")):
+            if value != default:
+                raise UsageError(f"{flag}: applies to --task diffusion only; drop it for --task {args.task}")
+    if args.out is not None and not args.out.strip():
+        raise UsageError("--out: empty; give a run folder, or leave --out out for runs/<dataset>")
+    if args.task == "ddgan":
+        num("--lr-d", args.lr_d, 0, lo_open=True)
+        num("--r1-gamma", args.r1_gamma, 0)
+        for flag in ("--latent-dim", "--d-ch", "--lazy-reg"):
+            num(flag, getattr(args, flag[2:].replace("-", "_")), 1)
+        if args.compile:  # R1 differentiates D's gradient: torch.compile has no double backward
+            raise UsageError("--compile: --task ddgan trains eagerly (R1 needs a double backward); drop --compile")
+        if args.grad_clip > 0:  # ddgan.ddgan_train_step steps its optimizers itself, unclipped, as the paper
+            raise UsageError("--grad-clip: --task ddgan does not clip gradients (nor does the paper); drop --grad-clip")
+    if args.dataset == "synthetic" and args.data_dir is not None:
+        raise UsageError("--data-dir: --dataset synthetic generates its images; drop --data-dir")
+    if args.compile:
+        cli.check_compiler()
+    if args.tensorboard:
+        runs.check_tensorboard()
+
+
+def gather_all(t, losses):
+    """Every rank's (t, loss) pairs, so every rank's importance sampler keeps the same history."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t, losses
+    n = dist.get_world_size()
+    ts, ls = [torch.empty_like(t) for _ in range(n)], [torch.empty_like(losses) for _ in range(n)]
+    dist.all_gather(ts, t)
+    dist.all_gather(ls, losses)
+    return torch.cat(ts), torch.cat(ls)
+
+
+def on_device(net, device):
+    """The network on the device; on CUDA in channels_last, cuDNN's fast layout for bf16 convolutions."""
+    net = net.to(device)
+    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+
+
+def discriminator_args_of(args, channels):
+    """D(x_{t-1}, x_t, t) of --task ddgan: unet.EncoderUNet on the pair concatenated along the channels (2C in), one
+    logit out (DDGAN §3.2), --d-ch base channels, G's resolutions and blocks, average pooling and no attention (their
+    CIFAR-10 discriminator is a plain ResNet; R1's double backward through attention would also need the slow
+    math kernel)."""
+    return dict(image_size=args.image_size, in_channels=2 * channels, ch=args.d_ch,
+                ch_mult=tuple(cli.parse_ints(args.ch_mult, "--ch-mult")), num_res_blocks=args.num_res_blocks,
+                attn_resolutions=(), dropout=0.0, use_scale_shift_norm=args.scale_shift_norm, out_dim=1,
+                pool="adaptive")
+
+
 def check_tensorboard():
     """--tensorboard needs the tensorboard package (optional): one line naming the install, before any work."""
     try:
@@ -559,6 +653,15 @@ class Run:
                                  synthetic_n=args.synthetic_n)
         stride = max(1, x.shape[0] // 2000)
         return data.to_float(x[::stride]).to(self.device), y[::stride].to(self.device)
+
+    def wrap(self, model):
+        """The module the training forward runs: `model`, in DistributedDataParallel under torchrun (its gradients
+        averaged over the ranks), torch.compile'd with --compile; the checkpoint always holds `model` itself."""
+        net = model
+        if self.world_size > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(net) if self.args.compile else net
 
     # -- the loop's stages ------------------------------------------------------------------------------------------
 

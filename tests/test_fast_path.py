@@ -420,7 +420,7 @@ def test_every_training_step_runs_on_another_device_and_never_reads_it(name):
     diffusion = checkpoint.build_diffusion(train.diffusion_args_of(args))
     with torch.device("meta"):
         model = checkpoint.KINDS[kind](**model_args)
-        disc = EncoderUNet(**train.discriminator_args_of(args, 3)) if args.task == "ddgan" else None
+        disc = EncoderUNet(**runs.discriminator_args_of(args, 3)) if args.task == "ddgan" else None
     x0 = torch.zeros(4, 3, 8, 8, device="meta")
     y = torch.zeros(4, dtype=torch.long, device="meta")
     optimizer, ema = train.make_optimizer(model, args), train.EMA(model, args.ema)
