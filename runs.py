@@ -147,7 +147,7 @@ def check_args(args):
     if args.compile:
         cli.check_compiler()
     if args.tensorboard:
-        runs.check_tensorboard()
+        check_tensorboard()
 
 
 def gather_all(t, losses):
@@ -188,8 +188,8 @@ def check_tensorboard():
 
 
 def dests(parser):
-    """The dest names of every flag of `parser`."""
-    return {a.dest for a in parser._actions if a.dest != "help"}
+    """The dest names of every flag of `parser` (the attributes of its namespace)."""
+    return set(vars(parser.parse_args([])))
 
 
 def given_flags(parser, argv):

@@ -178,3 +178,19 @@ def test_tensorboard_missing_is_one_line_before_work(tmp_path, monkeypatch, caps
     assert tiny.run(train, TINY + ["--steps", "2", "--tensorboard", "--out", out]) == 2
     err = capsys.readouterr().err
     assert "pip install tensorboard" in err and "--tensorboard" in err and not os.path.exists(out)
+
+
+def test_digits_score_recognises_real_digits_and_not_noise(tmp_path, capsys):
+    """benchmarks/digits_score.py: real held-out digits, pooled back to 8x8, get a confident label; uniform noise less."""
+    pytest.importorskip("sklearn")
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import digits_score
+    x, _ = data.load_digits(16, "test")
+    path = str(tmp_path / "real.npz")
+    import numpy as np
+    np.savez(path, x=x.permute(0, 2, 3, 1).numpy())  # sample.py's layout: uint8 [N, H, W, C]
+    digits_score.main([path])
+    rows = {line.split("|")[1].strip(): line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith("| ") and "images" not in line}
+    real, noise, ours = (float(rows[k][3]) for k in ("real (held out)", "uniform noise", path))
+    assert ours == real and real > noise and float(rows[path][4]) > 0.9  # the same images, all ten digits
