@@ -213,10 +213,9 @@ def resolve_device(name="auto", flag="--device"):
 
 def distributed(name="auto", flag="--device"):
     """(rank, world_size, device) of this process. Under torchrun (WORLD_SIZE > 1) the process group is initialised
-    here (nccl on CUDA, each rank on cuda:LOCAL_RANK; gloo on a CPU) and destroyed at exit, and every rank but 0 is
-    made quiet (say and wrote print nothing): the scripts split their work across ranks and rank 0 alone writes files
-    and prints. One process otherwise: (0, 1, resolve_device(name))."""
-    global QUIET
+    here (nccl on CUDA, each rank on cuda:LOCAL_RANK; gloo on a CPU) and destroyed at exit; from then on every rank
+    but 0 is quiet (say and wrote ask torch.distributed: `talks`). The scripts split their work across ranks and rank
+    0 alone writes files and prints. One process otherwise: (0, 1, resolve_device(name))."""
     device = resolve_device(name, flag)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -231,7 +230,6 @@ def distributed(name="auto", flag="--device"):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    QUIET = rank != 0
     return rank, world, device
 
 
@@ -307,20 +305,24 @@ def progress(total, desc, unit="it", disable=False, initial=0, unit_scale=False)
                bar_format=Bar.FORMAT, dynamic_ncols=tty, mininterval=0.2 if tty else 30.0, file=sys.stderr)
 
 
-QUIET = False  # set on the ranks other than 0 under torchrun (distributed): only rank 0 talks
+def talks():
+    """Whether this process speaks to the user: always, except under torchrun, where rank 0 alone does (the rank is
+    torch.distributed's, set up by `distributed`; no state of our own)."""
+    import torch.distributed as dist  # noqa: PLC0415
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
 def say(message):
-    """One line for the user on stdout, that does not tear a progress bar."""
-    if QUIET:
+    """One line for the user on stdout, that does not tear a progress bar; nothing on torchrun's ranks other than 0."""
+    if not talks():
         return
     tqdm.write(message, file=sys.stdout)
     sys.stdout.flush()
 
 
 def wrote(path, what=""):
-    """The one line every written file gets."""
-    if QUIET:
+    """The one line every written file gets (by rank 0 alone under torchrun)."""
+    if not talks():
         return
     size = os.path.getsize(path) if os.path.isfile(path) else 0
     unit = f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.0f} kB"

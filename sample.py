@@ -69,8 +69,7 @@ import data
 import sampling
 from cli import (Parser, UsageError, check_compiler, check_number, distributed, main_guard, precision_name, say, wrote)
 from ddim import ddim_invert, slerp
-from edit import SAMPLERS as EDIT_SAMPLERS
-from edit import sdedit, sdedit_steps
+from edit import REVERSE_CHAINS, sdedit, sdedit_steps
 
 FRAMES = 8  # --interpolate: images per row, alpha = 0, 1/7, ..., 1 (DDIM Figure 6); --edit: variations per row
 N_SAMPLES, N_EDITS = 64, 8  # --n when not given: images to sample; variations of an --edit
@@ -111,7 +110,7 @@ def build_parser():
     p.add_argument("--mask", default=None, metavar="MASK",
                    help="--edit: a picture the size of IMAGE; white keeps the input, black is repainted, gray blends "
                         "(RePaint eq. 10) (default: none, the whole image is edited)")
-    p.add_argument("--edit-sampler", default=None, choices=EDIT_SAMPLERS,
+    p.add_argument("--edit-sampler", default=None, choices=REVERSE_CHAINS,
                    help="--edit: the reverse chain from t0, ddpm (ancestral, DDPM Algorithm 2, SDEdit's stochastic "
                         "one) or ddim (eq. 12 with --eta) (default: ddpm, on all T steps unless --steps)")
     return p
