@@ -312,6 +312,44 @@ def talks():
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
+class StepProgress(torch.nn.Module):
+    """The network, moving an images bar along as a batch walks down the diffusion's levels.
+
+    Every loop calls the network at levels S-1, ..., 0 of its diffusion (ddpm.calc_bpd_loop too), so a call at level i
+    means that (top - i + 1) / (top + 1) of the batch is done, top being the first level the batch was called at
+    (S - 1, or lower for a loop that starts part-way). Reading the level is a host sync: done on a CPU only.
+    """
+
+    def __init__(self, model, diffusion, bar):
+        super().__init__()
+        self.model, self.bar = model, bar
+        self.level = {t: i for i, t in enumerate(diffusion.timestep_map.tolist())}
+        self.start(0)
+
+    def start(self, m):
+        """A batch of m images begins."""
+        self.m, self.top, self.shown = m, None, 0
+
+    def forward(self, x, t, **kwargs):
+        out = self.model(x, t, **kwargs)
+        if torch.is_tensor(t) and t.device.type == "cpu" and not self.bar.disable:
+            i = self.level.get(int(t.reshape(-1)[0]))
+            if i is not None:
+                self.top = i if self.top is None else self.top
+                self.advance(int(self.m * (self.top - i + 1) / (self.top + 1)))
+        return out
+
+    def advance(self, done):
+        if done > self.shown:
+            self.bar.update(done - self.shown)
+            self.shown = done
+
+    def finish(self):
+        """The batch is done: the bar shows all of its images."""
+        self.advance(self.m)
+
+
+
 def say(message):
     """One line for the user on stdout, that does not tear a progress bar; nothing on torchrun's ranks other than 0."""
     if not talks():

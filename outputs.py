@@ -36,6 +36,7 @@ Nothing here knows about images or diffusion: a file's content is a function tha
 """
 
 import atexit
+import dataclasses
 import errno
 import fcntl
 import glob
@@ -44,7 +45,11 @@ import signal
 import threading
 from contextlib import contextmanager
 
-from cli import OutputError, UsageError
+import numpy as np
+import torch
+
+import data
+from cli import OutputError, UsageError, say, wrote
 
 # the claims this process holds: lock-file path -> its open descriptor (the flock lives as long as the descriptor)
 _HELD = {}
@@ -394,3 +399,64 @@ def append_line(path, line):
         raise OutputError(f"cannot append to {path}: {e.strerror or e}; nothing was appended") from None
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampled images: a .png grid and an .npz, claimed and written as one result (sample.py, evaluate.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_outputs(out, force=False, flag="--out", typed=True, hold=True):
+    """The .png and .npz an output name stands for, checked and claimed before any work (claim): refused if
+    either exists (without --force) or another process is writing it right now. `typed`: the user gave `flag` (a
+    default name's refusal names the file and --force only); `hold` False checks without claiming (torchrun's ranks
+    other than 0, which never write)."""
+    return claim([out + ".png", out + ".npz"], flag, force, typed, hold)
+
+
+def save_samples(images, labels, out, nrow=None, grid=None, extra=None, force=False):
+    """out.png (a grid) and out.npz (`x` uint8 [N, H, W, C], `y` int64 [N] when labelled), written as a pair: both
+    or neither (write: temporaries, fsynced, then named; a full disk or an interrupt leaves nothing), and
+    never over an existing file unless `force`.
+
+    The .npz is what FID tools read (evaluate.py; OpenAI's evaluator reads the same layout). `grid` (uint8
+    [M, H, W, C]) replaces the images in the PNG only (sample.py --edit shows the input and mask beside them);
+    `extra` adds arrays to the .npz.
+    """
+    import torchvision.utils  # noqa: PLC0415
+
+    # the PNG is data.save_grid's picture (uint8 -> [0, 1], a full grid by default), written to an open file
+    picture = torch.from_numpy(images if grid is None else grid).permute(0, 3, 1, 2).float() / 255.0
+    columns = nrow if nrow is not None else data.grid_columns(picture.shape[0])
+    arrays = {"x": images} if labels is None else {"x": images, "y": labels}
+    arrays.update(extra or {})
+    png, npz = write({
+        out + ".png": lambda f: torchvision.utils.save_image(picture, f, nrow=columns, format="png"),
+        out + ".npz": lambda f: np.savez(f, **arrays),
+    }, force)
+    return png, npz
+
+
+@dataclasses.dataclass
+class Samples:
+    """What a sample.py experiment made: the images of the .npz (and their labels), the grid of the .png (default:
+    the images, `nrow` to a row), extra arrays for the .npz, and how to describe both files in their `wrote` lines
+    (`next`: the command to run next, with {png} and {npz})."""
+    images: np.ndarray
+    labels: np.ndarray = None
+    nrow: int = None
+    grid: np.ndarray = None
+    extra: dict = None
+    png_what: str = ""
+    npz_what: str = ""
+    next: str = None
+
+
+def write_samples(result, out, force=False):
+    """out.png and out.npz of a Samples (save_samples), each announced in its one line, then what to do next."""
+    png, npz = save_samples(result.images, result.labels, out, result.nrow, grid=result.grid, extra=result.extra,
+                            force=force)
+    wrote(png, result.png_what)
+    wrote(npz, result.npz_what)
+    if result.next:
+        say("next: " + result.next.format(png=png, npz=npz))
+    return png, npz

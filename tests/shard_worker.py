@@ -7,12 +7,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
+import outputs  # noqa: E402
 import sample  # noqa: E402
-import sampling  # noqa: E402
 from cli import main_guard  # noqa: E402
 
 torch.set_num_threads(1)
-save_samples = sampling.save_samples
+save_samples = outputs.save_samples
 
 
 def logged(*args, **kwargs):
@@ -21,5 +21,5 @@ def logged(*args, **kwargs):
     return save_samples(*args, **kwargs)
 
 
-sampling.save_samples = logged
+outputs.save_samples = logged
 main_guard(sample.main)
