@@ -1,38 +1,27 @@
 """
 The files the scripts write (sample.py's .png/.npz pairs, figures.py's PNGs, evaluate.py's results.jsonl, tables
-and cached statistics): a result is whole or absent, and never silently replaces another.
+and cached statistics): a result is whole or absent, and never silently replaces another. The rules, each in full
+in docs/outputs.md:
 
-THE RULES
+  1. ONE WRITER PER NAME. Before the work, `claim` takes each output path for this process (an exclusive flock on
+     PATH.lock holding the writer's pid, then the existence check): a second process claiming it, or an existing
+     file without --force, is refused in one line before its own work (cli.UsageError, exit code 2). The operating
+     system drops a flock when its process dies, even by SIGKILL, so a lock left behind never blocks anyone.
 
-  1. ONE WRITER PER NAME. Before the work, `claim` takes each output path for this process: an exclusive flock on
-     PATH.lock (holding the writer's pid), then the existence check. While one process works towards a name, a
-     second one claiming it is refused in one line before its own work (cli.UsageError, exit code 2), as is an
-     existing file without --force. The operating system drops a flock when its process dies, even by SIGKILL, so a
-     lock file left behind by a killed process never blocks anyone (the next claim takes it over). A claim is given
-     back when its files are written, and in any case when the script ends (cli.main_guard), or at exit.
+  2. ALL OR NOTHING. `write` writes every file of a result to a temporary beside its target, fsyncs each, and only
+     when all are complete names them: without --force by os.link (a file that appeared meanwhile is refused, never
+     replaced), with --force by os.replace, the earlier file kept aside until every new one is in place. Any failure
+     (a full disk, an interrupt) removes the temporaries and restores the earlier files; a system error is one line,
+     `error: cannot write PATH: ...; nothing was written`, exit code 1 (cli.OutputError).
 
-  2. ALL OR NOTHING. `write` writes every file of a result to a temporary beside its target (PATH.tmpPID, in the same
-     folder, so that naming it is a rename on one file system), flushes and fsyncs each, and only when all are
-     complete gives them their names:
-       * without --force by os.link(temporary, PATH), which fails if PATH exists: a result that appeared meanwhile
-         (written by a process that did not claim the name) is refused, never silently replaced;
-       * with --force by os.replace, the earlier file kept as a second link PATH.oldPID until every new file is in
-         place (readers see the old file or the new one, never none).
-     Any failure (a full disk, a lost permission, an interrupt) removes the temporaries, takes back the names already
-     given and restores the earlier files: nothing is left, so the same command can simply be run again. A system
-     error is one line, `error: cannot write PATH: No space left on device; nothing was written`, exit code 1
-     (cli.OutputError): the command line was right, so not a usage error's 2, and the same command works once there
-     is space again.
+  3. A LINE APPENDED WHOLE. `append_line` adds a record to a log (results.jsonl) under an exclusive flock, in one
+     write, fsynced; a failed write is cut back to the length the file had before it.
 
-  3. A LINE APPENDED WHOLE. `append_line` adds a record to a log (results.jsonl) under an exclusive flock (appenders
-     take turns), in one write, fsynced; a failed write is cut back to the length the file had before it. A record
-     is appended whole or not at all.
+  4. NOT HALF DONE BY A SIGNAL. Ctrl-C or SIGTERM during the renames, an append, or the clean-up after a failure
+     waits the microseconds until that step is done, and is then raised as usual (exit code 130 / 143).
 
-  4. NOT HALF DONE BY A SIGNAL. The temporaries may be interrupted at any moment (they are removed), but Ctrl-C or
-     SIGTERM during the renames, an append, or the clean-up after a failure waits the microseconds until that step is
-     done, and is then raised as usual (cli.main_guard: one line, exit code 130 / 143).
-
-Nothing here knows about images or diffusion: a file's content is a function that writes it to an open binary file.
+The rules know nothing of images or diffusion: a file's content is a function that writes it to an open binary file.
+At the end, `save_samples` / `write_samples` use them for the one result made of images: a .png grid and its .npz.
 """
 
 import atexit

@@ -22,22 +22,12 @@ and, with --cond, guided by guidance.py: classifier-free guidance, eps~ = (1 + w
 (CFG, G5; the model is trained with the label dropped to the null class with probability p_uncond), and classifier
 guidance with a small noisy classifier trained on x_t = q_sample(x_0, t) (ADM §4, G3-G4).
 
-The picture is a grid of 2-D histograms (torch.histogramdd -> torchvision.utils.save_image, labels by PIL): the data,
-each sampler's samples, and the forward process q(x_t) at a few t. The command also prints the training time and a
-two-sample statistic for each sampler against a fresh draw of the data, next to the same statistic between two
-independent data draws (the floor: what a perfect sampler scores) and between data and N(0, I) noise (the ceiling).
+The picture is a grid of 2-D histograms: the data, each sampler's samples, and the forward process q(x_t) at a few t.
+The command prints the training time and each sampler's two-sample statistic against fresh data, beside its floor
+(two data draws) and ceiling (data against N(0, I) noise).
 
-THREADS. The default is one intra-op thread: the tensors are tiny (a batch of 2-D points through a 64-wide MLP), so a
-second thread mostly adds synchronisation, and on a machine busy with other work the spin-waiting of two threads
-made training 10-30x slower than with one (measured while writing this file). Try --threads 2 on an idle machine.
-
-THE TWO-SAMPLE STATISTIC. The squared maximum mean discrepancy (Gretton et al. 2012, JMLR, eq. 3 / Lemma 6) with a
-Gaussian (RBF) kernel k(a, b) = exp(-||a - b||^2 / (2 h^2)):
-    MMD^2(P, Q) = E k(x, x') + E k(y, y') - 2 E k(x, y),    x, x' ~ P,  y, y' ~ Q,
-zero iff P = Q (the RBF kernel is characteristic), estimated without bias from two samples by leaving out the i = j
-terms. A sum of kernels at several bandwidths h (0.02 ... 0.5, from the thickness of a moon to the size of the data)
-sees both fine and coarse differences. The energy distance (Szekely & Rizzo 2013), E||x - y|| - 1/2 E||x - x'||
-- 1/2 E||y - y'|| (half of the usual 2 E||x - y|| - ... form), is reported too: it has no bandwidth at all.
+THREADS (one by default: the tensors are tiny) and THE TWO-SAMPLE STATISTIC (MMD^2 with a sum of RBF kernels,
+and the energy distance) are explained in docs/toy2d.md.
 """
 
 import copy
