@@ -42,7 +42,7 @@ from ddim import check_eta, ddim_step
 from ddpm import randn_like
 
 # the reverse chains SDEdit can run from t0 (the `sampler` of sdedit): DDPM's ancestral step (A2) or DDIM's (D2);
-# not to be confused with sampling.SAMPLERS, the menu of whole samplers from x_T
+# not to be confused with menu.SAMPLERS, the menu of whole samplers from x_T
 REVERSE_CHAINS = ("ddpm", "ddim")
 
 

@@ -52,7 +52,7 @@ def sample_images(s, args):
     batches = s.batches(args.n, args.batch_size, args.seed, not args.no_progress)
     for b in batches:
         with s.amp:
-            # the chosen sampler (sampling.SAMPLERS, e.g. ddim.ddim_sample_loop: DDIM eq. 12) from x_T down every
+            # the chosen sampler (menu.SAMPLERS, e.g. ddim.ddim_sample_loop: DDIM eq. 12) from x_T down every
             # step of the run's diffusion respaced to --steps by --skip (D4)
             b.x0 = s.loop(s.diffusion, batches.model, b.x_T.shape, noise=b.x_T, model_kwargs=b.model_kwargs,
                           generator=b.generator, **s.options)
@@ -169,7 +169,7 @@ def interpolation_latents(s, rows, frames, seed):
 def edit(s, x_in, mask, label, strength, n, batch_size, seed, show_progress):
     """SDEdit (E1), masked (E2) and/or classifier-guided: n variations of x_in [1, C, H, W] as uint8 [n, H, W, C].
 
-    The same batches as plain sampling (sampling.Batches): batch i draws x_{t0} and every step's noise from the
+    The same batches as plain sampling (batches.Batches): batch i draws x_{t0} and every step's noise from the
     generator (seed, i), and under torchrun the ranks share the batches.
     """
     o = s.settings

@@ -72,7 +72,7 @@ def table_rows(args, var_type):
         list(TABLE1_ETAS) if default_layout else [0.0])
     for eta in etas:
         check_number("--eta", eta, lo=0)  # the upper end depends on the respaced steps: checked per cell
-    # pc takes eta only with its ddim predictor (sampling.py): it gets one row, like the samplers without eta
+    # pc takes eta only with its ddim predictor (menu.py): it gets one row, like the samplers without eta
     takes_eta = [name for name in samplers if "eta" in sampling.SAMPLERS[name].options and name != "pc"]
     if etas != [0.0] and not takes_eta:
         raise UsageError(f"--eta: none of {', '.join(samplers)} takes eta (ddim does, DDIM eq. 16); drop --eta")
