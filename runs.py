@@ -3,14 +3,8 @@ What a training run needs that DDPM's Algorithm 1 does not. train.py parses the 
 the steps; this module keeps the run safe, resumable and visible around them, and knows nothing of how a step is
 taken.
 
-THE RUN FOLDER (--out, default runs/<dataset>):
-    ckpt.pt            the latest checkpoint (checkpoint.py's format 2: it describes its own network), replaced
-                       atomically, so a kill at any moment leaves the previous one intact
-    metrics.jsonl      one line per --log-every steps: step, loss, lr, img/s, elapsed seconds (and accuracy)
-    samples.png        the EMA model's latest grid (DDIM, 50 steps), also kept as samples_<step>.png
-    loss.png           the loss against the step on a log scale with its moving average, redrawn at every save
-    config.json        the run's flags, and the history of every start and resume with the flags it changed
-    train.lock         held (flock) by the process training into the folder; a second one is refused
+THE RUN FOLDER (--out, default runs/<dataset>) holds ckpt.pt, metrics.jsonl, samples.png, loss.png, config.json and
+train.lock, the lock a second run into the folder is refused by (README.md, "What a run folder holds").
 
 NEVER LOSE WORK, NEVER KEEP BAD WORK:
   * every save is checked first: a non-finite loss or weight, or weights whose loss on a fixed probe batch has
