@@ -413,8 +413,9 @@ def test_every_training_step_runs_on_another_device_and_never_reads_it(name):
                                    "--attn", "4", "--d-ch", "8", "--latent-dim", "8"]
     args = train.build_parser().parse_args(argv)
     if args.task == "ddgan":  # the recipe's T = 4 and vp schedule, as train.py fills them in
+        import recipes  # noqa: PLC0415
         for key in ("diffusion_steps", "schedule"):
-            setattr(args, key, train.DDGAN_DEFAULTS[key])
+            setattr(args, key, recipes.DDGAN_CIFAR10[key])
     args.num_classes = 2
     kind, model_args = train.build_model_args(args, 2, 3)
     diffusion = checkpoint.build_diffusion(train.diffusion_args_of(args))

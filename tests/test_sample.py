@@ -26,6 +26,10 @@ import schedules
 import solvers
 from tests import tiny
 
+# a grid tile of an 8x8 image: enlarged 4x to 32 pixels for a readable grid (data.readable), then 2 of padding
+TILE = 4 * 8 + 2
+
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_TEST = os.path.join(ROOT, "..", "shared", "data", "cifar10", "test.npz")
 
@@ -173,7 +177,7 @@ def test_grids_have_no_empty_tiles(runs, tmp_path):
     out = str(tmp_path / "g")
     run(["--checkpoint", runs["uncond"], "--steps", "2", "--n", "8", "--out", out, "--no-progress"])
     # torchvision's grid: 2 px padding around 8x8 tiles; 8 images -> 4 columns x 2 rows
-    assert Image.open(out + ".png").size == (4 * 10 + 2, 2 * 10 + 2)
+    assert Image.open(out + ".png").size == (4 * TILE + 2, 2 * TILE + 2)
 
 
 def test_interpolate_honours_n(runs, tmp_path, capsys):
@@ -182,7 +186,7 @@ def test_interpolate_honours_n(runs, tmp_path, capsys):
          "--no-progress"])
     x = images(out)
     assert x.shape == (16, 8, 8, 3)
-    assert Image.open(out + ".png").size == (8 * 10 + 2, 2 * 10 + 2), "rows of 8 frames"
+    assert Image.open(out + ".png").size == (8 * TILE + 2, 2 * TILE + 2), "rows of 8 frames"
     run(["--checkpoint", runs["uncond"], "--interpolate", "--steps", "3", "--n", "20", "--no-progress"])
     assert "whole rows of 8: 16 images for --n 20" in capsys.readouterr().out
     assert images(os.path.join(runs["uncond"], "samples", "interpolate_ddim3_seed0_n16")).shape[0] == 16
@@ -296,7 +300,7 @@ def test_edit_mask_keeps_the_known_region_exactly_and_is_seeded(runs, tmp_path, 
     assert not np.array_equal(x, images(str(tmp_path / "other"))), "another seed, other edits"
     assert not np.array_equal(x[0], x[1]), "the variations differ"
     # one row: input | mask | 3 edits, 10 px a tile
-    assert Image.open(name + ".png").size == (5 * 10 + 2, 1 * 10 + 2)
+    assert Image.open(name + ".png").size == (5 * TILE + 2, 1 * TILE + 2)
 
 
 def test_edit_with_a_classifier_translates_a_center_cropped_picture(runs, tmp_path, capsys):
