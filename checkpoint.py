@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-from cli import UsageError
+from cli import UsageError, say
 from ddpm import GaussianDiffusion
 from schedules import get_named_beta_schedule
 from unet import ADM_CHOICES, EncoderUNet, UNet
@@ -140,6 +140,28 @@ def samples_dir(path):
     if os.path.isfile(path):
         return os.path.join(os.path.dirname(path), "samples")
     return os.path.join("samples", re.sub(r"[^A-Za-z0-9._-]+", "_", path.strip("/")) or "model")
+
+
+def newest_run(kind):
+    """The most recently written run under runs/ whose checkpoint holds a `kind` network ("diffusion": an eps-model;
+    "ddgan": a DDGAN generator), saying which runs it saw and which it took: sample.py without --checkpoint."""
+    found = sorted(glob.glob(os.path.join("runs", "*", FILENAME)), key=os.path.getmtime, reverse=True)
+    usable = []
+    for path in found:
+        try:
+            ckpt = load(path)
+        except UsageError:
+            continue
+        if ckpt["kind"] == kind:
+            usable.append((os.path.dirname(path), ckpt.get("step")))
+    if not usable:
+        raise UsageError("--checkpoint: no run found under runs/; train one with `python train.py --dataset cifar10` "
+                         "or pass --checkpoint PATH")
+    others = ", ".join(run for run, _ in usable[1:])
+    say(f"using {usable[0][0]}, the most recently written run under runs/"
+        + (f" (also there: {others}; choose with --checkpoint)" if others else " (choose with --checkpoint)"))
+    return usable[0][0]
+
 
 
 def _is_diffusers_folder(path):

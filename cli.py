@@ -270,10 +270,9 @@ def resolve_device(name="auto", flag="--device"):
 
 def distributed(name="auto", flag="--device"):
     """(rank, world_size, device) of this process. Under torchrun (WORLD_SIZE > 1) the process group is initialised
-    here (nccl on CUDA, each rank on cuda:LOCAL_RANK; gloo on a CPU) and destroyed at exit, and every rank but 0 is
-    made quiet (say and wrote print nothing): the scripts split their work across ranks and rank 0 alone writes files
-    and prints. One process otherwise: (0, 1, resolve_device(name))."""
-    global QUIET
+    here (nccl on CUDA, each rank on cuda:LOCAL_RANK; gloo on a CPU) and destroyed at exit; from then on every rank
+    but 0 is quiet (say and wrote ask torch.distributed: `talks`). The scripts split their work across ranks and rank
+    0 alone writes files and prints. One process otherwise: (0, 1, resolve_device(name))."""
     device = resolve_device(name, flag)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
@@ -288,7 +287,6 @@ def distributed(name="auto", flag="--device"):
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         atexit.register(lambda: dist.is_initialized() and dist.destroy_process_group())
-    QUIET = rank != 0
     return rank, world, device
 
 
@@ -364,20 +362,62 @@ def progress(total, desc, unit="it", disable=False, initial=0, unit_scale=False)
                bar_format=Bar.FORMAT, dynamic_ncols=tty, mininterval=0.2 if tty else 30.0, file=sys.stderr)
 
 
-QUIET = False  # set on the ranks other than 0 under torchrun (distributed): only rank 0 talks
+def talks():
+    """Whether this process speaks to the user: always, except under torchrun, where rank 0 alone does (the rank is
+    torch.distributed's, set up by `distributed`; no state of our own)."""
+    import torch.distributed as dist  # noqa: PLC0415
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+class StepProgress(torch.nn.Module):
+    """The network, moving an images bar along as a batch walks down the diffusion's levels.
+
+    Every loop calls the network at levels S-1, ..., 0 of its diffusion (ddpm.calc_bpd_loop too), so a call at level i
+    means that (top - i + 1) / (top + 1) of the batch is done, top being the first level the batch was called at
+    (S - 1, or lower for a loop that starts part-way). Reading the level is a host sync: done on a CPU only.
+    """
+
+    def __init__(self, model, diffusion, bar):
+        super().__init__()
+        self.model, self.bar = model, bar
+        self.level = {t: i for i, t in enumerate(diffusion.timestep_map.tolist())}
+        self.start(0)
+
+    def start(self, m):
+        """A batch of m images begins."""
+        self.m, self.top, self.shown = m, None, 0
+
+    def forward(self, x, t, **kwargs):
+        out = self.model(x, t, **kwargs)
+        if torch.is_tensor(t) and t.device.type == "cpu" and not self.bar.disable:
+            i = self.level.get(int(t.reshape(-1)[0]))
+            if i is not None:
+                self.top = i if self.top is None else self.top
+                self.advance(int(self.m * (self.top - i + 1) / (self.top + 1)))
+        return out
+
+    def advance(self, done):
+        if done > self.shown:
+            self.bar.update(done - self.shown)
+            self.shown = done
+
+    def finish(self):
+        """The batch is done: the bar shows all of its images."""
+        self.advance(self.m)
+
 
 
 def say(message):
-    """One line for the user on stdout, that does not tear a progress bar."""
-    if QUIET:
+    """One line for the user on stdout, that does not tear a progress bar; nothing on torchrun's ranks other than 0."""
+    if not talks():
         return
     tqdm.write(message, file=sys.stdout)
     sys.stdout.flush()
 
 
 def wrote(path, what=""):
-    """The one line every written file gets."""
-    if QUIET:
+    """The one line every written file gets (by rank 0 alone under torchrun)."""
+    if not talks():
         return
     size = os.path.getsize(path) if os.path.isfile(path) else 0
     unit = f"{size / 2**20:.1f} MB" if size >= 2**20 else f"{size / 2**10:.0f} kB"

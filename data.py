@@ -1,21 +1,10 @@
 """
 Datasets and the on-device batch sampler.
 
-Design
-------
-Diffusion training on small images is input-bound long before it is compute-bound: a U-Net on
-32x32 images on one modern GPU eats several thousand images per second, more than a pool of
-DataLoader workers decoding and augmenting on the CPU can feed. So this file does the opposite of
-the usual torch pipeline:
-
-1. Every loader returns the WHOLE dataset as one uint8 tensor ``x`` [N, C, H, W] (contiguous NCHW)
-   and one int64 tensor ``y`` [N] of class labels. uint8 is 4x smaller than float32: all of
-   CIFAR-10 (50,000 x 3 x 32 x 32) is 150 MB, which fits on any GPU.
-2. ``Batches`` moves that uint8 tensor to the device ONCE and from then on draws every batch on the
-   device: a random permutation per epoch (torch.Generator on the device), a gather, a random
-   horizontal flip via ``torch.where`` on a per-sample mask, and the uint8 -> float conversion.
-   Nothing in ``next()`` reads a value back to the host, so the CPU queues batches asynchronously
-   ahead of the GPU just like it queues the model's kernels.
+Every loader returns the WHOLE dataset as one uint8 tensor ``x`` [N, C, H, W] (contiguous NCHW) and one int64 tensor
+``y`` [N] of labels; ``Batches`` moves it to the device once and draws every batch there (permutation, gather, flip,
+uint8 -> float) without reading a value back to the host. Why (a U-Net on 32x32 images eats more images per second
+than DataLoader workers can decode): docs/data.md.
 
 Pixel convention (the one place it is defined; see ``to_float`` / ``to_uint8_images``):
     float = uint8 / 127.5 - 1          uint8 in {0..255}  ->  float in [-1, 1]
@@ -24,9 +13,10 @@ The round trip uint8 -> float -> uint8 is exact. The FID reference statistics of
 computed feeding exactly ``x / 127.5 - 1`` to the Inception network, so generated samples should be
 turned into uint8 with ``to_uint8_images`` before any FID computation, as real images are.
 
-Sources (``load_dataset(name, ...)``):
+Sources (``load_dataset(name, ...)``; ``with_source=True`` also returns what was read, in words):
     cifar10    real CIFAR-10 from .npz shards (offline copy), or torchvision's download
     folder     any folder of images (class subfolders -> labels), resized + center-cropped
+    digits     scikit-learn's 1,797 handwritten digits (8x8, grey, bundled: no download), upsampled: learns on a CPU
     synthetic  a tiny deterministic class-dependent dataset for tests and smoke runs
 
 Files a user hands over are read by two checked readers: ``read_npz`` (every array's .npy header is checked before
@@ -55,17 +45,21 @@ DEFAULT_CIFAR10_DIRS = [REPO / "data" / "cifar10", REPO.parent / "shared" / "dat
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck")  # torchvision's order, labels 0..9
 
-DATASETS = ("cifar10", "folder", "synthetic")
+DATASETS = ("cifar10", "digits", "folder", "synthetic")
+
+# Datasets whose images mean the same mirrored, so a random horizontal flip is a free augmentation (DDPM §4 flips
+# CIFAR-10). Handwritten digits are not mirror-symmetric: a flipped 2 or 7 is not a digit.
+NOT_MIRRORED = ("digits",)
+
+
+def flips(name):
+    """Whether training batches of --dataset `name` are flipped at random (DDPM's only augmentation)."""
+    return name not in NOT_MIRRORED
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm")
 
 _NPZ_HELP = ("pass --data-dir DIR holding train_*.npz/test.npz (or a single .npz with x,y), "
              "or run online so torchvision can download it")
-
-
-# What the last load_dataset call actually read (the files found, or the source), in words: the scripts announce it,
-# so a user sees which of the searched places held the data.
-last_loaded = None
 
 
 class DataError(ValueError):
@@ -100,6 +94,18 @@ def grid_columns(n):
     return 1
 
 
+# A grid of 8x8 or 16x16 images (--dataset digits) is a postage stamp at 1:1; grids of images smaller than this are
+# drawn with each pixel repeated (nearest neighbour: no invented detail) up to at least this side.
+READABLE_SIDE = 32
+
+
+def readable(x):
+    """x [N, C, H, W] (any dtype) with each pixel repeated k = ceil(READABLE_SIDE / H) times along both axes, for a
+    grid a person can read; unchanged from 32 pixels up (CIFAR-10's grids stay 1:1)."""
+    k = -(-READABLE_SIDE // x.shape[-2])
+    return x if k <= 1 else x.repeat_interleave(k, dim=-2).repeat_interleave(k, dim=-1)
+
+
 def save_grid(x, path, nrow=None):
     """Write a PNG grid of images x (float [N, C, H, W] in [-1, 1], or uint8) to path, atomically.
 
@@ -111,6 +117,7 @@ def save_grid(x, path, nrow=None):
 
     x = x.detach()
     x = x.float() / 255.0 if x.dtype == torch.uint8 else ((x.float() + 1.0) / 2.0).clamp(0, 1)
+    x = readable(x)
     if nrow is None:
         nrow = grid_columns(x.shape[0])
     path = os.fspath(path)
@@ -285,25 +292,25 @@ def _npz_files(directory, split):
 
 
 def _load_npz_files(files):
-    global last_loaded
-    last_loaded = str(files[0]) if len(files) == 1 else f"{files[0].parent}/{{{', '.join(f.name for f in files)}}}"
+    """(x, y, source): the files' images and labels, and the files in words."""
+    source = str(files[0]) if len(files) == 1 else f"{files[0].parent}/{{{', '.join(f.name for f in files)}}}"
     xs, ys = zip(*(_read_cifar_npz(f) for f in files))
     x = xs[0] if len(xs) == 1 else np.concatenate(xs)
     y = ys[0] if len(ys) == 1 else np.concatenate(ys)
-    return _hwc_to_tensors(x, y)
+    return (*_hwc_to_tensors(x, y), source)
 
 
 def _load_torchvision(root, split, download):
     import torchvision.datasets
 
-    global last_loaded
     ds = torchvision.datasets.CIFAR10(root, train=(split == "train"), download=download)
-    last_loaded = f"{Path(root) / 'cifar-10-batches-py'} (torchvision{', downloaded' if download else ''})"
-    return _hwc_to_tensors(ds.data, ds.targets)
+    source = f"{Path(root) / 'cifar-10-batches-py'} (torchvision{', downloaded' if download else ''})"
+    return (*_hwc_to_tensors(ds.data, ds.targets), source)
 
 
-def load_cifar10(data_dir=None, split="train", download_root="data"):
-    """Load CIFAR-10 -> (x uint8 [N, 3, 32, 32] contiguous NCHW, y int64 [N]).
+def load_cifar10(data_dir=None, split="train", download_root="data", with_source=False):
+    """Load CIFAR-10 -> (x uint8 [N, 3, 32, 32] contiguous NCHW, y int64 [N]), and with_source=True the files read, in
+    words, third (for a script to announce which of the searched places held the data).
 
     Lookup order:
       1. data_dir if given: a single .npz file (x, y), or a directory with train_*.npz shards (all
@@ -313,6 +320,12 @@ def load_cifar10(data_dir=None, split="train", download_root="data"):
          <repo>/../shared/data/cifar10), skipping those without files for the split;
       3. otherwise torchvision.datasets.CIFAR10(download_root, download=True); offline -> DataError.
     """
+    x, y, source = _find_cifar10(data_dir, split, download_root)
+    return (x, y, source) if with_source else (x, y)
+
+
+def _find_cifar10(data_dir, split, download_root):
+    """load_cifar10's search: (x, y, source)."""
     if split not in ("train", "test"):
         raise DataError(f"split: got {split!r}, expected 'train' or 'test'")
 
@@ -352,8 +365,9 @@ def load_cifar10(data_dir=None, split="train", download_root="data"):
 # -----------------------------------------------------------------------------
 # image folder
 
-def load_folder(data_dir, image_size):
-    """Load every image under data_dir -> (x uint8 [N, 3, S, S], y int64 [N]), S = image_size.
+def load_folder(data_dir, image_size, with_source=False):
+    """Load every image under data_dir -> (x uint8 [N, 3, S, S], y int64 [N]), S = image_size (and with_source=True
+    the folder in words, third).
 
     Images inside subfolders get the label of their top-level subfolder, classes numbered by
     sorted subfolder name (like torchvision's ImageFolder; nested folders are searched too).
@@ -393,9 +407,9 @@ def load_folder(data_dir, image_size):
                             f"remove it or {fix}") from None
         im = TF.resize(im, image_size, interpolation=InterpolationMode.BICUBIC, antialias=True)
         x[i] = np.asarray(TF.center_crop(im, image_size))
-    global last_loaded
-    last_loaded = f"{root} ({len(files)} images, {max(len(classes), 1)} classes)"
-    return _hwc_to_tensors(x, [label for _, label in files])
+    source = f"{root} ({len(files)} images, {max(len(classes), 1)} classes)"
+    x, y = _hwc_to_tensors(x, [label for _, label in files])
+    return (x, y, source) if with_source else (x, y)
 
 
 # -----------------------------------------------------------------------------
@@ -524,6 +538,41 @@ def read_picture(path, mode="RGB", flag="--edit", fix="pass a picture file"):
 
 
 # -----------------------------------------------------------------------------
+# digits
+
+DIGITS_TEST = 297  # the last 297 of the 1,797 digits are held out (split="test"); the first 1,500 train
+
+
+def load_digits(image_size=16, split="train", with_source=False):
+    """scikit-learn's handwritten digits -> (x uint8 [N, 1, S, S], y int64 [N]): 1,797 real 8x8 grey images of the
+    digits 0-9 (UCI's optical digits, 43 writers), bundled inside scikit-learn, so nothing is downloaded.
+
+    Each pixel counts the ink in a 4x4 block of the 32x32 scan: 0 (paper) .. 16 (ink), scaled here to 0 .. 255, so
+    data.to_float maps paper to -1 and ink to +1. Upsampled bilinearly to `image_size` (a multiple of 8; the digits
+    recipe: 16, so the U-Net has a 16 -> 8 level to work at). One channel: grey data needs no colour, and a 3-channel
+    model spends its first minutes learning that R = G = B. split="train": the first 1,500; "test": the last 297.
+    """
+    if image_size % 8 or image_size < 8:
+        raise DataError(f"--image-size: the digits are 8x8, upsampled by a whole factor; got {image_size}, pass "
+                        f"a multiple of 8 (the digits recipe: 16)")
+    try:
+        from sklearn.datasets import load_digits as sklearn_digits  # noqa: PLC0415 (only this dataset needs it)
+    except ImportError:
+        raise DataError("--dataset digits: needs scikit-learn; pip install scikit-learn") from None
+    bunch = sklearn_digits()
+    x = torch.from_numpy(bunch.images).float().unsqueeze(1) * (255.0 / 16.0)    # [1797, 1, 8, 8] in 0..255
+    if image_size != 8:
+        x = torch.nn.functional.interpolate(x, size=(image_size, image_size), mode="bilinear", align_corners=False)
+    x = x.round().clamp(0, 255).to(torch.uint8).contiguous()
+    y = torch.from_numpy(bunch.target).long()
+    keep = slice(None, -DIGITS_TEST) if split == "train" else slice(-DIGITS_TEST, None)
+    source = (f"scikit-learn's handwritten digits ({split}: {len(y[keep])} of {len(y)}, 8x8 -> "
+              f"{image_size}x{image_size}, grey)")
+    x, y = x[keep].contiguous(), y[keep].contiguous()
+    return (x, y, source) if with_source else (x, y)
+
+
+# -----------------------------------------------------------------------------
 # synthetic
 
 def synthetic_dataset(n=256, image_size=16, channels=3, num_classes=2, seed=0):
@@ -562,8 +611,9 @@ def synthetic_dataset(n=256, image_size=16, channels=3, num_classes=2, seed=0):
 # -----------------------------------------------------------------------------
 # dispatch
 
-def load_dataset(name, data_dir=None, image_size=32, split="train", synthetic_n=256):
-    """(x uint8 [N, C, S, S], y int64 [N]) for --dataset name in DATASETS.
+def load_dataset(name, data_dir=None, image_size=32, split="train", synthetic_n=256, with_source=False):
+    """(x uint8 [N, C, S, S], y int64 [N]) for --dataset name in DATASETS; with_source=True adds what it actually read,
+    in words (the files found, or the source), third.
 
     cifar10: see load_cifar10 (image_size must be 32). folder: see load_folder (split is ignored:
     the folder is the data). synthetic: synthetic_n images of image_size; split="test" draws a different
@@ -574,21 +624,24 @@ def load_dataset(name, data_dir=None, image_size=32, split="train", synthetic_n=
         if image_size != 32:
             raise DataError(f"--image-size: CIFAR-10 images are 32x32, got {image_size}; pass "
                             f"--image-size 32 (or use --dataset folder to resize other images)")
-        return load_cifar10(data_dir, split=split)
+        return load_cifar10(data_dir, split=split, with_source=with_source)
+    if name == "digits":
+        if data_dir is not None:
+            raise DataError("--data-dir: --dataset digits ships inside scikit-learn; drop --data-dir")
+        return load_digits(image_size, split, with_source=with_source)
     if name == "folder":
-        return load_folder(data_dir, image_size)
+        return load_folder(data_dir, image_size, with_source=with_source)
     if name == "synthetic":
-        global last_loaded
-        last_loaded = f"synthetic ({synthetic_n} generated images, seed {0 if split == 'train' else 1})"
-        return synthetic_dataset(n=synthetic_n, image_size=image_size, seed=0 if split == "train" else 1)
+        source = f"synthetic ({synthetic_n} generated images, seed {0 if split == 'train' else 1})"
+        x, y = synthetic_dataset(n=synthetic_n, image_size=image_size, seed=0 if split == "train" else 1)
+        return (x, y, source) if with_source else (x, y)
     raise DataError(f"--dataset: unknown dataset {name!r}; pass one of {', '.join(DATASETS)}")
 
 
 def load_dataset_and_source(name, data_dir=None, image_size=32, split="train", synthetic_n=256):
     """(x, y, source): load_dataset, and what it actually read in words (the files found, or the source), for a
     script to announce which of the searched places held the data."""
-    x, y = load_dataset(name, data_dir, image_size, split, synthetic_n)
-    return x, y, last_loaded
+    return load_dataset(name, data_dir, image_size, split, synthetic_n, with_source=True)
 
 
 # -----------------------------------------------------------------------------

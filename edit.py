@@ -41,7 +41,9 @@ from tqdm.auto import tqdm
 from ddim import check_eta, ddim_step
 from ddpm import randn_like
 
-SAMPLERS = ("ddpm", "ddim")
+# the reverse chains SDEdit can run from t0 (the `sampler` of sdedit): DDPM's ancestral step (A2) or DDIM's (D2);
+# not to be confused with menu.SAMPLERS, the menu of whole samplers from x_T
+REVERSE_CHAINS = ("ddpm", "ddim")
 
 
 def sdedit_steps(diffusion, strength):
@@ -76,8 +78,8 @@ def sdedit(diffusion, model, x_in, strength, sampler="ddpm", eta=0.0, mask=None,
     strength 0 returns a copy of x_in; strength 1 is ddpm.p_sample_loop / ddim.ddim_sample_loop from x_T = the first
     draw of `generator`, the same samples those loops give with the same generator.
     """
-    if sampler not in SAMPLERS:
-        raise ValueError(f"sampler: unknown {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if sampler not in REVERSE_CHAINS:
+        raise ValueError(f"sampler: unknown {sampler!r}; choose one of {', '.join(REVERSE_CHAINS)}")
     if sampler == "ddim":
         check_eta(diffusion, eta)
     if mask is not None:

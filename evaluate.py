@@ -29,9 +29,10 @@ import checkpoint
 import cli
 import data
 import fid
+import outputs
 import sampling
-from cli import (Parser, UsageError, check_appendable, check_compiler, check_number, distributed, human_time,
-                 main_guard, progress, resolve_device, say, wrote)
+from cli import (Parser, StepProgress, UsageError, check_appendable, check_compiler, check_number, distributed,
+                 human_time, main_guard, progress, resolve_device, say, wrote)
 
 def load_sampler(args, device):
     """The checkpoint's network, diffusion and guidance as a sampling.Sampler (checked before any work)."""
@@ -62,7 +63,7 @@ def cmd_fid(args):
         s, ckpt = load_sampler(args, device)
         fid.check_sizes(s.image_shape[1:], args.ref, "the checkpoint's images")
         if args.save_samples:  # claimed now, before the work (rank 0 alone writes, every rank checks)
-            sampling.check_outputs(args.save_samples, args.force, "--save-samples", hold=rank == 0)
+            outputs.check_outputs(args.save_samples, args.force, "--save-samples", hold=rank == 0)
     else:
         samples = fid.load_samples(args.samples)
         fid.check_sizes(fid.image_size(samples), args.ref, f"the images in {args.samples}")
@@ -79,7 +80,7 @@ def cmd_fid(args):
             return None
         say(f"sampled {args.n} images in {human_time(seconds)}")
         if args.save_samples:
-            for path in sampling.save_samples(samples, labels, args.save_samples, force=args.force):
+            for path in outputs.save_samples(samples, labels, args.save_samples, force=args.force):
                 wrote(path)
         o = s.settings
         extra = {"checkpoint": args.checkpoint, "checkpoint_step": ckpt.get("step"), "sampler": o.sampler,
@@ -134,7 +135,7 @@ def cmd_bpd(args):
         f"{diffusion.num_timesteps} model evaluations per image")
     g = torch.Generator(device).manual_seed(args.seed)
     bar = progress(x.shape[0], "bpd", unit="img", disable=args.no_progress)
-    step_progress = sampling.StepProgress(model, diffusion, bar)
+    step_progress = StepProgress(model, diffusion, bar)
     totals, priors, decoders, kls = [], [], [], []
     t0 = time.time()
     for start in range(0, x.shape[0], args.batch_size):

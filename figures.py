@@ -239,12 +239,8 @@ def draw(rows, row_labels, col_labels, title, path, force=False):
         plt.close(fig)
 
 
-def main(argv=None):
-    args = build_parser().parse_args(argv)
-    cli.check_names([("--checkpoint", args.checkpoint), ("--out", args.out), ("--classifier", args.classifier)])
-    # -- check everything before any work ----------------------------------------------------------------------------
-    device = cli.resolve_device(args.device)
-    args.device = device
+def load_diffusion(args):
+    """The --checkpoint's diffusion model and its diffusion, --n and --steps checked first."""
     for flag, value, hi in (("--n", args.n, 10_000), ("--steps", args.steps, None)):  # --steps: <= T, below
         if value is not None:
             cli.check_number(flag, value, lo=1, hi=hi, integer=True)
@@ -256,6 +252,11 @@ def main(argv=None):
     T = diffusion.num_timesteps
     if args.steps is not None and args.steps > T:
         raise cli.UsageError(f"--steps: must be in 1..{T} (the model's diffusion steps), got {args.steps}")
+    return ckpt, diffusion
+
+
+def check_figure_flags(args, T, num_classes):
+    """The flags of the chosen figure (--columns, --scales), against the model's T steps and classes."""
     if args.figure.startswith("ddpm"):
         paper_ts(args.columns, T)  # checked now, used when drawing
     if args.figure == "ddim-consistency":
@@ -264,8 +265,6 @@ def main(argv=None):
         counts = cli.parse_list("10,20,50,100,1000" if args.columns is None else args.columns, "--columns", int)
         if len(counts) > 64 or any(not 1 <= c <= T for c in counts):
             raise cli.UsageError(f"--columns: up to 64 step counts in 1..{T}, got {args.columns!r}")
-    num_classes = checkpoint.num_classes_of(ckpt)
-    classifier = None
     if args.figure == "guidance":
         try:
             scales = [float(s) for s in args.scales.split(",")]
@@ -278,14 +277,23 @@ def main(argv=None):
         if args.classifier is None and num_classes is None:
             raise cli.UsageError("--classifier: an unconditional model needs a noisy classifier for guidance "
                                  "(train.py --task classifier), or use a class-conditional run (--class-cond)")
+
+
+def claim_output(args, ckpt):
+    """The PNG's path, claimed now (outputs.claim): an existing one is refused without --force, and one that another
+    figures.py is drawing right now is refused even with it; --out is named only when it was typed."""
     folder = args.out or (os.path.join(os.path.dirname(ckpt["path"]), "figures") if os.path.isfile(ckpt["path"])
                           else os.path.join("runs", "figures"))
     cli.check_writable_dir(folder, "--out")
-    # the PNG's name, claimed now (outputs.claim): an existing one is refused without --force, and one that another
-    # figures.py is drawing right now is refused even with it; --out is named only when it was typed
     path = os.path.join(folder, f"{args.figure}_seed{args.seed}.png")
     outputs.claim([path], "--out", args.force, typed=args.out is not None)
-    model = checkpoint.build_network(ckpt, device=device)
+    return path
+
+
+def load_classifier(args, ckpt, device):
+    """guidance with --classifier: the noisy classifier, checked against the diffusion run, and the classes to guide
+    towards (the classifier's, else the run's own); (None, the run's classes) otherwise."""
+    classifier, num_classes = None, checkpoint.num_classes_of(ckpt)
     if args.figure == "guidance" and args.classifier is not None:
         cls_ckpt = checkpoint.load(args.classifier, "--classifier")
         if cls_ckpt["kind"] != "classifier":
@@ -302,12 +310,16 @@ def main(argv=None):
         num_classes = checkpoint.num_classes_of(cls_ckpt)
     if args.figure == "guidance" and not 0 <= args.label < num_classes:
         raise cli.UsageError(f"--class: must be in 0..{num_classes - 1}, got {args.label}")
+    return classifier, num_classes
 
-    # -- draw -------------------------------------------------------------------------------------------------------
-    args_m = ckpt["model_args"]
+
+def draw_figure(args, ckpt, model, diffusion, classifier, num_classes):
+    """The chosen figure's rows of images (finite, float) and its labels: (rows, row_labels, col_labels, title,
+    what it shows)."""
+    device, args_m = args.device, ckpt["model_args"]
     n = args.n or (8 if args.figure == "guidance" else 4)
     shape = (n, args_m.get("in_channels", 3), args_m["image_size"], args_m["image_size"])
-    spaced_steps = args.steps or T
+    spaced_steps = args.steps or diffusion.num_timesteps
     work = {"ddpm-x0": spaced_steps, "ddpm-shared": spaced_steps,
             "ddim-consistency": len(cli.parse_ints(args.columns or "10,20,50,100,1000", "--columns")),
             "ddim-interp": 9, "guidance": len(args.scales.split(","))}[args.figure]
@@ -328,6 +340,21 @@ def main(argv=None):
     if not all(torch.isfinite(img).all() for row in rows for img in row):
         raise cli.UsageError(f"--checkpoint: the images of {ckpt['path']} are not finite (a diverged model?); "
                              "nothing was written")
+    return rows, row_labels, col_labels, title, shows
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    # -- check everything before any work ----------------------------------------------------------------------------
+    cli.check_names([("--checkpoint", args.checkpoint), ("--out", args.out), ("--classifier", args.classifier)])
+    args.device = cli.resolve_device(args.device)
+    ckpt, diffusion = load_diffusion(args)
+    check_figure_flags(args, diffusion.num_timesteps, checkpoint.num_classes_of(ckpt))
+    path = claim_output(args, ckpt)
+    model = checkpoint.build_network(ckpt, device=args.device)
+    classifier, num_classes = load_classifier(args, ckpt, args.device)
+    # -- draw -------------------------------------------------------------------------------------------------------
+    rows, row_labels, col_labels, title, shows = draw_figure(args, ckpt, model, diffusion, classifier, num_classes)
     draw(rows, row_labels, col_labels, title, path, args.force)
     cli.wrote(path, shows)
 

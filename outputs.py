@@ -1,41 +1,31 @@
 """
 The files the scripts write (sample.py's .png/.npz pairs, figures.py's PNGs, evaluate.py's results.jsonl, tables
-and cached statistics): a result is whole or absent, and never silently replaces another.
+and cached statistics): a result is whole or absent, and never silently replaces another. The rules, each in full
+in docs/outputs.md:
 
-THE RULES
+  1. ONE WRITER PER NAME. Before the work, `claim` takes each output path for this process (an exclusive flock on
+     PATH.lock holding the writer's pid, then the existence check): a second process claiming it, or an existing
+     file without --force, is refused in one line before its own work (cli.UsageError, exit code 2). The operating
+     system drops a flock when its process dies, even by SIGKILL, so a lock left behind never blocks anyone.
 
-  1. ONE WRITER PER NAME. Before the work, `claim` takes each output path for this process: an exclusive flock on
-     PATH.lock (holding the writer's pid), then the existence check. While one process works towards a name, a
-     second one claiming it is refused in one line before its own work (cli.UsageError, exit code 2), as is an
-     existing file without --force. The operating system drops a flock when its process dies, even by SIGKILL, so a
-     lock file left behind by a killed process never blocks anyone (the next claim takes it over). A claim is given
-     back when its files are written, and in any case when the script ends (cli.main_guard), or at exit.
+  2. ALL OR NOTHING. `write` writes every file of a result to a temporary beside its target, fsyncs each, and only
+     when all are complete names them: without --force by os.link (a file that appeared meanwhile is refused, never
+     replaced), with --force by os.replace, the earlier file kept aside until every new one is in place. Any failure
+     (a full disk, an interrupt) removes the temporaries and restores the earlier files; a system error is one line,
+     `error: cannot write PATH: ...; nothing was written`, exit code 1 (cli.OutputError).
 
-  2. ALL OR NOTHING. `write` writes every file of a result to a temporary beside its target (PATH.tmpPID, in the same
-     folder, so that naming it is a rename on one file system), flushes and fsyncs each, and only when all are
-     complete gives them their names:
-       * without --force by os.link(temporary, PATH), which fails if PATH exists: a result that appeared meanwhile
-         (written by a process that did not claim the name) is refused, never silently replaced;
-       * with --force by os.replace, the earlier file kept as a second link PATH.oldPID until every new file is in
-         place (readers see the old file or the new one, never none).
-     Any failure (a full disk, a lost permission, an interrupt) removes the temporaries, takes back the names already
-     given and restores the earlier files: nothing is left, so the same command can simply be run again. A system
-     error is one line, `error: cannot write PATH: No space left on device; nothing was written`, exit code 1
-     (cli.OutputError): the command line was right, so not a usage error's 2, and the same command works once there
-     is space again.
+  3. A LINE APPENDED WHOLE. `append_line` adds a record to a log (results.jsonl) under an exclusive flock, in one
+     write, fsynced; a failed write is cut back to the length the file had before it.
 
-  3. A LINE APPENDED WHOLE. `append_line` adds a record to a log (results.jsonl) under an exclusive flock (appenders
-     take turns), in one write, fsynced; a failed write is cut back to the length the file had before it. A record
-     is appended whole or not at all.
+  4. NOT HALF DONE BY A SIGNAL. Ctrl-C or SIGTERM during the renames, an append, or the clean-up after a failure
+     waits the microseconds until that step is done, and is then raised as usual (exit code 130 / 143).
 
-  4. NOT HALF DONE BY A SIGNAL. The temporaries may be interrupted at any moment (they are removed), but Ctrl-C or
-     SIGTERM during the renames, an append, or the clean-up after a failure waits the microseconds until that step is
-     done, and is then raised as usual (cli.main_guard: one line, exit code 130 / 143).
-
-Nothing here knows about images or diffusion: a file's content is a function that writes it to an open binary file.
+The rules know nothing of images or diffusion: a file's content is a function that writes it to an open binary file.
+At the end, `save_samples` / `write_samples` use them for the one result made of images: a .png grid and its .npz.
 """
 
 import atexit
+import dataclasses
 import errno
 import fcntl
 import glob
@@ -44,7 +34,11 @@ import signal
 import threading
 from contextlib import contextmanager
 
-from cli import OutputError, UsageError
+import numpy as np
+import torch
+
+import data
+from cli import OutputError, UsageError, check_name, say, wrote
 
 # the claims this process holds: lock-file path -> its open descriptor (the flock lives as long as the descriptor)
 _HELD = {}
@@ -394,3 +388,70 @@ def append_line(path, line):
         raise OutputError(f"cannot append to {path}: {e.strerror or e}; nothing was appended") from None
     finally:
         os.close(fd)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Sampled images: a .png grid and an .npz, claimed and written as one result (sample.py, evaluate.py)
+# ----------------------------------------------------------------------------------------------------------------
+
+def check_outputs(out, force=False, flag="--out", typed=True, hold=True):
+    """The .png and .npz an output name stands for, checked and claimed before any work (claim): refused if
+    either exists (without --force) or another process is writing it right now. `typed`: the user gave `flag` (a
+    default name's refusal names the file and --force only); `hold` False checks without claiming (torchrun's ranks
+    other than 0, which never write)."""
+    if typed:
+        check_name(out, flag)
+        if out.endswith(os.sep) or os.path.isdir(out):
+            raise UsageError(f"{flag}: {out} is a folder; give a name without extension, e.g. "
+                             f"{os.path.join(out, 'samples')}")
+    return claim([out + ".png", out + ".npz"], flag, force, typed, hold)
+
+
+def save_samples(images, labels, out, nrow=None, grid=None, extra=None, force=False):
+    """out.png (a grid) and out.npz (`x` uint8 [N, H, W, C], `y` int64 [N] when labelled), written as a pair: both
+    or neither (write: temporaries, fsynced, then named; a full disk or an interrupt leaves nothing), and
+    never over an existing file unless `force`.
+
+    The .npz is what FID tools read (evaluate.py; OpenAI's evaluator reads the same layout). `grid` (uint8
+    [M, H, W, C]) replaces the images in the PNG only (sample.py --edit shows the input and mask beside them);
+    `extra` adds arrays to the .npz.
+    """
+    import torchvision.utils  # noqa: PLC0415
+
+    # the PNG is data.save_grid's picture (uint8 -> [0, 1], small images enlarged, a full grid by default), written
+    # to an open file
+    picture = data.readable(torch.from_numpy(images if grid is None else grid).permute(0, 3, 1, 2).float() / 255.0)
+    columns = nrow if nrow is not None else data.grid_columns(picture.shape[0])
+    arrays = {"x": images} if labels is None else {"x": images, "y": labels}
+    arrays.update(extra or {})
+    png, npz = write({
+        out + ".png": lambda f: torchvision.utils.save_image(picture, f, nrow=columns, format="png"),
+        out + ".npz": lambda f: np.savez(f, **arrays),
+    }, force)
+    return png, npz
+
+
+@dataclasses.dataclass
+class Samples:
+    """What a sample.py experiment made: the images of the .npz (and their labels), the grid of the .png (default:
+    the images, `nrow` to a row), extra arrays for the .npz, and how to describe both files in their `wrote` lines
+    (`next`: the command to run next, with {png} and {npz})."""
+    images: np.ndarray
+    labels: np.ndarray = None
+    nrow: int = None
+    grid: np.ndarray = None
+    extra: dict = None
+    png_what: str = ""
+    npz_what: str = ""
+    next: str = None
+
+
+def write_samples(result, out, force=False):
+    """out.png and out.npz of a Samples (save_samples), each announced in its one line, then what to do next."""
+    png, npz = save_samples(result.images, result.labels, out, result.nrow, grid=result.grid, extra=result.extra,
+                            force=force)
+    wrote(png, result.png_what)
+    wrote(npz, result.npz_what)
+    if result.next:
+        say("next: " + result.next.format(png=png, npz=npz))
+    return png, npz

@@ -26,18 +26,7 @@ UNet's), diffusion_pytorch_model.safetensors|.bin and scheduler_config.json side
 its scheduler is then ../scheduler/scheduler_config.json. Without a scheduler config, DDPMScheduler's defaults are
 used (linear 1e-4 .. 0.02, T = 1000, fixed_small), as diffusers would.
 
-NAMES (ours <- diffusers'), for every level l, block i, in forward order:
-  time_embed.0 / .2                      <- time_embedding.linear_1 / linear_2
-  down.0.0                               <- conv_in
-  down.k.0 (ResBlock), down.k.1 (Attn)   <- down_blocks.l.resnets.i, down_blocks.l.attentions.i
-  down.k.0.op (downsampling conv)        <- down_blocks.l.downsamplers.0.conv
-  middle.0 / .1 / .2                     <- mid_block.resnets.0 / attentions.0 / resnets.1
-  up.k.0, up.k.1, up.k.{1,2}.conv        <- up_blocks.j.resnets.i, .attentions.i, .upsamplers.0.conv
-  out.0 / out.2                          <- conv_norm_out / conv_out
-  ResBlock: norm1, conv1, emb_proj, norm2, conv2, skip <- norm1, conv1, time_emb_proj, norm2, conv2, conv_shortcut
-  Attn:     norm <- group_norm;  qkv <- [to_q; to_k; to_v];  proj <- to_out.0
-            (older diffusers releases, and the files converted then, name them query, key, value, proj_attn;
-            both load)
+NAMES: every parameter's name in diffusers and in our UNet, in forward order, is tabled in docs/pretrained.md.
 """
 
 import json

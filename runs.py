@@ -3,14 +3,8 @@ What a training run needs that DDPM's Algorithm 1 does not. train.py parses the 
 the steps; this module keeps the run safe, resumable and visible around them, and knows nothing of how a step is
 taken.
 
-THE RUN FOLDER (--out, default runs/<dataset>):
-    ckpt.pt            the latest checkpoint (checkpoint.py's format 2: it describes its own network), replaced
-                       atomically, so a kill at any moment leaves the previous one intact
-    metrics.jsonl      one line per --log-every steps: step, loss, lr, img/s, elapsed seconds (and accuracy)
-    samples.png        the EMA model's latest grid (DDIM, 50 steps), also kept as samples_<step>.png
-    loss.png           the loss against the step on a log scale with its moving average, redrawn at every save
-    config.json        the run's flags, and the history of every start and resume with the flags it changed
-    train.lock         held (flock) by the process training into the folder; a second one is refused
+THE RUN FOLDER (--out, default runs/<dataset>) holds ckpt.pt, metrics.jsonl, samples.png, loss.png, config.json and
+train.lock, the lock a second run into the folder is refused by (README.md, "What a run folder holds").
 
 NEVER LOSE WORK, NEVER KEEP BAD WORK:
   * every save is checked first: a non-finite loss or weight, or weights whose loss on a fixed probe batch has
@@ -63,15 +57,16 @@ from ddim import ddim_sample_loop
 from guidance import classifier_accuracy_at, noisy_classifier_loss
 
 GRID_STEPS = 50          # the sample grid: DDIM with 50 steps (DDIM §5: close to 1000-step DDPM quality)
+LEAST_GRID, LEAST_GRID_STEPS = 4, 10  # the smallest grid a run draws when it promised one: 4 images, DDIM-10
 EXTRA_MIN_SECONDS = 20   # a grid or an accuracy check may take max(this, 5% of the run so far), shrunk to fit
 RUN_FILES = ("ckpt.pt", "metrics.jsonl", "config.json", "samples.png", "loss.png")
 
 # On --resume these flags may change: the run goes on with the new value and config.json records the change.
 CHANGEABLE = ("steps", "lr", "warmup", "weight_decay", "grad_clip", "ema", "p_uncond", "max_minutes", "log_every",
               "save_every", "save_minutes", "sample_every", "sample_minutes", "n_sample", "eval_every", "precision",
-              "compile", "lr_d")
+              "compile", "lr_d", "tensorboard")
 # These belong to one process, not to the run (never saved, never compared).
-RUNTIME = ("out", "resume", "device", "no_progress")
+RUNTIME = ("out", "resume", "device", "no_progress", "config")
 # Every other flag defines the network, the diffusion, the data or the random stream: --resume refuses a change.
 
 
@@ -82,6 +77,137 @@ class RunFailed(Exception):
 # ----------------------------------------------------------------------------------------------------------------
 # The flags of a resumed run
 # ----------------------------------------------------------------------------------------------------------------
+
+# ----------------------------------------------------------------------------------------------------------------
+# The flags, checked
+# ----------------------------------------------------------------------------------------------------------------
+
+# upper bounds of train.py's flags: what fits in memory and finishes, far above any recipe (the fix: a smaller value)
+UPPER_BOUNDS = {"--steps": cli.MAX_STEPS, "--warmup": cli.MAX_STEPS, "--log-every": cli.MAX_STEPS,
+                "--save-every": cli.MAX_STEPS, "--sample-every": cli.MAX_STEPS, "--eval-every": cli.MAX_STEPS,
+                "--batch-size": cli.MAX_BATCH, "--n-sample": 10_000, "--image-size": cli.MAX_IMAGE_SIZE,
+                "--synthetic-n": cli.MAX_IMAGES, "--ch": 4096, "--num-res-blocks": 64, "--num-heads": 4096,
+                "--lr": 1.0, "--weight-decay": 100.0, "--grad-clip": 1e6, "--max-minutes": 1e7,
+                "--save-minutes": 1e7, "--sample-minutes": 1e7}
+AT_LEAST_ONE = ("--steps", "--log-every", "--save-every", "--eval-every", "--batch-size", "--image-size",
+                "--synthetic-n", "--ch", "--num-res-blocks", "--num-heads")
+
+
+def check_upper_bounds(args):
+    """UPPER_BOUNDS, and synthetic data that fits in memory: one line naming the flag."""
+    for flag, hi in UPPER_BOUNDS.items():
+        cli.check_number(flag, getattr(args, flag[2:].replace("-", "_")), 1 if flag in AT_LEAST_ONE else 0, hi,
+                         integer=isinstance(hi, int))
+    gib = args.synthetic_n * 3 * args.image_size ** 2 / 2 ** 30
+    if gib > 16:
+        raise UsageError(f"--synthetic-n: {args.synthetic_n} images of {args.image_size}x{args.image_size} take "
+                         f"{gib:.0f} GiB; generate fewer")
+
+
+def check_args(args):
+    """Every number and combination a train.py flag can get wrong: one line naming the flag, before any work (and
+    again after --resume takes the checkpoint's flags)."""
+    num = cli.check_number
+    cli.check_names([("--data-dir", args.data_dir), ("--out", args.out)])
+    num("--lr", args.lr, 0, lo_open=True)
+    num("--dropout", args.dropout, 0, 1, hi_open=True)
+    num("--p-uncond", args.p_uncond, 0, 1, hi_open=True)
+    num("--ema", args.ema, 0, 1, hi_open=True)
+    cli.check_seed("--seed", args.seed)  # torch seeds are 64-bit; ranks add 1000 x rank
+    num("--diffusion-steps", args.diffusion_steps, 1, 100_000)  # DDPM 1000, iDDPM 4000; more is a typo
+    for flag in ("--weight-decay", "--grad-clip", "--max-minutes", "--save-minutes", "--sample-minutes", "--warmup",
+                 "--sample-every", "--n-sample"):
+        num(flag, getattr(args, flag[2:].replace("-", "_")), 0)
+    for flag in ("--steps", "--batch-size", "--diffusion-steps", "--ch", "--num-res-blocks", "--image-size",
+                 "--log-every", "--save-every", "--eval-every", "--synthetic-n", "--num-heads"):
+        num(flag, getattr(args, flag[2:].replace("-", "_")), 1)
+    check_upper_bounds(args)
+    mult = cli.parse_ints(args.ch_mult, "--ch-mult")
+    if not mult or min(mult) < 1 or max(mult) > 64 or len(mult) > 12:
+        raise UsageError(f"--ch-mult: expected up to 12 integers from 1 to 64 like 1,2,2,2, got {args.ch_mult!r}")
+    if args.image_size % 2 ** (len(mult) - 1):
+        raise UsageError(f"--image-size: {args.image_size} must be divisible by 2^{len(mult) - 1} for --ch-mult "
+                         f"{args.ch_mult}; pick a multiple of {2 ** (len(mult) - 1)}")
+    resolutions = [args.image_size // 2 ** i for i in range(len(mult))]
+    attn = cli.parse_ints(args.attn, "--attn")
+    for r in attn:
+        if r not in resolutions:
+            raise UsageError(f"--attn: {r} is not a resolution of this network ({', '.join(map(str, resolutions))}); "
+                             f"pick among them or pass --attn ''")
+    # attention runs at the --attn levels and always in the middle block (at the lowest resolution)
+    widths = sorted({args.ch * m for m, r in zip(mult, resolutions) if r in attn} | {args.ch * mult[-1]})
+    if args.num_head_channels == -1:
+        if any(w % args.num_heads for w in widths):
+            raise UsageError(f"--num-heads: {args.num_heads} heads do not divide the attention widths "
+                             f"{widths}; pick a divisor of {math.gcd(*widths)}")
+    elif args.num_head_channels < 1 or any(w % args.num_head_channels for w in widths):
+        raise UsageError(f"--num-head-channels: {args.num_head_channels} does not divide the attention widths "
+                         f"{widths}; pick a divisor of {math.gcd(*widths)} or -1 (use --num-heads)")
+    if args.task in ("classifier", "ddgan"):
+        for flag, value, default in (("--class-cond", args.class_cond, False), ("--loss", args.loss, "mse"),
+                                     ("--t-sampler", args.t_sampler, "uniform")):
+            if value != default:
+                raise UsageError(f"{flag}: applies to --task diffusion only; drop it for --task {args.task}")
+    if args.out is not None and not args.out.strip():
+        raise UsageError("--out: empty; give a run folder, or leave --out out for runs/<dataset>")
+    if args.task == "ddgan":
+        num("--lr-d", args.lr_d, 0, 1, lo_open=True)
+        num("--r1-gamma", args.r1_gamma, 0, 1e6)
+        for flag, hi in (("--latent-dim", 4096), ("--d-ch", 4096), ("--lazy-reg", cli.MAX_STEPS)):
+            num(flag, getattr(args, flag[2:].replace("-", "_")), 1, hi, integer=True)
+        if args.compile:  # R1 differentiates D's gradient: torch.compile has no double backward
+            raise UsageError("--compile: --task ddgan trains eagerly (R1 needs a double backward); drop --compile")
+        if args.grad_clip > 0:  # ddgan.ddgan_train_step steps its optimizers itself, unclipped, as the paper
+            raise UsageError("--grad-clip: --task ddgan does not clip gradients (nor does the paper); drop --grad-clip")
+    if args.dataset == "synthetic" and args.data_dir is not None:
+        raise UsageError("--data-dir: --dataset synthetic generates its images; drop --data-dir")
+    if args.compile:
+        cli.check_compiler()
+    if args.tensorboard:
+        check_tensorboard()
+
+
+def gather_all(t, losses):
+    """Every rank's (t, loss) pairs, so every rank's importance sampler keeps the same history."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return t, losses
+    n = dist.get_world_size()
+    ts, ls = [torch.empty_like(t) for _ in range(n)], [torch.empty_like(losses) for _ in range(n)]
+    dist.all_gather(ts, t)
+    dist.all_gather(ls, losses)
+    return torch.cat(ts), torch.cat(ls)
+
+
+def on_device(net, device):
+    """The network on the device; on CUDA in channels_last, cuDNN's fast layout for bf16 convolutions."""
+    net = net.to(device)
+    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
+
+
+def discriminator_args_of(args, channels):
+    """D(x_{t-1}, x_t, t) of --task ddgan: unet.EncoderUNet on the pair concatenated along the channels (2C in), one
+    logit out (DDGAN §3.2), --d-ch base channels, G's resolutions and blocks, average pooling and no attention (their
+    CIFAR-10 discriminator is a plain ResNet; R1's double backward through attention would also need the slow
+    math kernel)."""
+    return dict(image_size=args.image_size, in_channels=2 * channels, ch=args.d_ch,
+                ch_mult=tuple(cli.parse_ints(args.ch_mult, "--ch-mult")), num_res_blocks=args.num_res_blocks,
+                attn_resolutions=(), dropout=0.0, use_scale_shift_norm=args.scale_shift_norm, out_dim=1,
+                pool="adaptive")
+
+
+def check_tensorboard():
+    """--tensorboard needs the tensorboard package (optional): one line naming the install, before any work."""
+    try:
+        import tensorboard  # noqa: F401, PLC0415
+    except ImportError:
+        raise UsageError("--tensorboard: tensorboard is not installed; pip install tensorboard, or drop "
+                         "--tensorboard (metrics.jsonl and samples.png hold the same)") from None
+
+
+def dests(parser):
+    """The dest names of every flag of `parser` (the attributes of its namespace)."""
+    return set(vars(parser.parse_args([])))
+
 
 def given_flags(parser, argv):
     """The flags the user typed (their dest names): argparse fills a default only where the namespace has nothing,
@@ -134,6 +260,7 @@ class RunFolder:
         self.metrics_path = os.path.join(out, "metrics.jsonl")
         self.lock = None      # the open train.lock while this process holds it
         self.metrics = None   # metrics.jsonl, open for appending while the run trains
+        self.tensorboard = None  # --tensorboard: a SummaryWriter into the run folder (events.out.tfevents.*)
         self.made = missing_folders(out) if is_main else []  # what `open` creates, removed if the start is refused
 
     def open(self, resume):
@@ -161,20 +288,25 @@ class RunFolder:
             say(f"removed {tmp} (a temporary checkpoint left by a process that died while saving)")
 
     def trim_metrics(self, step):
-        """Cut metrics.jsonl back to the checkpoint's step: steps redone after a resume must not appear twice."""
+        """Cut metrics.jsonl back to the checkpoint's step: steps redone after a resume must not appear twice.
+        Returns the elapsed_s of the last line kept (the run's seconds up to its checkpoint, which a log line always
+        precedes), from which a resumed run counts on: elapsed_s is the run's time over all its starts."""
         if not os.path.isfile(self.metrics_path):
-            return
-        keep = []
+            return 0.0
+        keep, elapsed = [], 0.0
         with open(self.metrics_path) as f:
             for line in f:
                 try:
-                    if json.loads(line)["step"] <= step:
+                    record = json.loads(line)
+                    if record["step"] <= step:
                         keep.append(line if line.endswith("\n") else line + "\n")
+                        elapsed = float(record.get("elapsed_s", elapsed))
                 except (ValueError, KeyError, TypeError):
                     continue  # a line cut short by a kill is dropped
         with open(self.metrics_path + ".tmp", "w") as f:
             f.writelines(keep)
         os.replace(self.metrics_path + ".tmp", self.metrics_path)
+        return elapsed
 
     def write_config(self, cfg, event, step, processes, changed):
         """config.json: the run's flags now, and its history (each start/resume: step, time, processes, flags
@@ -195,19 +327,37 @@ class RunFolder:
             json.dump(dict(cfg, history=history + [entry]), f, indent=1)
         os.replace(path + ".tmp", path)
 
-    def open_metrics(self):
+    def open_metrics(self, tensorboard=False):
         self.metrics = open(self.metrics_path, "a")
+        if tensorboard:  # checked importable before any work (check_tensorboard)
+            from torch.utils.tensorboard import SummaryWriter  # noqa: PLC0415 (optional dependency)
+            self.tensorboard = SummaryWriter(self.out)
 
     def append_metrics(self, record):
+        """One line of metrics.jsonl; with --tensorboard the same numbers as scalars at the record's step."""
         self.metrics.write(json.dumps(record) + "\n")
         self.metrics.flush()
+        if self.tensorboard is not None:
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, record["step"])
+            self.tensorboard.flush()
+
+    def add_grid(self, images, step):
+        """--tensorboard: the sample grid (float [N, C, H, W] in [-1, 1]) as the image "samples" at `step`."""
+        if self.tensorboard is not None:
+            import torchvision.utils  # noqa: PLC0415
+            grid = torchvision.utils.make_grid(data.readable((images.float().cpu() + 1) / 2).clamp(0, 1),
+                                               nrow=data.grid_columns(images.shape[0]))
+            self.tensorboard.add_image("samples", grid, step)
+            self.tensorboard.flush()
 
     def close(self):
-        """Close metrics.jsonl and drop the lock (closing the file drops the flock)."""
-        for f in (self.metrics, self.lock):
+        """Close metrics.jsonl (and the TensorBoard events) and drop the lock (closing the file drops the flock)."""
+        for f in (self.metrics, self.tensorboard, self.lock):
             if f is not None:
                 f.close()
-        self.metrics = self.lock = None
+        self.metrics = self.tensorboard = self.lock = None
 
     def abandon(self):
         """After a refused start: close, and remove the folders this process created (deepest first), each only if
@@ -384,6 +534,8 @@ class Run:
         self.good_lr = None             # the learning rate that trained it
         self.last_loss = None           # the last logged loss, for the story of a divergence
         self.grids = 0                  # sample grids drawn
+        self.logs = 0                   # log lines written by this process
+        self.elapsed_before = 0.0       # seconds the run trained before this start (--resume), for elapsed_s
         self.cfg = None                 # the flags a checkpoint stores (less RUNTIME), with the data's size
         self.clock = self.probe = self.test_set = None  # set by `begin`
         self.signals = Signals(window=2.0 if self.world_size > 1 else 0.0, quiet=not self.is_main)
@@ -474,10 +626,10 @@ class Run:
                            deadline=self.started + 60 * args.max_minutes if args.max_minutes else math.inf)
         if not self.is_main:
             return
-        if args.resume:
-            self.folder.trim_metrics(self.step)
+        if args.resume:  # metrics.jsonl's elapsed_s goes on from the checkpoint's
+            self.elapsed_before = self.folder.trim_metrics(self.step)
         self.folder.write_config(self.cfg, "resume" if args.resume else "start", self.step, self.world_size, changed)
-        self.folder.open_metrics()
+        self.folder.open_metrics(args.tensorboard)
         self.announce(training, x, source, changed)
         if args.task == "classifier":
             self.test_set = self.load_test_set()
@@ -519,6 +671,15 @@ class Run:
         stride = max(1, x.shape[0] // 2000)
         return data.to_float(x[::stride]).to(self.device), y[::stride].to(self.device)
 
+    def wrap(self, model):
+        """The module the training forward runs: `model`, in DistributedDataParallel under torchrun (its gradients
+        averaged over the ranks), torch.compile'd with --compile; the checkpoint always holds `model` itself."""
+        net = model
+        if self.world_size > 1:
+            net = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        return torch.compile(net) if self.args.compile else net
+
     # -- the loop's stages ------------------------------------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -553,12 +714,13 @@ class Run:
             end.stop = signal.Signals(signum) if signum else "time" if out_of_time else None
         if end.stop is None and step >= args.steps:
             end.stop = "steps"
+        by_signal = isinstance(end.stop, signal.Signals)
         if end.stop:
             # the end: always a checkpoint; a final grid / accuracy unless a signal asked to stop
-            by_signal = isinstance(end.stop, signal.Signals)
             end.save, end.sample = True, grids and not by_signal
             end.evaluate = args.task == "classifier" and not by_signal
-        end.sample |= end.save and self.grids == 0 and grids  # a first grid with the first checkpoint
+        # a first grid with the first checkpoint; never after Ctrl-C / SIGTERM: the user asked to stop now
+        end.sample = (end.sample or (end.save and self.grids == 0 and grids)) and not by_signal
         return end
 
     def clock_and_signals(self, save_due_by_step):
@@ -568,7 +730,7 @@ class Run:
         save_due = args.save_minutes > 0 and now - clock.saved >= 60 * args.save_minutes
         # out of time: going on to the next check, with the save due now (if any) and the final one, would overrun
         reserve = (clock.step_s * (1 if self.world_size == 1 else args.log_every)
-                   + clock.save_s * (1 + (save_due_by_step or save_due)))
+                   + clock.save_s * (1 + (save_due_by_step or save_due)) + self.least_grid_s())
         flags = [args.max_minutes > 0 and now + reserve >= clock.deadline, save_due,
                  args.sample_minutes > 0 and now - clock.sampled >= 60 * args.sample_minutes, self.signals.signum]
         if self.world_size > 1:
@@ -606,14 +768,14 @@ class Run:
         if self.is_main:
             # the learning rate of the last step (G's for DDGAN), as the step set it
             self.write_log(bar, losses, training.optimizer.param_groups[0]["lr"], img_s, accuracy)
-        self.logged_step, clock.logged = self.step, time.perf_counter()
+        self.logged_step, clock.logged, self.logs = self.step, time.perf_counter(), self.logs + 1
 
     def write_log(self, bar, losses, lr, img_s, accuracy):
         """One line of metrics.jsonl, and the bar's postfix (or a printed line with --no-progress).
         losses: {"loss": ...}, or {"d_loss": ..., "g_loss": ...} for --task ddgan."""
         args = self.args
         record = {"step": self.step, **{k: round(v, 6) for k, v in losses.items()}, "lr": lr,
-                  "img_per_s": round(img_s, 2), "elapsed_s": round(time.perf_counter() - self.clock.start, 1),
+                  "img_per_s": round(img_s, 2), "elapsed_s": round(self.elapsed_before + time.perf_counter() - self.clock.start, 1),
                   **accuracy}
         if self.device.type == "cuda":
             record["max_mem_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2 ** 30, 2)
@@ -622,8 +784,9 @@ class Run:
         shown = ", ".join(f"{k} {v:.4f}" for k, v in losses.items())
         bar.set_postfix_str(f"{shown}, {rate} img/s", refresh=False)
         if args.no_progress:
-            eta = cli.human_time((args.steps - self.step) * self.clock.step_s)
-            say(f"step {self.step:,}/{args.steps:,} | {shown.replace(', ', ' | ')} | {rate} img/s | ETA {eta}")
+            total = self.bar_total()
+            eta = cli.human_time((total - self.step) * self.clock.step_s)
+            say(f"step {self.step:,}/{total:,} | {shown.replace(', ', ' | ')} | {rate} img/s | ETA {eta}")
 
     def save(self, training):
         """Write the checkpoint (rank 0; every rank's random state is gathered first), then redraw loss.png. Never
@@ -724,6 +887,41 @@ class Run:
                 say(f"warning: could not write samples.png ({e.strerror or e})")
                 return
             cli.wrote(os.path.join(self.out, "samples.png"), f"{n} EMA samples at step {self.step:,}")
+            self.folder.add_grid(imgs, self.step)
+
+    def image_step_s(self):
+        """Seconds one network call on one image takes, from the measured training step (forward + backward: about
+        3 forwards per image): the unit of a grid's cost."""
+        return self.clock.step_s / (3 * (self.args.batch_size // self.world_size))
+
+    def least_grid_s(self):
+        """Seconds of the smallest grid the run promises (LEAST_GRID images, LEAST_GRID_STEPS DDIM steps), kept in
+        reserve by the --max-minutes check so that the promised final grid always fits."""
+        args = self.args
+        if args.task not in ("diffusion", "ddgan") or not args.n_sample:
+            return 0.0
+        return min(LEAST_GRID, args.n_sample) * LEAST_GRID_STEPS * self.image_step_s()
+
+    def bar_total(self):
+        """The step the run will stop at, as far as the clock can tell: --steps, or earlier where the --max-minutes
+        budget runs out first at the measured step time (the bar's total, so its ETA is the run's)."""
+        args, clock = self.args, self.clock
+        if not args.max_minutes or not clock.step_s:
+            return args.steps
+        left = clock.deadline - time.perf_counter() - clock.save_s - self.least_grid_s()
+        return max(self.step, min(args.steps, self.step + int(left / clock.step_s)))
+
+    def show(self, bar, training, loss_sum):
+        """The bar between log steps: its total (bar_total) and, at steps 1, 2, 4, 8 ... before the first log, the
+        running mean loss so far (one read of the device sum each: a handful per run, none after the first log)."""
+        steps = self.step - self.logged_step
+        early = not self.logs and 0 < steps < self.args.log_every and steps & (steps - 1) == 0
+        if early:
+            self.clock.step_s = (time.perf_counter() - self.clock.logged) / steps
+            shown = ", ".join(f"{k} {v:.4f}" for k, v in zip(training.loss_names, (loss_sum / steps).tolist()))
+            bar.set_postfix_str(f"{shown} (running)", refresh=False)
+        if early or self.step % self.args.log_every == 0:
+            bar.total = self.bar_total()
 
     def grid_size(self, training, final):
         """(images, sampling steps) of the grid the time budget allows, said when smaller than asked or slow; 0
@@ -732,10 +930,16 @@ class Run:
         args = self.args
         steps = min(GRID_STEPS, training.diffusion.num_timesteps)
         method = "DDGAN" if training.kind == "ddgan" else "DDIM"  # DDGAN: all T steps of its chain (T = 4)
-        per_image = steps * self.clock.step_s / (3 * (args.batch_size // self.world_size))
+        per_image = steps * self.image_step_s()
         budget = self.extra_budget(final)
         n = min(args.n_sample, int(budget / per_image) if per_image > 0 else args.n_sample)
-        least = min(4, args.n_sample)
+        least = min(LEAST_GRID, args.n_sample)
+        if n < least and (final or self.grids == 1) and method == "DDIM":
+            # the grid the banner promised (the first, the last): the least one, with fewer DDIM steps if need be
+            steps = max(LEAST_GRID_STEPS, min(steps, int(budget / (least * self.image_step_s() or 1))))
+            say(f"step {self.step:,}: time is short: {least} images (of --n-sample {args.n_sample}) with {method} "
+                f"{steps} steps, ~{cli.human_time(least * steps * self.image_step_s())} ...")
+            return least, steps
         if n < least:
             allowed = (f"only {cli.human_time(max(budget, 0))} of --max-minutes is left" if budget < EXTRA_MIN_SECONDS
                        else f"a grid may take {cli.human_time(budget)} now (5% of the run so far, at least "

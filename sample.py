@@ -1,83 +1,71 @@
 """
 Draw samples from a trained run: DDPM ancestral sampling (Algorithm 2), DDIM (any eta, skipped steps), annealed
 Langevin and predictor-corrector (the score view), the DPM-Solver++(2M) and Heun ODE solvers, with classifier or
-classifier-free guidance; DDIM's latent interpolation and inversion experiments; SDEdit image editing and
-classifier-guided translation. The samplers, guidance and batching are sampling.py's menu; this file is the command
-line around it.
+classifier-free guidance; DDIM's latent interpolation and inversion; SDEdit image editing and classifier-guided
+translation. The line that draws is the first function below (`sample_images`): the chosen sampler's loop on the
+run's diffusion respaced to --steps. The menu of samplers is menu.py, the sampler built from a checkpoint
+sampling.py; this file is the command line around them.
 
     python sample.py --sampler ddim --steps 50          # newest run, EMA weights: a grid PNG + an .npz of uint8 images
-    python sample.py --sampler ddpm                     # all T steps of Algorithm 2
-    python sample.py --sampler ddpm --steps 100 --var small          # respaced ancestral sampling
-    python sample.py --sampler ddim --eta 1 --skip quad
+    python sample.py --sampler ddpm --steps 100 --var small          # respaced ancestral sampling (Algorithm 2)
+    python sample.py --sampler heun --steps 18          # EDM's Heun on Karras rho = 7 steps: 2 * 18 - 1 = 35 NFE
     python sample.py --interpolate                      # slerp between latents, decoded by DDIM (DDIM §5.3)
     python sample.py --invert cifar10:7                 # DDIM inversion x_0 -> x_T and back (DDIM §4.3), test image 7
-    python sample.py --invert picture.png               # ... or any picture (center-cropped to a square, resized)
     python sample.py --classifier runs/cifar10-classifier --classifier-scale 4 --class 3   # classifier guidance
     python sample.py --checkpoint runs/cifar10-cond --cfg-scale 3 --class 3               # classifier-free guidance
-    python sample.py --sampler dpmpp2m --steps 20       # DPM-Solver++(2M) on logSNR-uniform steps: 20 NFE
-    python sample.py --sampler heun --steps 18          # EDM's Heun on Karras rho = 7 steps: 2 * 18 - 1 = 35 NFE
     python sample.py --edit cifar10:7 --strength 0.5    # SDEdit: noise to t0 = 0.5 T, denoise: 8 variations
     python sample.py --edit stroke.png --mask keep.png --strength 0.6      # repaint only the black part of the mask
-    python sample.py --edit cifar10:7 --classifier runs/cifar10-classifier --class 3 --classifier-scale 4  # translation
     python sample.py --checkpoint runs/cifar10-ddgan --sampler ddgan    # DDGAN's 4-step chain (train.py --task ddgan)
 
-EDITING (--edit IMAGE, E1-E2 of edit.py). SDEdit (Meng et al. 2022, Alg. 1): x_{t0} = sqrt(abar_{t0}) x + sqrt(1 -
-abar_{t0}) eps (DDPM eq. 4), then the reverse chain from t0 = strength * T' (T' = the --steps of the chain, all T by
-default), by --edit-sampler: ddpm (ancestral, A2) or ddim (eq. 12 with --eta). strength 0 returns the input unchanged,
-1 is ordinary sampling (the input is ignored); SDEdit's paper finds 0.3-0.6 the useful range. --mask PNG: WHITE KEEPS
-the input, BLACK IS REPAINTED (gray blends; the convention of edit.py's m and RePaint's eq. 10: after every step the
-white part is replaced by the input noised to that level, so it ends as the input exactly). With --classifier RUN
---class K the chain is classifier-guided towards class K (Dhariwal & Nichol: G1 for ddpm, G2 for ddim): translation.
-The PNG has one row per 8 variations, each row input | mask | edits; the .npz holds the edits (`x`), the `input`
-and the `mask` (uint8, 255 = keep).
-
-OUTPUTS. Each command writes NAME.png (a grid) and NAME.npz (`x`: uint8 [N, H, W, 3], `y`: the labels of a
-conditional run: what evaluate.py reads) into <run>/samples/, where NAME says what made them: the sampler and its
-steps, every setting that differs from its default, and the seed, e.g.
-
-    runs/cifar10/samples/ddim50_seed0.png                 python sample.py
-    runs/cifar10/samples/ddim50_eta1_quad_cg4_class3_seed0.png
-    runs/cifar10/samples/interpolate_ddim50_seed0.png     python sample.py --interpolate
-    runs/cifar10/samples/invert_cifar10-7_ddim50.png      python sample.py --invert cifar10:7
-    runs/cifar10/samples/dpmpp2m20_seed0.png              python sample.py --sampler dpmpp2m
-    runs/cifar10/samples/heun18_seed0.png                 python sample.py --sampler heun
-    runs/cifar10/samples/edit_cifar10-7_s0.5_ddpm1000_seed0.png           python sample.py --edit cifar10:7
-    runs/cifar10/samples/edit_cifar10-7_s0.5_mask-keep_ddpm1000_cg4_class3_seed0.png   (with --mask keep.png and
-                                                                           --classifier ... --classifier-scale 4 --class 3)
-
-An existing file is never replaced without --force, and two commands writing one name at once are not both run:
-the second is refused before its work (the name is claimed at the start, outputs.py). The pair is written whole or
-not at all: a full disk or Ctrl-C leaves neither file (and no temporary), so the same command can simply be run
-again. The same --seed and --batch-size give the same images.
-
-MANY GPUS. `torchrun --nproc_per_node=8 sample.py --num-samples 50000 ...` splits the batches across the ranks (batch i on rank
-i % 8, drawn with the same seed as in one process) and rank 0 gathers and writes them: the same images as
-`python sample.py --num-samples 50000 ...` on one device of the same kind (the speed-up is at most the number of batches).
+Each command writes NAME.png (a grid) and NAME.npz (`x`: uint8 [N, H, W, 3], `y`: the labels of a conditional run)
+into <run>/samples/, NAME saying what made them (ddim50_eta1_quad_cg4_class3_seed0); never over an existing file
+without --force, whole or not at all (outputs.py). Under torchrun the ranks share the batches and rank 0 writes: the
+same images as one process. Editing, the output names and many GPUs in detail: docs/sample.md.
 """
 
 import dataclasses
-import glob
 import math
 import os
-import re
 
 import numpy as np
 import torch
 
 import checkpoint
 import data
+import outputs
 import sampling
 from cli import (MAX_BATCH, MAX_IMAGES, Parser, UsageError, check_compiler, check_names, check_number, check_seed,
-                 distributed, main_guard, precision_name, say, wrote)
+                 distributed, main_guard, precision_name, say)
 from ddim import ddim_invert, slerp
-from edit import SAMPLERS as EDIT_SAMPLERS
-from edit import sdedit, sdedit_steps
+from edit import REVERSE_CHAINS, sdedit, sdedit_steps
+from pictures import read_image, read_mask
 
 FRAMES = 8  # --interpolate: images per row, alpha = 0, 1/7, ..., 1 (DDIM Figure 6); --edit: variations per row
 N_SAMPLES, N_EDITS = 64, 8  # --n when not given: images to sample; variations of an --edit
 FEW_STEPS = 1000  # fewer training steps than this: sample.py warns that the images will be noise
 STRENGTH = 0.5  # --edit's default t0 / T, inside SDEdit's useful range 0.3-0.6 (SDEdit §4, Figure 3)
 
+
+def sample_images(s, args):
+    """--n images from x_T ~ N(0, I), batch by batch, by the chosen sampler `s` (sampling.Sampler: the loop, the
+    respaced diffusion, the network and the loop's options, all checked against the checkpoint)."""
+    say(f"sampling {args.n} images: {s.describe()}, seed {args.seed}")
+    batches = s.batches(args.n, args.batch_size, args.seed, not args.no_progress)
+    for b in batches:
+        with s.amp:
+            # the chosen sampler (menu.SAMPLERS, e.g. ddim.ddim_sample_loop: DDIM eq. 12) from x_T down every
+            # step of the run's diffusion respaced to --steps by --skip (D4)
+            b.x0 = s.loop(s.diffusion, batches.model, b.x_T.shape, noise=b.x_T, model_kwargs=b.model_kwargs,
+                          generator=b.generator, **s.options)
+    images, labels = batches.images()
+    return outputs.Samples(images, labels, png_what=f"grid of {len(images)} images",
+                           npz_what=f"x: uint8 {list(images.shape)}" + ("" if labels is None else ", y: labels"),
+                           next="python evaluate.py fid --samples {npz}")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The command line
+# ----------------------------------------------------------------------------------------------------------------
 
 def build_parser():
     p = Parser(description="Sample from a trained diffusion run (DDPM, DDIM, Langevin, predictor-corrector, "
@@ -112,7 +100,7 @@ def build_parser():
     p.add_argument("--mask", default=None, metavar="MASK",
                    help="--edit: a picture the size of IMAGE; white keeps the input, black is repainted, gray blends "
                         "(RePaint eq. 10) (default: none, the whole image is edited)")
-    p.add_argument("--edit-sampler", default=None, choices=EDIT_SAMPLERS,
+    p.add_argument("--edit-sampler", default=None, choices=REVERSE_CHAINS,
                    help="--edit: the reverse chain from t0, ddpm (ancestral, DDPM Algorithm 2, SDEdit's stochastic "
                         "one) or ddim (eq. 12 with --eta) (default: ddpm, on all T steps unless --steps)")
     return p
@@ -158,93 +146,9 @@ def check_args(args):
                          "and --cfg-scale")
 
 
-def default_checkpoint(sampler):
-    """The most recently written run under runs/ that `sampler` can draw from (a DDGAN run for ddgan, an eps-model
-    for the others), saying which runs it saw and which it took."""
-    found = sorted(glob.glob(os.path.join("runs", "*", checkpoint.FILENAME)), key=os.path.getmtime, reverse=True)
-    usable = []
-    for path in found:
-        try:
-            ckpt = checkpoint.load(path)
-        except UsageError:
-            continue
-        if ckpt["kind"] == ("ddgan" if sampler == "ddgan" else "diffusion"):
-            usable.append((os.path.dirname(path), ckpt.get("step")))
-    if not usable:
-        raise UsageError("--checkpoint: no run found under runs/; train one with `python train.py --dataset cifar10` "
-                         "or pass --checkpoint PATH")
-    others = ", ".join(run for run, _ in usable[1:])
-    say(f"using {usable[0][0]}, the most recently written run under runs/"
-        + (f" (also there: {others}; choose with --checkpoint)" if others else " (choose with --checkpoint)"))
-    return usable[0][0]
-
-
-def samples_dir(ckpt):
-    """<run>/samples for a run's ckpt.pt; samples/<model> for a diffusers folder or hf:NAME (not ours to write in)."""
-    return checkpoint.samples_dir(ckpt["path"])
-
-
 # ----------------------------------------------------------------------------------------------------------------
-# The experiments
+# The experiments of the DDIM and SDEdit papers
 # ----------------------------------------------------------------------------------------------------------------
-
-def open_picture(spec, data_dir=None, flag="--invert", mode="RGB"):
-    """A picture file, or cifar10:N for the N-th CIFAR-10 test image (read by data.py), as a PIL image in `mode`;
-    its label (or None) and a name for files."""
-    m = re.fullmatch(r"cifar10:(\d+)", spec)
-    if m:
-        import torchvision.transforms.functional as TF  # here: torchvision's import takes seconds, a refusal none
-        x, y = data.load_cifar10(data_dir, split="test")
-        i = int(m.group(1))
-        if i >= x.shape[0]:
-            raise UsageError(f"{flag}: cifar10:N takes N in 0..{x.shape[0] - 1} (the test set), got {i}")
-        return TF.to_pil_image(x[i]).convert(mode), int(y[i]), f"cifar10-{i}"
-    if spec.startswith("cifar10"):
-        raise UsageError(f"{flag}: expected cifar10:N with N a test-set index, got {spec!r}")
-    # the file: data.read_picture checks it (missing, too large, corrupt) and reads it as an 8-bit picture
-    img = data.read_picture(spec, mode, flag, "pass a picture file"
-                            + (" or cifar10:N (a CIFAR-10 test image)" if flag != "--mask" else ""))
-    return img, None, re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(spec))[0])
-
-
-def fit(img, size, spec, flag="--invert", quiet=False):
-    """A non-square picture is cut to its central square (said in one line, never squashed); then it is resized to
-    the network's size. Returns uint8 [1, C, size, size]."""
-    import torchvision.transforms.functional as TF
-    w, h = img.size
-    if w != h:
-        side = min(w, h)
-        if not quiet:
-            say(f"note: {flag}: {spec} is {w}x{h}; using its central {side}x{side} square"
-                + (f", resized to {size}x{size}" if side != size else ""))
-        img = TF.center_crop(img, [side, side])
-    elif w != size and not quiet:
-        say(f"note: {flag}: {spec} is {w}x{h}; resized to the network's {size}x{size}")
-    if img.size[0] != size:
-        img = TF.resize(img, [size, size], antialias=True)
-    return TF.pil_to_tensor(img)[None]
-
-
-def read_image(spec, size, channels, data_dir=None, flag="--invert"):
-    """The image to invert or edit as floats [1, C, size, size] in [-1, 1], its label (or None), a name for files and
-    the picture's own (width, height).
-
-    `spec` is a picture file, or cifar10:N for the N-th CIFAR-10 test image. A non-square picture is cut to its
-    central square (said in one line, never squashed); then it is resized to the network's size.
-    """
-    img, label, name = open_picture(spec, data_dir, flag, "L" if channels == 1 else "RGB")
-    return data.to_float(fit(img, size, spec, flag)), label, name, img.size
-
-
-def read_mask(spec, picture_size, size, image_spec):
-    """--mask: a picture of the --edit image's own size, as floats [1, 1, size, size] in [0, 1], 1 (white) = keep the
-    input, 0 (black) = repaint (edit.py's m, RePaint eq. 10); cropped and resized exactly like the image."""
-    img, _, name = open_picture(spec, flag="--mask", mode="L")
-    if img.size != picture_size:
-        raise UsageError(f"--mask: {spec} is {img.size[0]}x{img.size[1]} but the --edit image {image_spec} is "
-                         f"{picture_size[0]}x{picture_size[1]}; draw the mask on a picture of the image's size")
-    return fit(img, size, spec, "--mask", quiet=True).float() / 255, name
-
 
 def interpolation_grid(n):
     """--interpolate draws whole rows of FRAMES images (one row of n when n < FRAMES): (rows, frames)."""
@@ -270,7 +174,7 @@ def interpolation_latents(s, rows, frames, seed):
 def edit(s, x_in, mask, label, strength, n, batch_size, seed, show_progress):
     """SDEdit (E1), masked (E2) and/or classifier-guided: n variations of x_in [1, C, H, W] as uint8 [n, H, W, C].
 
-    The same batches as plain sampling (sampling.Batches): batch i draws x_{t0} and every step's noise from the
+    The same batches as plain sampling (batches.Batches): batch i draws x_{t0} and every step's noise from the
     generator (seed, i), and under torchrun the ranks share the batches.
     """
     o = s.settings
@@ -319,8 +223,8 @@ def invert(s, x0, label, show_progress):
     say(f"inversion: latent std {x_T.std().item():.3f} (N(0, I) has 1), reconstruction MSE {mse:.5f}, "
         f"PSNR {psnr:.2f} dB")
     images = np.concatenate([original, recon])
-    return Output(images, nrow=2, png_what="grid of 2 images", npz_what=f"x: uint8 {list(images.shape)}",
-                  next="open {png}: the picture, then its reconstruction from the inverted x_T")
+    return outputs.Samples(images, nrow=2, png_what="grid of 2 images", npz_what=f"x: uint8 {list(images.shape)}",
+                           next="open {png}: the picture, then its reconstruction from the inverted x_T")
 
 
 def interpolate(s, args, rows, frames):
@@ -328,9 +232,9 @@ def interpolate(s, args, rows, frames):
     z, y = interpolation_latents(s, rows, frames, args.seed)
     say(f"decoding {z.shape[0]} interpolated latents: {s.describe()}")
     images, labels = s.generate(z.shape[0], args.batch_size, args.seed, not args.no_progress, latents=z, labels=y)
-    return Output(images, labels, nrow=frames, png_what=f"grid of {len(images)} images",
-                  npz_what=f"x: uint8 {list(images.shape)}" + ("" if labels is None else ", y: labels"),
-                  next="open {png}: each row walks from one latent to another")
+    return outputs.Samples(images, labels, nrow=frames, png_what=f"grid of {len(images)} images",
+                           npz_what=f"x: uint8 {list(images.shape)}" + ("" if labels is None else ", y: labels"),
+                           next="open {png}: each row walks from one latent to another")
 
 
 def edit_output(s, args, x_in, mask, label):
@@ -351,46 +255,16 @@ def edit_output(s, args, x_in, mask, label):
     grid, nrow = edit_grid(original, mask_u8, edits, s.image_shape[0])
     extra = {"input": original} if mask is None else {"input": original, "mask": mask_u8}
     labels = None if label is None else np.full(len(edits), label, dtype=np.int64)
-    return Output(edits, labels, nrow, grid, extra,
-                  png_what=f"rows of input | {'mask | ' if mask is not None else ''}edits, {len(edits)} edits",
-                  npz_what=f"x: uint8 {list(edits.shape)} edits, input" + (", mask (255 = keep)" if mask is not None
-                                                                           else "") + ("" if labels is None else ", y: labels"),
-                  next="open {png}: each row is the input, then its edits")
+    npz_what = (f"x: uint8 {list(edits.shape)} edits, input" + ("" if mask is None else ", mask (255 = keep)")
+                + ("" if labels is None else ", y: labels"))
+    return outputs.Samples(edits, labels, nrow, grid, extra, npz_what=npz_what,
+                           png_what=f"rows of input | {'mask | ' if mask is not None else ''}edits, {len(edits)} edits",
+                           next="open {png}: each row is the input, then its edits")
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The command line
+# The command
 # ----------------------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass
-class Output:
-    """What an experiment made: the images of the .npz (and their labels), the grid of the .png (default: the images,
-    `nrow` to a row), extra arrays for the .npz, and how to describe both files in their `wrote` lines."""
-    images: np.ndarray
-    labels: np.ndarray = None
-    nrow: int = None
-    grid: np.ndarray = None
-    extra: dict = None
-    png_what: str = ""
-    npz_what: str = ""
-    next: str = None
-
-
-def sample_images(s, args):
-    """The plain experiment: --n images from x_T ~ N(0, I), batch by batch, by the chosen sampler."""
-    say(f"sampling {args.n} images: {s.describe()}, seed {args.seed}")
-    batches = s.batches(args.n, args.batch_size, args.seed, not args.no_progress)
-    for b in batches:
-        with s.amp:
-            # the chosen sampler (sampling.SAMPLERS, e.g. ddim.ddim_sample_loop: DDIM eq. 12) from x_T down every
-            # step of the run's diffusion respaced to --steps by --skip (D4)
-            b.x0 = s.loop(s.diffusion, batches.model, b.x_T.shape, noise=b.x_T, model_kwargs=b.model_kwargs,
-                          generator=b.generator, **s.options)
-    images, labels = batches.images()
-    return Output(images, labels, png_what=f"grid of {len(images)} images",
-                  npz_what=f"x: uint8 {list(images.shape)}" + ("" if labels is None else ", y: labels"),
-                  next="python evaluate.py fid --samples {npz}")
-
 
 def plan(args, s):
     """The chosen experiment, its inputs read and checked before any work: (output name, the experiment to run)."""
@@ -423,7 +297,7 @@ def plan(args, s):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     check_args(args)
-    # under torchrun each rank draws batches i = rank, rank + W, ... (sampling.Batches) and rank 0 writes
+    # under torchrun each rank draws batches i = rank, rank + W, ... (batches.py) and rank 0 writes
     rank, world, device = distributed(args.device)
     settings = sampling.settings_from_args(args)
     if args.edit:
@@ -431,7 +305,8 @@ def main(argv=None):
         settings = dataclasses.replace(settings, sampler=args.edit_sampler)
 
     # what to sample from, checked and built before any work (checkpoint.py: every problem is one line)
-    ckpt = checkpoint.load(args.checkpoint or default_checkpoint(settings.sampler))
+    kind = "ddgan" if settings.sampler == "ddgan" else "diffusion"
+    ckpt = checkpoint.load(args.checkpoint or checkpoint.newest_run(kind))
     mode = "--interpolate" if args.interpolate else "--invert" if args.invert else "--edit" if args.edit else None
     if mode and ckpt["kind"] == "ddgan":
         # from_checkpoint would advise --sampler ddgan, which these experiments refuse: name the real conflict
@@ -441,11 +316,11 @@ def main(argv=None):
     s = sampling.from_checkpoint(ckpt, settings, device, args.precision, clf, compile=args.compile)
     name, experiment = plan(args, s)
     # where the outputs go, checked before the work
-    out = args.out or os.path.join(samples_dir(ckpt), name)
+    out = args.out or os.path.join(checkpoint.samples_dir(ckpt["path"]), name)
     out = out[:-4] if out.endswith((".png", ".npz")) else out
     # claimed now, before the work: a second sample.py writing the same name is refused here, not silently replaced at
     # the end; rank 0 alone claims (it alone writes), every rank checks
-    sampling.check_outputs(out, args.force, "--out", typed=args.out is not None, hold=rank == 0)
+    outputs.check_outputs(out, args.force, "--out", typed=args.out is not None, hold=rank == 0)
 
     params = sum(p.numel() for p in s.model.parameters())
     say(f"checkpoint {ckpt['path']}: {checkpoint.describe_step(ckpt)}, {params / 1e6:.1f}M parameters, "
@@ -456,12 +331,7 @@ def main(argv=None):
     result = experiment()
     if rank != 0:  # every rank holds the gathered images; rank 0 alone writes them
         return
-    png, npz = sampling.save_samples(result.images, result.labels, out, result.nrow, grid=result.grid,
-                                     extra=result.extra, force=args.force)
-    wrote(png, result.png_what)
-    wrote(npz, result.npz_what)
-    if result.next:
-        say("next: " + result.next.format(png=png, npz=npz))
+    outputs.write_samples(result, out, force=args.force)
 
 
 if __name__ == "__main__":

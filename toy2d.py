@@ -22,22 +22,12 @@ and, with --cond, guided by guidance.py: classifier-free guidance, eps~ = (1 + w
 (CFG, G5; the model is trained with the label dropped to the null class with probability p_uncond), and classifier
 guidance with a small noisy classifier trained on x_t = q_sample(x_0, t) (ADM §4, G3-G4).
 
-The picture is a grid of 2-D histograms (torch.histogramdd -> torchvision.utils.save_image, labels by PIL): the data,
-each sampler's samples, and the forward process q(x_t) at a few t. The command also prints the training time and a
-two-sample statistic for each sampler against a fresh draw of the data, next to the same statistic between two
-independent data draws (the floor: what a perfect sampler scores) and between data and N(0, I) noise (the ceiling).
+The picture is a grid of 2-D histograms: the data, each sampler's samples, and the forward process q(x_t) at a few t.
+The command prints the training time and each sampler's two-sample statistic against fresh data, beside its floor
+(two data draws) and ceiling (data against N(0, I) noise).
 
-THREADS. The default is one intra-op thread: the tensors are tiny (a batch of 2-D points through a 64-wide MLP), so a
-second thread mostly adds synchronisation, and on a machine busy with other work the spin-waiting of two threads
-made training 10-30x slower than with one (measured while writing this file). Try --threads 2 on an idle machine.
-
-THE TWO-SAMPLE STATISTIC. The squared maximum mean discrepancy (Gretton et al. 2012, JMLR, eq. 3 / Lemma 6) with a
-Gaussian (RBF) kernel k(a, b) = exp(-||a - b||^2 / (2 h^2)):
-    MMD^2(P, Q) = E k(x, x') + E k(y, y') - 2 E k(x, y),    x, x' ~ P,  y, y' ~ Q,
-zero iff P = Q (the RBF kernel is characteristic), estimated without bias from two samples by leaving out the i = j
-terms. A sum of kernels at several bandwidths h (0.02 ... 0.5, from the thickness of a moon to the size of the data)
-sees both fine and coarse differences. The energy distance (Szekely & Rizzo 2013), E||x - y|| - 1/2 E||x - x'||
-- 1/2 E||y - y'|| (half of the usual 2 E||x - y|| - ... form), is reported too: it has no bandwidth at all.
+THREADS (one by default: the tensors are tiny) and THE TWO-SAMPLE STATISTIC (MMD^2 with a sum of RBF kernels,
+and the energy distance) are explained in docs/toy2d.md.
 """
 
 import copy
@@ -481,28 +471,42 @@ def fmt_stats(name, x, ref):
 
 def main(argv=None):
     args = parse_args(argv)
-    show = not args.no_progress
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     g = torch.Generator().manual_seed(args.seed)
     diffusion = make_diffusion(args.schedule, args.diffusion_steps)
     model = MLP(hidden=args.hidden, depth=args.depth)
+    train_model(args, model, diffusion, g)
+    ref = make_data(args.data, args.n_samples, g)         # the reference draw every sampler is compared with
+    results = sample_and_score(args, model, diffusion, g, ref)
+    panels, nrow = sample_panels(args, diffusion, g, ref, results)
+    if args.cond:
+        panels += guided_panels(args, model, diffusion, g, nrow)
+    save_figure(panels, args.out, nrow)
+    wrote(args.out, f"{len(panels) // nrow} rows of {nrow} panels")
+    if not args.cond:
+        say(f"next: python toy2d.py --data {args.data} --cond    # adds classifier-free and classifier guidance")
 
+
+def train_model(args, model, diffusion, g):
+    """Algorithm 1 on the 2-D data (train_eps_model), timed; a diverged loss stops here, before anything is drawn."""
     print(f"training on {args.data}: {args.steps} steps of {args.batch_size}, T = {args.diffusion_steps} "
           f"({args.schedule}), {sum(p.numel() for p in model.parameters()) / 1e3:.0f}k parameters, "
           f"{torch.get_num_threads()} threads", flush=True)
     t0 = time.perf_counter()
     loss = train_eps_model(model, diffusion, args.data, args.steps, args.batch_size, args.lr,
-                           0.0, g, show_progress=show, desc="training the eps-model")
+                           0.0, g, show_progress=not args.no_progress, desc="training the eps-model")
     train_time = time.perf_counter() - t0
     print(f"trained in {train_time:.1f} s (final loss {loss:.4f})", flush=True)
     if not math.isfinite(loss):
         raise UsageError(f"--lr: training diverged (loss {loss}); nothing was written: try a smaller --lr "
                          "(default 5e-3)")
 
-    n = args.n_samples
-    ref = make_data(args.data, n, g)                      # the reference draw every sampler is compared with
-    results = {}
+
+def sample_and_score(args, model, diffusion, g, ref):
+    """Every sampler's points (and DDGAN's, from its own 4-step model, unless --ddgan-steps 0), each printed with its
+    two-sample statistic against `ref` beside the floor and the ceiling: {name: points [n, 2]}."""
+    n, results = len(ref), {}
     fns = samplers(diffusion)
     say(f"sampling {n} points with each of {len(fns)} samplers ({', '.join(fns)})")
     t0 = time.perf_counter()
@@ -515,7 +519,7 @@ def main(argv=None):
         # random draws, and numbers, do not depend on it)
         t0 = time.perf_counter()
         d4, G, D = make_ddgan(args.hidden, args.depth)
-        G = train_ddgan(G, D, d4, args.data, args.ddgan_steps, generator=g, show_progress=show)
+        G = train_ddgan(G, D, d4, args.data, args.ddgan_steps, generator=g, show_progress=not args.no_progress)
         with torch.no_grad():
             results["DDGAN 4"] = ddgan.ddgan_sample_loop(d4, G, (n, 2), generator=g)
         print(f"DDGAN (T = 4, {args.ddgan_steps} steps of 256) trained and sampled in {time.perf_counter() - t0:.1f} s")
@@ -526,7 +530,13 @@ def main(argv=None):
     print(fmt_stats("N(0, I) noise (ceiling)", randn((n, 2), g), ref))
     for name, x in results.items():
         print(fmt_stats(name, x, ref))
+    return results
 
+
+def sample_panels(args, diffusion, g, ref, results):
+    """The first rows of the picture: the data and each sampler's points, then the forward process q(x_t) at a few t
+    (padded to one row length): (panels, panels per row)."""
+    n = len(ref)
     panels = [panel(ref, "data", color=(0.0, 0.0, 0.0))]
     panels += [panel(x, name) for name, x in results.items()]
     forward_ts = [0, 50, 100, 200, 400, args.diffusion_steps - 1]
@@ -537,12 +547,7 @@ def main(argv=None):
         panels.append(panel(diffusion.q_sample(ref, t, randn((n, 2), g)), f"q(x_t), t = {t_ + 1}", color=(0.55, 0.1, 0.1)))
     nrow = max(len(results) + 1, len(forward_ts))
     panels += [torch.ones_like(panels[0])] * (nrow - len(forward_ts))
-    if args.cond:
-        panels += guided_panels(args, model, diffusion, g, nrow)
-    save_figure(panels, args.out, nrow)
-    wrote(args.out, f"{len(panels) // nrow} rows of {nrow} panels")
-    if not args.cond:
-        say(f"next: python toy2d.py --data {args.data} --cond    # adds classifier-free and classifier guidance")
+    return panels, nrow
 
 
 def check_finite(results, cause):

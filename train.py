@@ -2,7 +2,8 @@
 Train a diffusion model (DDPM Algorithm 1) or a noisy classifier for guidance (ADM §4), on one GPU, on several
 with torchrun, or slowly on a CPU.
 
-    python train.py --dataset cifar10                      # the DDPM CIFAR-10 recipe (35.7M U-Net, L_simple)
+    python train.py                                        # the DDPM CIFAR-10 recipe (35.7M U-Net, L_simple)
+    python train.py --recipe digits                        # handwritten digits that a CPU learns in 5 minutes
     python train.py --dataset cifar10 --loss hybrid --schedule cosine     # iDDPM: learned variance
     python train.py --dataset cifar10 --class-cond --p-uncond 0.1         # for classifier-free guidance (G5)
     python train.py --dataset cifar10 --task classifier    # the noisy classifier of classifier guidance (G4)
@@ -21,14 +22,15 @@ DDPM's Algorithm 1 (Training):
 `loss_of` is lines 3-5 and `train_step` line 5's gradient step (AdamW with warm-up and clipping, then the EMA of the
 weights that samples are drawn from); `setup` builds everything, straight-line; `train` is the loop of lines 1, 2 and
 6. What a real run needs around them (the locked run folder, checkpoints that are never bad, exact --resume, signals,
-the time budget, logs, loss.png, sample grids) is runs.py. On CUDA: bf16 autocast, channels_last, fused AdamW, TF32,
+the time budget, the checks of the flags, logs, loss.png, sample grids) is runs.py; named sets of flags are
+recipes.py. On CUDA: bf16 autocast, channels_last, fused AdamW, TF32,
 --compile, and no host synchronisation inside the loop (the loss is read every --log-every steps only).
 
 --task ddgan: a DENOISING DIFFUSION GAN (Xiao, Kreis & Vahdat, ICLR 2022; ddgan.py): T = 4 steps whose reverse steps
 push a generator's x_0' = G(x_t, z, t) through DDPM's posterior (DDGAN eq. 6), trained against a discriminator
 D(x_{t-1}, x_t, t) (DDGAN eqs. 4-5, R1 on every --lazy-reg-th D step); Adam (0.5, 0.9) for both, cosine decay to
-1e-5, untyped flags from the paper's CIFAR-10 recipe (DDGAN_DEFAULTS), `train_step_ddgan` its step; one process
-(R1 differentiates D's gradient, which DistributedDataParallel does not support).
+1e-5, untyped flags from the paper's CIFAR-10 recipe (recipes.py: ddgan-cifar10), `train_step_ddgan` its step; one
+process (R1 differentiates D's gradient, which DistributedDataParallel does not support).
 """
 
 import copy
@@ -38,31 +40,20 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 
 import checkpoint
 import cli
 import data
 import ddgan
+import recipes
 import runs
-from cli import UsageError, say
+from cli import say
 from ddpm import ImportanceSampler
 from guidance import noisy_classifier_loss
 from schedules import SCHEDULES
 from unet import EncoderUNet
 
-# --task ddgan: the value each flag takes when the user does not type it, the DDGAN paper's CIFAR-10 recipe
-# (ddgan.CIFAR10_RECIPE: its appendix and the authors' README command) where train.py's defaults are DDPM's.
-RECIPE = ddgan.CIFAR10_RECIPE
-DDGAN_DEFAULTS = {
-    "diffusion_steps": RECIPE["num_timesteps"], "schedule": RECIPE["schedule"],  # T = 4 on the vp schedule (§4)
-    "ch": RECIPE["ch"], "ch_mult": ",".join(map(str, RECIPE["ch_mult"])), "num_res_blocks": RECIPE["num_res_blocks"],
-    "attn": ",".join(map(str, RECIPE["attn_resolutions"])), "dropout": RECIPE["dropout"],
-    "scale_shift_norm": RECIPE["use_scale_shift_norm"],                   # their G conditions on (t, z) by AdaGN
-    "batch_size": RECIPE["batch_size"], "lr": RECIPE["lr_g"], "ema": RECIPE["ema_decay"],
-    "warmup": 0, "grad_clip": 0.0,                                        # the authors' code has neither
-    "steps": math.ceil(RECIPE["epochs"] * 50_000 / RECIPE["batch_size"]),  # 1800 epochs of CIFAR-10's 50k images
-}
+RECIPE = ddgan.CIFAR10_RECIPE  # DDGAN's CIFAR-10 recipe (the defaults of its own flags below)
 DDGAN_MIN_LR = 1e-5  # their cosine decay ends at 1e-5 (CosineAnnealingLR(eta_min=1e-5), for G and D alike)
 
 
@@ -75,6 +66,11 @@ def build_parser():
     splitting would only scatter."""
     p = cli.Parser(description="Train a DDPM/iDDPM diffusion model (DDPM Algorithm 1) or a noisy classifier for "
                                "classifier guidance (ADM §4).")
+    g = p.add_argument_group("recipe (flags typed beside it win)")
+    g.add_argument("--recipe", default=None, metavar="NAME", help="a named set of flags (recipes.py; default "
+                   f"{recipes.DEFAULT}): " + recipes.describe())
+    g.add_argument("--config", default=None, metavar="RUN/config.json", help="start a new run with the flags of the run "
+                   "that wrote this config.json (its --out aside)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", default="cifar10", choices=data.DATASETS,
                    help="x_0 ~ q(x_0): CIFAR-10, a folder of images (--data-dir), or a small generated set")
@@ -85,9 +81,8 @@ def build_parser():
     g = p.add_argument_group("what to train")
     g.add_argument("--task", default="diffusion", choices=("diffusion", "classifier", "ddgan"),
                    help="diffusion: the eps-model eps_theta(x_t, t); classifier: p_phi(y | x_t, t) for guidance (G4); "
-                        "ddgan: a Denoising Diffusion GAN (Xiao et al. 2022), whose untyped flags take DDGAN's "
-                        "CIFAR-10 recipe: " + ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in
-                                                        DDGAN_DEFAULTS.items()))
+                        "ddgan: a Denoising Diffusion GAN (Xiao et al. 2022), whose untyped flags take the "
+                        "ddgan-cifar10 recipe")
     g.add_argument("--class-cond", action="store_true",
                    help="condition eps_theta on the class label y (for classifier-free guidance, G5)")
     g.add_argument("--p-uncond", type=float, default=0.1, help="with --class-cond: probability of replacing y by the "
@@ -158,81 +153,10 @@ def build_parser():
     g.add_argument("--n-sample", type=int, default=64, help="images in the sample grid (fewer when time is short); "
                    "0: no grids at all")
     g.add_argument("--eval-every", type=int, default=5000, help="classifier: test accuracy at 4 noise levels every N steps")
+    g.add_argument("--tensorboard", action="store_true", help="also write metrics.jsonl's numbers and the sample "
+                   "grids as TensorBoard events into the run folder (tensorboard --logdir runs; pip install tensorboard)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar; a log line per --log-every instead")
     return p
-
-
-def check_args(args):
-    """Every number and combination a flag can get wrong: one line naming the flag, before any work."""
-    num = cli.check_number
-    cli.check_names([("--data-dir", args.data_dir), ("--out", args.out)])
-    num("--lr", args.lr, 0, lo_open=True)
-    num("--dropout", args.dropout, 0, 1, hi_open=True)
-    num("--p-uncond", args.p_uncond, 0, 1, hi_open=True)
-    num("--ema", args.ema, 0, 1, hi_open=True)
-    cli.check_seed("--seed", args.seed)  # torch seeds are 64-bit; ranks add 1000 x rank
-    num("--diffusion-steps", args.diffusion_steps, 1, 100_000)  # DDPM 1000, iDDPM 4000; more is a typo
-    for flag in ("--weight-decay", "--grad-clip", "--max-minutes", "--save-minutes", "--sample-minutes", "--warmup",
-                 "--sample-every", "--n-sample"):
-        num(flag, getattr(args, flag[2:].replace("-", "_")), 0)
-    for flag in ("--steps", "--batch-size", "--diffusion-steps", "--ch", "--num-res-blocks", "--image-size",
-                 "--log-every", "--save-every", "--eval-every", "--synthetic-n", "--num-heads"):
-        num(flag, getattr(args, flag[2:].replace("-", "_")), 1)
-    # upper bounds: what fits in memory and finishes; far above any recipe (fix: a smaller value)
-    for flag, hi in (("--steps", cli.MAX_STEPS), ("--warmup", cli.MAX_STEPS), ("--log-every", cli.MAX_STEPS),
-                     ("--save-every", cli.MAX_STEPS), ("--sample-every", cli.MAX_STEPS),
-                     ("--eval-every", cli.MAX_STEPS), ("--batch-size", cli.MAX_BATCH), ("--n-sample", 10_000),
-                     ("--image-size", cli.MAX_IMAGE_SIZE), ("--synthetic-n", cli.MAX_IMAGES), ("--ch", 4096),
-                     ("--num-res-blocks", 64), ("--num-heads", 4096), ("--lr", 1.0), ("--weight-decay", 100.0),
-                     ("--grad-clip", 1e6), ("--max-minutes", 1e7), ("--save-minutes", 1e7),
-                     ("--sample-minutes", 1e7)):
-        lo = 1 if flag in ("--steps", "--log-every", "--save-every", "--eval-every", "--batch-size", "--image-size",
-                           "--synthetic-n", "--ch", "--num-res-blocks", "--num-heads") else 0
-        num(flag, getattr(args, flag[2:].replace("-", "_")), lo, hi, integer=isinstance(hi, int))
-    if args.synthetic_n * 3 * args.image_size ** 2 > 16 * 2 ** 30:
-        raise UsageError(f"--synthetic-n: {args.synthetic_n} images of {args.image_size}x{args.image_size} take "
-                         f"{args.synthetic_n * 3 * args.image_size ** 2 / 2 ** 30:.0f} GiB; generate fewer")
-    mult = cli.parse_ints(args.ch_mult, "--ch-mult")
-    if not mult or min(mult) < 1 or max(mult) > 64 or len(mult) > 12:
-        raise UsageError(f"--ch-mult: expected up to 12 integers from 1 to 64 like 1,2,2,2, got {args.ch_mult!r}")
-    if args.image_size % 2 ** (len(mult) - 1):
-        raise UsageError(f"--image-size: {args.image_size} must be divisible by 2^{len(mult) - 1} for --ch-mult "
-                         f"{args.ch_mult}; pick a multiple of {2 ** (len(mult) - 1)}")
-    resolutions = [args.image_size // 2 ** i for i in range(len(mult))]
-    attn = cli.parse_ints(args.attn, "--attn")
-    for r in attn:
-        if r not in resolutions:
-            raise UsageError(f"--attn: {r} is not a resolution of this network ({', '.join(map(str, resolutions))}); "
-                             f"pick among them or pass --attn ''")
-    # attention runs at the --attn levels and always in the middle block (at the lowest resolution)
-    widths = sorted({args.ch * m for m, r in zip(mult, resolutions) if r in attn} | {args.ch * mult[-1]})
-    if args.num_head_channels == -1:
-        if any(w % args.num_heads for w in widths):
-            raise UsageError(f"--num-heads: {args.num_heads} heads do not divide the attention widths "
-                             f"{widths}; pick a divisor of {math.gcd(*widths)}")
-    elif args.num_head_channels < 1 or any(w % args.num_head_channels for w in widths):
-        raise UsageError(f"--num-head-channels: {args.num_head_channels} does not divide the attention widths "
-                         f"{widths}; pick a divisor of {math.gcd(*widths)} or -1 (use --num-heads)")
-    if args.task in ("classifier", "ddgan"):
-        for flag, value, default in (("--class-cond", args.class_cond, False), ("--loss", args.loss, "mse"),
-                                     ("--t-sampler", args.t_sampler, "uniform")):
-            if value != default:
-                raise UsageError(f"{flag}: applies to --task diffusion only; drop it for --task {args.task}")
-    if args.out is not None and not args.out.strip():
-        raise UsageError("--out: empty; give a run folder, or leave --out out for runs/<dataset>")
-    if args.task == "ddgan":
-        num("--lr-d", args.lr_d, 0, 1, lo_open=True)
-        num("--r1-gamma", args.r1_gamma, 0, 1e6)
-        for flag, hi in (("--latent-dim", 4096), ("--d-ch", 4096), ("--lazy-reg", cli.MAX_STEPS)):
-            num(flag, getattr(args, flag[2:].replace("-", "_")), 1, hi, integer=True)
-        if args.compile:  # R1 differentiates D's gradient: torch.compile has no double backward
-            raise UsageError("--compile: --task ddgan trains eagerly (R1 needs a double backward); drop --compile")
-        if args.grad_clip > 0:  # ddgan.ddgan_train_step steps its optimizers itself, unclipped, as the paper
-            raise UsageError("--grad-clip: --task ddgan does not clip gradients (nor does the paper); drop --grad-clip")
-    if args.dataset == "synthetic" and args.data_dir is not None:
-        raise UsageError("--data-dir: --dataset synthetic generates its images; drop --data-dir")
-    if args.compile:
-        cli.check_compiler()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -253,17 +177,6 @@ def build_model_args(args, num_classes, channels):
         return "ddgan", dict(kw, latent_dim=args.latent_dim)
     # --class-cond: K classes plus the null label of classifier-free guidance; learned variances double the output
     return "diffusion", dict(kw, num_classes=num_classes if args.class_cond else None, learn_sigma=args.loss != "mse")
-
-
-def discriminator_args_of(args, channels):
-    """D(x_{t-1}, x_t, t) of --task ddgan: unet.EncoderUNet on the pair concatenated along the channels (2C in), one
-    logit out (DDGAN §3.2), --d-ch base channels, G's resolutions and blocks, average pooling and no attention (their
-    CIFAR-10 discriminator is a plain ResNet; R1's double backward through attention would also need the slow
-    math kernel)."""
-    return dict(image_size=args.image_size, in_channels=2 * channels, ch=args.d_ch,
-                ch_mult=tuple(cli.parse_ints(args.ch_mult, "--ch-mult")), num_res_blocks=args.num_res_blocks,
-                attn_resolutions=(), dropout=0.0, use_scale_shift_norm=args.scale_shift_norm, out_dim=1,
-                pool="adaptive")
 
 
 def diffusion_args_of(args):
@@ -334,17 +247,6 @@ class EMA:
         self.updates = int(updates)
 
 
-def gather_all(t, losses):
-    """Every rank's (t, loss) pairs, so every rank's importance sampler keeps the same history."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return t, losses
-    n = dist.get_world_size()
-    ts, ls = [torch.empty_like(t) for _ in range(n)], [torch.empty_like(losses) for _ in range(n)]
-    dist.all_gather(ts, t)
-    dist.all_gather(ls, losses)
-    return torch.cat(ts), torch.cat(ls)
-
-
 def loss_of(net, diffusion, x0, y, args, t_sampler=None):
     """The minibatch loss (0-dim) that line 5 of Algorithm 1 descends, or G4's cross-entropy for the classifier."""
     if args.task == "classifier":
@@ -364,7 +266,7 @@ def loss_of(net, diffusion, x0, y, args, t_sampler=None):
     # uniform-t loss with less variance
     t, weights = t_sampler.sample(x0.shape[0])
     terms = diffusion.training_losses(net, x0, t, model_kwargs=kwargs)
-    t_sampler.update(*gather_all(t, terms.get("vb", terms["loss"]).detach()))
+    t_sampler.update(*runs.gather_all(t, terms.get("vb", terms["loss"]).detach()))
     return (terms["loss"] * weights).mean()
 
 
@@ -421,11 +323,9 @@ def setup(argv):
     started = time.perf_counter()  # --max-minutes counts from here
     parser = build_parser()
     args, given = parser.parse_args(argv), runs.given_flags(parser, argv)
-    if args.task == "ddgan":  # the paper's recipe wherever the user typed nothing (DDGAN_DEFAULTS)
-        for key, value in DDGAN_DEFAULTS.items():
-            if key not in given:
-                setattr(args, key, value)
-    check_args(args)
+    # --recipe NAME / --config RUN/config.json: every flag not typed (recipes.py; --task ddgan alone: DDGAN's recipe)
+    args.recipe = recipes.apply(args, given, runs.dests(parser), runs.RUNTIME)
+    runs.check_args(args)
     out = args.out or os.path.join("runs", args.dataset + ("" if args.task == "diffusion" else f"-{args.task}"))
     run = runs.Run(args, given, out, started)  # torchrun: the process group, cuda:LOCAL_RANK
     try:
@@ -438,7 +338,7 @@ def setup(argv):
 def build(run):
     """Lock the run folder, load the data, build (or resume) the networks, the optimizers and the EMA."""
     args, device = run.args, run.device
-    ckpt, changed = run.open(check_args)  # --resume: the checkpoint's flags, with the changeable ones typed now
+    ckpt, changed = run.open(runs.check_args)  # --resume: the checkpoint's flags, with the changeable ones typed now
 
     # x_0 ~ q(x_0): the whole uint8 training set on the device, batches drawn (and flipped) there
     if run.is_main:
@@ -447,7 +347,7 @@ def build(run):
                                                 synthetic_n=args.synthetic_n)
     args.num_classes = ckpt["config"]["num_classes"] if ckpt else int(y.max()) + 1
     batches = data.Batches(x, y, args.batch_size // run.world_size, device, seed=args.seed, rank=run.rank,
-                           world_size=run.world_size, flip=True, channels_last=device.type == "cuda")
+                           world_size=run.world_size, flip=data.flips(args.dataset), channels_last=device.type == "cuda")
 
     # the network (the same initial weights on every rank; a resumed run's as its checkpoint describes it), the
     # diffusion, AdamW, the EMA; DDGAN's discriminator and its own Adam (--lr-d)
@@ -458,14 +358,14 @@ def build(run):
     runs.check_memory(kind, model_args, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    model = on_device(checkpoint.KINDS[kind](**model_args), device)
+    model = runs.on_device(checkpoint.KINDS[kind](**model_args), device)
     diffusion_args = diffusion_args_of(args)
     training = runs.Training(kind=kind, model=model, net=model, optimizer=make_optimizer(model, args),
                              ema=EMA(model, args.ema), diffusion=checkpoint.build_diffusion(diffusion_args),
                              diffusion_args=diffusion_args, batches=batches)
     if kind == "ddgan":
-        training.disc_args = ckpt["discriminator_args"] if ckpt else discriminator_args_of(args, channels)
-        training.disc = on_device(EncoderUNet(**training.disc_args), device)
+        training.disc_args = ckpt["discriminator_args"] if ckpt else runs.discriminator_args_of(args, channels)
+        training.disc = runs.on_device(EncoderUNet(**training.disc_args), device)
         training.opt_d = make_optimizer(training.disc, args, lr=args.lr_d)
     if args.t_sampler == "importance":  # I3 (iDDPM §3.3)
         training.t_sampler = ImportanceSampler(training.diffusion.num_timesteps, device=device)
@@ -473,19 +373,9 @@ def build(run):
         run.resume(training, ckpt)  # weights, optimizers, EMA, data order, random state: bit for bit
     else:
         torch.manual_seed(args.seed + 1000 * run.rank)  # different t and eps on every rank
-    if run.world_size > 1:
-        training.net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if args.compile:
-        training.net = torch.compile(training.net)
+    training.net = run.wrap(model)  # what runs the forward: DistributedDataParallel under torchrun, --compile
     run.begin(training, x, y, source, changed)  # the probe, the clock, config.json, the announcements
     return training
-
-
-def on_device(net, device):
-    """The network on the device; on CUDA in channels_last, cuDNN's fast layout for bf16 convolutions."""
-    net = net.to(device)
-    return net.to(memory_format=torch.channels_last) if device.type == "cuda" else net
 
 
 def train(run, training):
@@ -520,6 +410,7 @@ def train(run, training):
                 if run.step % args.log_every == 0 or end.save or end.evaluate:
                     run.log(bar, training, loss_sum, accuracy)
                     loss_sum.zero_()
+                run.show(bar, training, loss_sum)  # the bar: its total (--steps or the time budget), the early loss
 
                 # a checkpoint (never a bad one) and loss.png; a grid from the EMA weights (shrunk to the time left)
                 if end.save:

@@ -634,6 +634,18 @@ def measure(rows, args, device):
     data; measured across its set-up and warm-up) plus the most any of its repeats allocated on top (CUDA only).
     With --profile, the rows marked for it are profiled after timing (profile_runner).
     """
+    live = set_up(rows, device)
+    for k in range(args.repeats):
+        time_round(live, k, args, device)
+    finish_rows(live, args, device)
+    live.clear()  # the last row's network and optimizer go now, before the next table's
+    free_memory(device)
+    torch._dynamo.reset()
+
+
+def set_up(rows, device):
+    """Every row's runner built and warmed up, and the memory it holds: [(row, runner)]; a row that fails to set up
+    gets its status and no runner."""
     live = []
     for row in rows:
         if "make" not in row:
@@ -649,27 +661,36 @@ def measure(rows, args, device):
             continue
         row.update(times_s=[], resident=allocated(device) - before, transient=0)
         live.append((row, runner))
-    for k in range(args.repeats):
-        turn = live[k % len(live):] + live[:k % len(live)] if live else []
-        for row, runner in turn:
-            if "status" in row:
-                continue
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            base = allocated(device)
-            try:
-                t0 = time.perf_counter()
-                runner.repeat()
-                sync(device)
-                row["times_s"].append(time.perf_counter() - t0)
-            except Exception as e:
-                row["status"] = error_status(e)
-                continue
-            if device.type == "cuda":
-                row["transient"] = max(row["transient"], torch.cuda.max_memory_allocated(device) - base)
-        log(f"round {k + 1}/{args.repeats}: " + ", ".join(
-            f"{row['impl']} {runner.images / row['times_s'][-1]:.1f} img/s" for row, runner in turn
-            if "status" not in row))
+    return live
+
+
+def time_round(live, k, args, device):
+    """Round k: one timed repeat of every live row, starting at row k (the order rotated each round)."""
+    turn = live[k % len(live):] + live[:k % len(live)] if live else []
+    for row, runner in turn:
+        if "status" in row:
+            continue
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        base = allocated(device)
+        try:
+            t0 = time.perf_counter()
+            runner.repeat()
+            sync(device)
+            row["times_s"].append(time.perf_counter() - t0)
+        except Exception as e:
+            row["status"] = error_status(e)
+            continue
+        if device.type == "cuda":
+            row["transient"] = max(row["transient"], torch.cuda.max_memory_allocated(device) - base)
+    log(f"round {k + 1}/{args.repeats}: " + ", ".join(
+        f"{row['impl']} {runner.images / row['times_s'][-1]:.1f} img/s" for row, runner in turn
+        if "status" not in row))
+
+
+def finish_rows(live, args, device):
+    """Each live row's result: its runner's own numbers, img/s from the median repeat, peak memory, and (--profile)
+    its profile."""
     for row, runner in live:
         if "status" not in row:
             try:
@@ -682,10 +703,6 @@ def measure(rows, args, device):
         row["peak_mem_gib"] = round((resident + transient) / 2 ** 30, 2) if device.type == "cuda" else None
         if row.pop("to_profile", False) and args.profile and row["status"] == "ok":
             row["profile"] = guarded(lambda: profile_runner(runner, row, args.profile, device))
-    live.clear()
-    runner = None  # noqa: F841 (the last row's network and optimizer go now, before the next table's)
-    free_memory(device)
-    torch._dynamo.reset()
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -849,6 +866,12 @@ def markdown(results):
                  "measured ceiling. Host syncs: per training step / per sampling call.")
     for line in results["summary"]:
         lines.append(f"- {line}")
+    lines += profile_lines(results)
+    return "\n".join(lines)
+
+def profile_lines(results):
+    """--profile: the markdown of each profiled row (where its time goes: categories, top kernels)."""
+    a, lines = results["meta"]["args"], []
     for r in results["rows"]:
         p = r.get("profile")
         if not isinstance(p, dict):
@@ -867,7 +890,7 @@ def markdown(results):
         lines += ["", "| top kernels / operators | ms | calls | share |", "| --- | ---: | ---: | ---: |"]
         lines += [f"| `{name[:100]}` | {ms:.3f} | {calls:.0f} | {100 * share:.1f}% |"
                   for name, ms, calls, share in p["top"]]
-    return "\n".join(lines)
+    return lines
 
 
 def summarise(rows):
@@ -900,37 +923,20 @@ def default_compile(device):
 
 
 def benchmark(args):
+    """Every row of the tables, timed (measure), with its FLOP rates against the peaks; the results and metadata
+    as one dict (markdown and --json read it)."""
     device = cli.resolve_device(args.device)
     cuda = device.type == "cuda"
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
-    compiled = default_compile(device) if args.compile is None else args.compile
-    cannot_compile = None
-    if compiled:
-        try:
-            cli.check_compiler()
-        except UsageError as e:
-            if args.compile:  # asked for by name: refused in one line before any work, as every bad input
-                raise
-            cannot_compile = f"not run ({e})"  # the default: the compile rows say why, the others still run
-            log(f"torch.compile rows: {cannot_compile}")
+    compiled, cannot_compile = compile_status(args, device)
     args.formats = args.formats or (FORMATS if cuda else ("contiguous",))
     cfg = our_config(args.tiny)
     names = PEERS if args.peers == "all" else () if args.peers == "none" else (args.peers,)
 
     name = device_name(device)
     log(f"bench: {name}, torch {torch.__version__}")
-    # the measured ceiling: a large square bf16 matmul on CUDA (cuBLAS); on a CPU the better of an fp32 matmul and
-    # a 3x3 convolution (conv_peak)
-    n = 8192 if cuda else 1024 if args.tiny else 2048
-    if cuda:
-        peak = matmul_peak(device, torch.bfloat16, n, 20)
-        ceiling = f"{n}^3 bf16 matmul {peak / 1e12:.4g} TFLOP/s"
-    else:
-        mm, conv = matmul_peak(device, torch.float32, n, 2), conv_peak(device, torch.float32, 4 if args.tiny else 16, 2)
-        peak = max(mm, conv)
-        ceiling = (f"the better of a {n}^3 fp32 matmul ({mm / 1e12:.4g} TFLOP/s) and a 256-channel 3x3 convolution "
-                   f"({conv / 1e12:.4g} TFLOP/s)")
+    n, peak, ceiling = measured_ceiling(args, device)
     sheet = args.peak_tflops or (datasheet_tflops(name) if cuda else None)
     source = "--peak-tflops" if args.peak_tflops else "NVIDIA datasheet" if sheet else None
     log(f"measured ceiling: {ceiling}" + (f"; datasheet peak {sheet} TFLOP/s ({source})" if sheet else ""))
@@ -954,17 +960,7 @@ def benchmark(args):
             row["status"] = cannot_compile
     for task in args.tasks:
         measure([r for r in rows if r["task"] == task], args, device)
-    for row in rows:
-        row.pop("to_profile", None)  # a plan's mark, not a result (rows that never ran still carry it)
-        if row["status"] == "ok" and row.get("flops"):
-            per_image = row["flops"][1] if row["task"] == "train" else row["flops"][0] * args.sample_steps
-            row["flop_per_img"] = per_image
-            row["tflops"] = per_image * row["img_per_s"] / 1e12
-            row["of_ceiling"] = per_image * row["img_per_s"] / peak
-            if sheet:
-                row["mfu"] = row["tflops"] / sheet
-        log(f"{row['task']}: {row['impl']}: " + (f"{row['img_per_s']:.1f} img/s" if row["status"] == "ok"
-                                                 else row["status"]))
+    add_rates(rows, args, peak, sheet)
 
     results = {
         "meta": {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "device": name,
@@ -978,6 +974,50 @@ def benchmark(args):
     }
     results["summary"] = summarise(rows)
     return results
+
+
+def compile_status(args, device):
+    """(whether the torch.compile rows are planned, why they cannot run or None). --compile asked for by name and
+    impossible is refused in one line before any work; the default (compile on CUDA) only marks those rows."""
+    compiled = default_compile(device) if args.compile is None else args.compile
+    cannot_compile = None
+    if compiled:
+        try:
+            cli.check_compiler()
+        except UsageError as e:
+            if args.compile:  # asked for by name: refused in one line before any work, as every bad input
+                raise
+            cannot_compile = f"not run ({e})"  # the default: the compile rows say why, the others still run
+            log(f"torch.compile rows: {cannot_compile}")
+    return compiled, cannot_compile
+
+
+def measured_ceiling(args, device):
+    """The measured ceiling: a large square bf16 matmul on CUDA (cuBLAS); on a CPU the better of an fp32 matmul and
+    a 3x3 convolution (conv_peak). (matmul size, FLOP/s, what was measured in words)."""
+    n = 8192 if device.type == "cuda" else 1024 if args.tiny else 2048
+    if device.type == "cuda":
+        peak = matmul_peak(device, torch.bfloat16, n, 20)
+        return n, peak, f"{n}^3 bf16 matmul {peak / 1e12:.4g} TFLOP/s"
+    mm, conv = matmul_peak(device, torch.float32, n, 2), conv_peak(device, torch.float32, 4 if args.tiny else 16, 2)
+    ceiling = (f"the better of a {n}^3 fp32 matmul ({mm / 1e12:.4g} TFLOP/s) and a 256-channel 3x3 convolution "
+               f"({conv / 1e12:.4g} TFLOP/s)")
+    return n, max(mm, conv), ceiling
+
+
+def add_rates(rows, args, peak, sheet):
+    """Each timed row's FLOP per image, TFLOP/s, share of the measured ceiling and MFU (over the datasheet peak)."""
+    for row in rows:
+        row.pop("to_profile", None)  # a plan's mark, not a result (rows that never ran still carry it)
+        if row["status"] == "ok" and row.get("flops"):
+            per_image = row["flops"][1] if row["task"] == "train" else row["flops"][0] * args.sample_steps
+            row["flop_per_img"] = per_image
+            row["tflops"] = per_image * row["img_per_s"] / 1e12
+            row["of_ceiling"] = per_image * row["img_per_s"] / peak
+            if sheet:
+                row["mfu"] = row["tflops"] / sheet
+        log(f"{row['task']}: {row['impl']}: " + (f"{row['img_per_s']:.1f} img/s" if row["status"] == "ok"
+                                                 else row["status"]))
 
 
 def main(argv=None):

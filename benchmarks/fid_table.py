@@ -72,7 +72,7 @@ def table_rows(args, var_type):
         list(TABLE1_ETAS) if default_layout else [0.0])
     for eta in etas:
         check_number("--eta", eta, lo=0)  # the upper end depends on the respaced steps: checked per cell
-    # pc takes eta only with its ddim predictor (sampling.py): it gets one row, like the samplers without eta
+    # pc takes eta only with its ddim predictor (menu.py): it gets one row, like the samplers without eta
     takes_eta = [name for name in samplers if "eta" in sampling.SAMPLERS[name].options and name != "pc"]
     if etas != [0.0] and not takes_eta:
         raise UsageError(f"--eta: none of {', '.join(samplers)} takes eta (ddim does, DDIM eq. 16); drop --eta")
@@ -132,6 +132,19 @@ def format_table(rows, steps, values, paper, title, notes):
 def main(argv=None):
     """FID of every (row, S) cell, each appended to --out as it is done, then the table (printed, --table)."""
     args = build_parser().parse_args(argv)
+    steps, table_path = check_flags(args)
+    rank, world, device = distributed(args.device)
+    # every cell's sampler is built (and so checked: steps <= T, eta in range for S steps, --var) before any work
+    ckpt = checkpoint.load(args.checkpoint)
+    rows = table_rows(args, ckpt["diffusion_args"].get("var_type"))
+    cells = build_cells(args, ckpt, rows, steps, device)
+    values = score_cells(args, ckpt, cells, rank, world, device)
+    if rank == 0:
+        write_table(args, ckpt, rows, steps, values, table_path)
+
+
+def check_flags(args):
+    """The flags that need no checkpoint, checked before any work: (the columns S, the table's path)."""
     cli.check_names([("--checkpoint", args.checkpoint), ("--ref", args.ref), ("--inception", args.inception),
                      ("--data-dir", args.data_dir), ("--cache-dir", args.cache_dir), ("--table", args.table)])
     if args.out:
@@ -149,15 +162,14 @@ def main(argv=None):
         raise UsageError(f"--n: FID needs a covariance, so at least 2 samples per cell; got {args.n}")
     table_path = args.table or os.path.join(os.path.dirname(os.path.abspath(args.out or "results.jsonl")), "table.md")
     check_appendable(table_path, "--table")  # writable now, not after hours of sampling
-    rank, world, device = distributed(args.device)
-    show = not args.no_progress and rank == 0
+    return steps, table_path
 
-    # every cell's sampler is built (and so checked: steps <= T, eta in range for S steps, --var) before any work
-    ckpt = checkpoint.load(args.checkpoint)
-    rows = table_rows(args, ckpt["diffusion_args"].get("var_type"))
+
+def build_cells(args, ckpt, rows, steps, device):
+    """One sampling.Sampler per (row, S), all on one network loaded (and with --compile compiled) once; a cell whose
+    settings are refused names the cell. [((sampler, eta, var, S), Sampler)]."""
     first = sampling.Settings(sampler=rows[0][0], steps=steps[0], eta=rows[0][1], var=rows[0][2], skip=args.skip,
                               ema=not args.no_ema)
-    # the network, loaded (and with --compile compiled) once
     base = sampling.from_checkpoint(ckpt, first, device, args.precision, compile=args.compile)
     diffusion = checkpoint.build_diffusion(ckpt["diffusion_args"])
     cells = []
@@ -165,20 +177,25 @@ def main(argv=None):
         for s in steps:
             o = sampling.Settings(sampler=sampler, steps=s, eta=eta, var=var, skip=args.skip, ema=not args.no_ema)
             try:
-                sampler_of_cell = sampling.Sampler(base.model, diffusion, base.image_shape, o, base.num_classes, device=device,
-                                      precision=args.precision)
+                sampler_of_cell = sampling.Sampler(base.model, diffusion, base.image_shape, o, base.num_classes,
+                                                   device=device, precision=args.precision)
             except UsageError as e:  # name the cell: '--steps: ...' alone would not say which of the grid's
                 raise UsageError(f"{e} (in the cell {sampler} eta {eta:g}, S = {s})") from None
             cells.append(((sampler, eta, var, s), sampler_of_cell))
     fid.check_sizes(base.image_shape[1:], args.ref, "the checkpoint's images")
+    return cells
+
+
+def score_cells(args, ckpt, cells, rank, world, device):
+    """Each cell's FID, sampled (the ranks sharing its batches), scored by rank 0 and appended to --out as soon as it
+    is known; a cell already in --out is read, not drawn again (unless --recompute). {cell key: FID} on rank 0."""
+    show = not args.no_progress and rank == 0
     record_base = {"metric": "fid", "checkpoint": args.checkpoint, "checkpoint_step": ckpt.get("step"),
                    "n": args.n, "seed": args.seed, "sample_batch_size": args.sample_batch_size, "ref": args.ref}
     done = {} if args.recompute else done_cells(args.out)
     say(f"loading the FID Inception network (device {device.type})")
     net = fid.load_inception(args.inception, device) if rank == 0 else None
-    mu_ref = sigma_ref = None
-
-    values = {}
+    reference, values = None, {}
     bar = progress(len(cells), "cells", unit="cell", disable=not show)
     for key, cell in cells:
         record = dict(record_base, settings=cell.name())
@@ -197,13 +214,13 @@ def main(argv=None):
         if rank != 0:  # rank 0 scores; the others go on to the next cell's share
             bar.update(1)
             continue
-        if mu_ref is None:
-            mu_ref, sigma_ref = fid.reference_stats(args.ref, data_dir=args.data_dir, cache_dir=args.cache_dir, net=net,
-                                                batch_size=args.batch_size, show_progress=show)
+        if reference is None:
+            reference = fid.reference_stats(args.ref, data_dir=args.data_dir, cache_dir=args.cache_dir, net=net,
+                                            batch_size=args.batch_size, show_progress=show)
         t1 = time.time()
         mu, sigma = fid.feature_stats(fid.inception_features(samples, net, args.batch_size, show_progress=show))
         try:
-            value = fid.frechet_distance(mu, sigma, mu_ref, sigma_ref)
+            value = fid.frechet_distance(mu, sigma, *reference)
         except ValueError as e:  # statistics that are no covariance (a hand-made --ref)
             raise UsageError(f"--ref: {e}") from None
         o = cell.settings
@@ -213,9 +230,12 @@ def main(argv=None):
         values[key] = value
         bar.update(1)
     bar.close()
-    if rank != 0:
-        return None
+    return values
 
+
+def write_table(args, ckpt, rows, steps, values, table_path):
+    """The table of all cells, the paper's numbers beside ours where it has them, with its notes: printed, and
+    written to --table whole (outputs.write: a reader, a full disk or Ctrl-C never leaves half a table)."""
     paper = PAPER if any(r[0] == "ddim" for r in rows) else {}  # DDIM Table 1 has DDIM's rows only
     title = (f"FID of {args.n} samples against {args.ref}: {args.checkpoint} ({checkpoint.describe_step(ckpt)}), "
              f"seed {args.seed}, S = steps of the respaced diffusion (--skip {args.skip}, DDIM §4.2)")
@@ -232,10 +252,9 @@ def main(argv=None):
         notes.append(f"{args.n} samples < {fid.FEATURE_DIM} feature dimensions: every FID here is biased high.")
     text = format_table(rows, steps, values, paper, title, notes)
     print(text, flush=True)
-    # replaced whole (outputs.write): a reader, a full disk or Ctrl-C never leaves half a table
     outputs.write({table_path: lambda f: f.write(text.encode())}, force=True)
     wrote(table_path, f"{len(rows)} x {len(steps)} table")
-    return None
+
 
 def build_parser():
     p = Parser(description="FID of one run under a grid of samplers: rows (sampler, eta), columns S steps, each "

@@ -15,6 +15,10 @@ import data  # noqa: E402
 from data import (Batches, DataError, load_cifar10, load_dataset, load_folder,  # noqa: E402
                   save_grid, synthetic_dataset, to_float, to_uint8_images)
 
+# a grid tile of an 8x8 image: enlarged 4x to 32 pixels for a readable grid (data.readable), then 2 of padding
+TILE = 4 * 8 + 2
+
+
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10"
 needs_cifar = pytest.mark.skipif(not (CIFAR / "train_0.npz").is_file(),
                                  reason=f"real CIFAR-10 shards not found at {CIFAR}")
@@ -303,7 +307,7 @@ def test_save_grid_writes_png(tmp_path):
     save_grid(x, path)
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["grid.png"]  # no tmp left
     with Image.open(path) as im:
-        assert im.format == "PNG" and im.size == (5 * 10 + 2, 1 * 10 + 2)  # 5 images: one full row, padding 2
+        assert im.format == "PNG" and im.size == (5 * TILE + 2, 1 * TILE + 2)  # 5 images: one full row, padding 2
     save_grid(to_float(synthetic_dataset(n=8, image_size=8)[0]), path)
     with Image.open(path) as im:
-        assert im.size == (4 * 10 + 2, 2 * 10 + 2)  # 8 images: 4x2, no empty tile
+        assert im.size == (4 * TILE + 2, 2 * TILE + 2)  # 8 images: 4x2, no empty tile

@@ -221,7 +221,8 @@ class HostReads(TorchDispatchMode):
 def test_training_loop_reads_nothing_from_the_device_between_log_steps(tmp_path, monkeypatch, device):
     """train.py's loop, run for real: from the batch draw to the end-of-step decision (train_step, the EMA, the
     loss sum, runs.Run.end_of_step) the host reads no tensor, at any step, so on a GPU the CPU runs ahead and the device never
-    idles; the loss is read every --log-every steps only. Checked by recording every host read in each step's window
+    idles; the loss is read every --log-every steps (and, for the bar, at steps 1, 2, 4, ... before the first log
+    only, after the step's decision). Checked by recording every host read in each step's window
     (the CPU) and with CUDA's sync debug mode (on CUDA), and the same recorder sees the log steps' reads (it can fail).
     """
     steps, log_every = 12, 4
@@ -412,14 +413,15 @@ def test_every_training_step_runs_on_another_device_and_never_reads_it(name):
                                    "--attn", "4", "--d-ch", "8", "--latent-dim", "8"]
     args = train.build_parser().parse_args(argv)
     if args.task == "ddgan":  # the recipe's T = 4 and vp schedule, as train.py fills them in
+        import recipes  # noqa: PLC0415
         for key in ("diffusion_steps", "schedule"):
-            setattr(args, key, train.DDGAN_DEFAULTS[key])
+            setattr(args, key, recipes.DDGAN_CIFAR10[key])
     args.num_classes = 2
     kind, model_args = train.build_model_args(args, 2, 3)
     diffusion = checkpoint.build_diffusion(train.diffusion_args_of(args))
     with torch.device("meta"):
         model = checkpoint.KINDS[kind](**model_args)
-        disc = EncoderUNet(**train.discriminator_args_of(args, 3)) if args.task == "ddgan" else None
+        disc = EncoderUNet(**runs.discriminator_args_of(args, 3)) if args.task == "ddgan" else None
     x0 = torch.zeros(4, 3, 8, 8, device="meta")
     y = torch.zeros(4, dtype=torch.long, device="meta")
     optimizer, ema = train.make_optimizer(model, args), train.EMA(model, args.ema)

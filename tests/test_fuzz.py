@@ -1,5 +1,5 @@
-"""Every command-line value a user could type that the other tests do not name, tried the way a fuzzer would (issue 17,
-item 3): for each flag of train.py, sample.py, evaluate.py (fid, bpd), figures.py (every figure), toy2d.py and
+"""Every command-line value a user could type that the other tests do not name, tried the way a fuzzer would: for
+each flag of train.py, sample.py, evaluate.py (fid, bpd), figures.py (every figure), toy2d.py and
 benchmarks/*.py, the wrong type, out of range (0, negative, 10**12), empty, enormous (100k characters), non-finite
 (nan, inf, 1e30), and for each file or folder a flag reads: one that does not exist, a folder where a file is
 expected, a file where a folder is expected, an empty file, a truncated or garbage file.

@@ -36,6 +36,7 @@ import data
 import evaluate
 import fid
 import sample
+from pictures import open_picture
 from tests import tiny
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -279,7 +280,7 @@ def test_a_picture_over_the_limit_is_refused_from_its_header(files, tmp_path):
     one_line(forked("sample.py", ["--checkpoint", files["run"], "--edit", big]), "--edit", "4097x4097", "4096x4096")
     for flag in ("--invert", "--mask"):
         with pytest.raises(data.DataError, match=f"{flag}: .* is 4097x4097 .*4096x4096"):
-            sample.open_picture(big, flag=flag)
+            open_picture(big, flag=flag)
 
 
 def test_the_size_limit_is_checked_before_decoding(tmp_path, monkeypatch):
@@ -325,7 +326,7 @@ def test_a_file_that_is_no_picture_says_what_is_wrong(files, tmp_path, case):
 def test_every_flag_says_what_is_wrong_with_its_file(tmp_path, flag):
     for path, words in bad_files(str(tmp_path)).values():
         with pytest.raises(data.DataError) as e:
-            sample.open_picture(path, flag=flag, mode="L" if flag == "--mask" else "RGB")
+            open_picture(path, flag=flag, mode="L" if flag == "--mask" else "RGB")
         line = str(e.value)
         assert line.startswith(f"{flag}: ") and "\n" not in line and all(w in line for w in words), line
         assert ("cifar10:N" in line) == (flag != "--mask"), line  # the other choice, where there is one

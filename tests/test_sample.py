@@ -16,11 +16,19 @@ import pytest
 import torch
 from PIL import Image
 
+import batches
 import cli
 import data
+import ddim
 import sample
 import sampling
+import schedules
+import solvers
 from tests import tiny
+
+# a grid tile of an 8x8 image: enlarged 4x to 32 pixels for a readable grid (data.readable), then 2 of padding
+TILE = 4 * 8 + 2
+
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CIFAR_TEST = os.path.join(ROOT, "..", "shared", "data", "cifar10", "test.npz")
@@ -86,25 +94,25 @@ def test_the_ode_solvers_walk_their_papers_schedules(runs, tmp_path, capsys):
     # DPM-Solver++ on logSNR-uniform steps, Heun on EDM's rho = 7 levels (P3), by default; --skip overrides either
     ckpt = sampling.checkpoint.load(runs["uncond"])
     abar = sampling.checkpoint.build_diffusion(ckpt["diffusion_args"]).alphas_cumprod
-    for sampler, steps, kept, nfe in (("dpmpp2m", 6, sampling.schedules.logsnr_timesteps(abar, 6), 6),
-                                      ("heun", 4, sampling.schedules.karras_timesteps(abar, 4), 7),
-                                      ("heun", None, sampling.schedules.karras_timesteps(abar, 18), 35),
-                                      ("dpmpp2m", 6, sampling.schedules.space_timesteps(100, 6, "quad"), 6)):
-        skip = "quad" if kept == sampling.schedules.space_timesteps(100, 6, "quad") else None
+    for sampler, steps, kept, nfe in (("dpmpp2m", 6, schedules.logsnr_timesteps(abar, 6), 6),
+                                      ("heun", 4, schedules.karras_timesteps(abar, 4), 7),
+                                      ("heun", None, schedules.karras_timesteps(abar, 18), 35),
+                                      ("dpmpp2m", 6, schedules.space_timesteps(100, 6, "quad"), 6)):
+        skip = "quad" if kept == schedules.space_timesteps(100, 6, "quad") else None
         s = sampling.from_checkpoint(ckpt, sampling.Settings(sampler=sampler, steps=steps, skip=skip))
         assert s.diffusion.timestep_map.tolist() == kept and s.nfe() == nfe, (sampler, steps)
     # the menu runs the solvers' own loops: batch 0's x_T through solvers.py gives the same images
-    for sampler, loop in (("dpmpp2m", sampling.solvers.dpmpp2m_sample_loop), ("heun", sampling.solvers.heun_sample_loop)):
+    for sampler, loop in (("dpmpp2m", solvers.dpmpp2m_sample_loop), ("heun", solvers.heun_sample_loop)):
         s = sampling.from_checkpoint(ckpt, sampling.Settings(sampler=sampler, steps=4))
         x, _ = s.generate(2, seed=3, show_progress=False)
-        x_T = torch.randn((2, 3, 8, 8), generator=sampling.batch_generator("cpu", 3, 0))
+        x_T = torch.randn((2, 3, 8, 8), generator=batches.batch_generator("cpu", 3, 0))
         assert np.array_equal(x, data.to_uint8_images(loop(s.diffusion, s.model, x_T.shape, noise=x_T))), sampler
     # --steps: 30 logSNR-uniform targets round to fewer distinct levels of T = 100: said, and the true count used
     out = str(tmp_path / "d")
     run(["--checkpoint", runs["uncond"], "--sampler", "dpmpp2m", "--steps", "30", "--n", "2", "--out", out,
          "--no-progress"])
     text = capsys.readouterr().out
-    kept = len(sampling.schedules.logsnr_timesteps(abar, 30))
+    kept = len(schedules.logsnr_timesteps(abar, 30))
     assert kept < 30 and f"30 steps round to {kept} distinct levels" in text
     assert f"dpmpp2m on {kept} of 100 steps ({kept} NFE)" in text and images(out).shape == (2, 8, 8, 3)
     # the names: sampler + steps asked; the schedule only when it is not the sampler's own (a run of its own here)
@@ -169,7 +177,7 @@ def test_grids_have_no_empty_tiles(runs, tmp_path):
     out = str(tmp_path / "g")
     run(["--checkpoint", runs["uncond"], "--steps", "2", "--n", "8", "--out", out, "--no-progress"])
     # torchvision's grid: 2 px padding around 8x8 tiles; 8 images -> 4 columns x 2 rows
-    assert Image.open(out + ".png").size == (4 * 10 + 2, 2 * 10 + 2)
+    assert Image.open(out + ".png").size == (4 * TILE + 2, 2 * TILE + 2)
 
 
 def test_interpolate_honours_n(runs, tmp_path, capsys):
@@ -178,7 +186,7 @@ def test_interpolate_honours_n(runs, tmp_path, capsys):
          "--no-progress"])
     x = images(out)
     assert x.shape == (16, 8, 8, 3)
-    assert Image.open(out + ".png").size == (8 * 10 + 2, 2 * 10 + 2), "rows of 8 frames"
+    assert Image.open(out + ".png").size == (8 * TILE + 2, 2 * TILE + 2), "rows of 8 frames"
     run(["--checkpoint", runs["uncond"], "--interpolate", "--steps", "3", "--n", "20", "--no-progress"])
     assert "whole rows of 8: 16 images for --n 20" in capsys.readouterr().out
     assert images(os.path.join(runs["uncond"], "samples", "interpolate_ddim3_seed0_n16")).shape[0] == 16
@@ -292,7 +300,7 @@ def test_edit_mask_keeps_the_known_region_exactly_and_is_seeded(runs, tmp_path, 
     assert not np.array_equal(x, images(str(tmp_path / "other"))), "another seed, other edits"
     assert not np.array_equal(x[0], x[1]), "the variations differ"
     # one row: input | mask | 3 edits, 10 px a tile
-    assert Image.open(name + ".png").size == (5 * 10 + 2, 1 * 10 + 2)
+    assert Image.open(name + ".png").size == (5 * TILE + 2, 1 * TILE + 2)
 
 
 def test_edit_with_a_classifier_translates_a_center_cropped_picture(runs, tmp_path, capsys):
@@ -456,9 +464,9 @@ def test_the_bar_moves_inside_a_batch():
     calls = []
     bar = CountingBar()
     diffusion = sampling.checkpoint.build_diffusion({"schedule": "linear", "timesteps": 100}).respace(5)
-    step_progress = sampling.StepProgress(lambda x, t, **kw: calls.append(int(t[0])) or torch.zeros_like(x), diffusion, bar)
+    step_progress = cli.StepProgress(lambda x, t, **kw: calls.append(int(t[0])) or torch.zeros_like(x), diffusion, bar)
     step_progress.start(4)
-    sampling.ddim.ddim_sample_loop(diffusion, step_progress, (4, 2), noise=torch.zeros(4, 2))
+    ddim.ddim_sample_loop(diffusion, step_progress, (4, 2), noise=torch.zeros(4, 2))
     step_progress.finish()
     assert calls == sorted(diffusion.timestep_map.tolist(), reverse=True)
     assert bar.seen == [1, 2, 3, 4] and bar.n == 4  # int(4 * k / 5) for k = 1..5: 0, 1, 2, 3, 4
@@ -529,7 +537,7 @@ def test_ddgan_sampler_is_seeded_and_draws_images_in_range(runs, tmp_path, monke
     gan = ddgan_run(str(tmp_path / "gan"))
     floats, calls = [], []
     to_uint8 = data.to_uint8_images
-    monkeypatch.setattr(sampling.data, "to_uint8_images", lambda x: floats.append(x.clone()) or to_uint8(x))
+    monkeypatch.setattr(data, "to_uint8_images", lambda x: floats.append(x.clone()) or to_uint8(x))
     common = ["--checkpoint", gan, "--sampler", "ddgan", "--n", "5", "--batch-size", "3", "--no-progress"]
     run(common + ["--out", str(tmp_path / "a")])
     run(common + ["--out", str(tmp_path / "b")])

@@ -186,3 +186,29 @@ def test_torchrun_ranks_draw_the_single_process_images(tiny_run, tmp_path):
     np.testing.assert_array_equal(two, one)
     assert sorted(os.listdir(tmp_path / "two")) == ["s.npz", "s.png"] and log.read_text() == "rank 0\n"  # rank 0 alone
     assert done.stdout.count("sampling 5 images") == 1 and done.stdout.count("wrote ") == 2  # and rank 0 alone talked
+
+
+def test_torchrun_ranks_share_the_edit_batches(tiny_run, tmp_path):
+    # --edit splits its variations across the ranks like plain sampling: 5 edits in batches of 2, batches 0 and 2 on
+    # rank 0, batch 1 on rank 1 (never every rank doing all the work), and rank 0 alone writes the single-process files
+    from PIL import Image
+    picture = tmp_path / "in.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(picture)
+    flags = ["--checkpoint", tiny_run, "--edit", str(picture), "--steps", "3", "--num-samples", "5", "--batch-size",
+             "2", "--seed", "7", "--device", "cpu", "--no-progress"]
+    assert run(sample, flags + ["--out", str(tmp_path / "one")]) == 0
+    log = tmp_path / "writes.log"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), SHARD_LOG=str(log))
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
+         str(ROOT / "tests" / "shard_worker.py"), *flags, "--out", str(tmp_path / "two" / "s")],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one, two = np.load(tmp_path / "one.npz"), np.load(tmp_path / "two" / "s.npz")
+    assert one["x"].shape == (5, 8, 8, 3)
+    for key in ("x", "input"):
+        np.testing.assert_array_equal(two[key], one[key])
+    assert sorted(log.read_text().splitlines()) == ["edit of 1 on rank 0", "edit of 2 on rank 0", "edit of 2 on rank 1",
+                                                    "rank 0"]
+    assert sorted(os.listdir(tmp_path / "two")) == ["s.npz", "s.png"]
+    assert done.stdout.count("editing ") == 1 and done.stdout.count("wrote ") == 2

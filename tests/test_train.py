@@ -158,8 +158,9 @@ def test_loss_falls_and_the_run_folder_holds_what_was_announced(tmp_path, capsys
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["steps"] == 30 and [h["event"] for h in config["history"]] == ["start"]
 
-    # the pictures of training: the grid at the first checkpoint (and the end), the loss curve at every save
-    for name, size in (("samples.png", (2 * 8 + 3 * 2,) * 2), ("samples_0000015.png", None), ("loss.png", None)):
+    # the pictures of training: the grid at the first checkpoint (and the end; its 8x8 images drawn 4x, data.readable),
+    # the loss curve at every save
+    for name, size in (("samples.png", (2 * 32 + 3 * 2,) * 2), ("samples_0000015.png", None), ("loss.png", None)):
         with Image.open(os.path.join(out, name)) as im:
             assert im.format == "PNG" and (size is None or im.size == size), (name, im.size)
     assert not os.path.exists(os.path.join(out, "samples_0000010.png"))  # grids come with checkpoints here

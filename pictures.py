@@ -1,0 +1,69 @@
+"""
+The picture sample.py inverts or edits (--invert, --edit, --mask): a picture file, or cifar10:N for the N-th
+CIFAR-10 test image, cut to its central square (said in one line, never squashed) and resized to the network's size.
+The file itself is read by data.read_picture, which checks it (missing, too large, corrupt) before decoding.
+"""
+
+import os
+import re
+
+import data
+from cli import UsageError, say
+
+
+def open_picture(spec, data_dir=None, flag="--invert", mode="RGB"):
+    """A picture file, or cifar10:N for the N-th CIFAR-10 test image (read by data.py), as a PIL image in `mode`;
+    its label (or None) and a name for files."""
+    m = re.fullmatch(r"cifar10:(\d+)", spec)
+    if m:
+        import torchvision.transforms.functional as TF  # here: torchvision's import takes seconds, a refusal none
+        x, y = data.load_cifar10(data_dir, split="test")
+        i = int(m.group(1))
+        if i >= x.shape[0]:
+            raise UsageError(f"{flag}: cifar10:N takes N in 0..{x.shape[0] - 1} (the test set), got {i}")
+        return TF.to_pil_image(x[i]).convert(mode), int(y[i]), f"cifar10-{i}"
+    if spec.startswith("cifar10"):
+        raise UsageError(f"{flag}: expected cifar10:N with N a test-set index, got {spec!r}")
+    # the file: data.read_picture checks it (missing, too large, corrupt) and reads it as an 8-bit picture
+    img = data.read_picture(spec, mode, flag, "pass a picture file"
+                            + (" or cifar10:N (a CIFAR-10 test image)" if flag != "--mask" else ""))
+    return img, None, re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(spec))[0])
+
+
+def fit(img, size, spec, flag="--invert", quiet=False):
+    """A non-square picture is cut to its central square (said in one line, never squashed); then it is resized to
+    the network's size. Returns uint8 [1, C, size, size]."""
+    import torchvision.transforms.functional as TF
+    w, h = img.size
+    if w != h:
+        side = min(w, h)
+        if not quiet:
+            say(f"note: {flag}: {spec} is {w}x{h}; using its central {side}x{side} square"
+                + (f", resized to {size}x{size}" if side != size else ""))
+        img = TF.center_crop(img, [side, side])
+    elif w != size and not quiet:
+        say(f"note: {flag}: {spec} is {w}x{h}; resized to the network's {size}x{size}")
+    if img.size[0] != size:
+        img = TF.resize(img, [size, size], antialias=True)
+    return TF.pil_to_tensor(img)[None]
+
+
+def read_image(spec, size, channels, data_dir=None, flag="--invert"):
+    """The image to invert or edit as floats [1, C, size, size] in [-1, 1], its label (or None), a name for files and
+    the picture's own (width, height).
+
+    `spec` is a picture file, or cifar10:N for the N-th CIFAR-10 test image. A non-square picture is cut to its
+    central square (said in one line, never squashed); then it is resized to the network's size.
+    """
+    img, label, name = open_picture(spec, data_dir, flag, "L" if channels == 1 else "RGB")
+    return data.to_float(fit(img, size, spec, flag)), label, name, img.size
+
+
+def read_mask(spec, picture_size, size, image_spec):
+    """--mask: a picture of the --edit image's own size, as floats [1, 1, size, size] in [0, 1], 1 (white) = keep the
+    input, 0 (black) = repaint (edit.py's m, RePaint eq. 10); cropped and resized exactly like the image."""
+    img, _, name = open_picture(spec, flag="--mask", mode="L")
+    if img.size != picture_size:
+        raise UsageError(f"--mask: {spec} is {img.size[0]}x{img.size[1]} but the --edit image {image_spec} is "
+                         f"{picture_size[0]}x{picture_size[1]}; draw the mask on a picture of the image's size")
+    return fit(img, size, spec, "--mask", quiet=True).float() / 255, name
