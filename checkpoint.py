@@ -219,8 +219,8 @@ def upgrade(ckpt, path, flag):
                 ch_mult=ints(cfg["ch_mult"]), num_res_blocks=cfg["num_res_blocks"], attn_resolutions=ints(cfg["attn"]),
                 dropout=cfg["dropout"], num_heads=cfg["num_heads"], num_head_channels=cfg["num_head_channels"],
                 resblock_updown=cfg["resblock_updown"], use_scale_shift_norm=cfg["scale_shift_norm"])
-    # every checkpoint before format 2 was trained while unet.py made ADM's three parameter-free choices (issue 11:
-    # DDPM's are the default now); these flags rebuild the function it was trained as
+    # every checkpoint before format 2 was trained while unet.py made ADM's three parameter-free choices (DDPM's
+    # are the default now); these flags rebuild the function it was trained as
     args.update(ADM_CHOICES)
     if kind == "classifier":
         args.update(out_dim=cfg["num_classes"], pool=cfg.get("pool", "attention"))

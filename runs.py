@@ -82,12 +82,13 @@ class RunFailed(Exception):
 # The flags, checked
 # ----------------------------------------------------------------------------------------------------------------
 
-# upper bounds of train.py's flags: what fits in memory and finishes, far above any recipe (the fix: a smaller value)
+# upper bounds of train.py's flags: what fits in memory and finishes, far above any recipe (the fix: a smaller value).
+# --lr up to 1e6: a rate that makes the run diverge is the divergence probe's to report (one line, nothing saved)
 UPPER_BOUNDS = {"--steps": cli.MAX_STEPS, "--warmup": cli.MAX_STEPS, "--log-every": cli.MAX_STEPS,
                 "--save-every": cli.MAX_STEPS, "--sample-every": cli.MAX_STEPS, "--eval-every": cli.MAX_STEPS,
                 "--batch-size": cli.MAX_BATCH, "--n-sample": 10_000, "--image-size": cli.MAX_IMAGE_SIZE,
                 "--synthetic-n": cli.MAX_IMAGES, "--ch": 4096, "--num-res-blocks": 64, "--num-heads": 4096,
-                "--lr": 1.0, "--weight-decay": 100.0, "--grad-clip": 1e6, "--max-minutes": 1e7,
+                "--lr": 1e6, "--weight-decay": 100.0, "--grad-clip": 1e6, "--max-minutes": 1e7,
                 "--save-minutes": 1e7, "--sample-minutes": 1e7}
 AT_LEAST_ONE = ("--steps", "--log-every", "--save-every", "--eval-every", "--batch-size", "--image-size",
                 "--synthetic-n", "--ch", "--num-res-blocks", "--num-heads")

@@ -440,7 +440,7 @@ def parse_args(argv=None):
                 ("--ddgan-steps", args.ddgan_steps, 0, MAX_STEPS)]:
             check_number(flag, value, lo=low, hi=high, integer=True)
         check_seed("--seed", args.seed)
-        check_number("--lr", args.lr, lo=0, hi=1, lo_open=True)
+        check_number("--lr", args.lr, lo=0, hi=1e6, lo_open=True)  # diverging: said after training
         check_number("--p-uncond", args.p_uncond, lo=0, hi=1, hi_open=True)
         check_number("--guide-class", args.guide_class, lo=0, hi=NUM_CLASSES[args.data] - 1, integer=True)
         for flag in ("cfg_scales", "classifier_scales"):

@@ -360,7 +360,7 @@ class UNet(nn.Module):
     num_head_channels, more attn_resolutions, resblock_updown,
     use_scale_shift_norm; ADM's function also needs **ADM_CHOICES
     (downsample="adm", embed_freq="adm", norm_eps=1e-5), which are also what
-    checkpoints from before issue 11 were trained with. num_classes enables
+    checkpoints of format 1 were trained with. num_classes enables
     class conditioning (with a null class for classifier-free guidance);
     learn_sigma doubles the output channels for iDDPM's learned variance.
     """

@@ -122,7 +122,7 @@ TRAIN_FLAGS = {
     "--eval-every": ints("--eval-every"),
     "--p-uncond": {**floats("--p-uncond"), "one": "1"},
     "--dropout": {**floats("--dropout"), "one": "1"},
-    "--lr": {**floats("--lr"), "zero": "0", "ten": "100"},
+    "--lr": {**floats("--lr"), "zero": "0", "above-1e6": "1e7"},
     "--weight-decay": {**floats("--weight-decay"), "big": "1e6"},
     "--grad-clip": floats("--grad-clip"),
     "--ema": {**floats("--ema"), "one": "1"},
@@ -289,7 +289,7 @@ TOY = ["--steps", "1", "--batch-size", "4", "--hidden", "8", "--depth", "1", "--
 TOY_FLAGS = {
     "--steps": ints("--steps"),
     "--batch-size": {**ints("--batch-size", hi=2 ** 20), "one": "1"},
-    "--lr": {**floats("--lr"), "zero": "0", "ten": "100"},
+    "--lr": {**floats("--lr"), "zero": "0", "above-1e6": "1e7"},
     "--hidden": ints("--hidden"),
     "--depth": ints("--depth"),
     "--diffusion-steps": {**ints("--diffusion-steps", hi=100_000), "one": "1"},

@@ -86,8 +86,10 @@ COMMANDS = {
     "fid": ("evaluate.py", ["fid", "--checkpoint", "{ckpt}", *FAST, *FID], (".jsonl",)),
     "fid-ddgan": ("evaluate.py", ["fid", "--checkpoint", "{ckpt}", "--sampler", "ddgan", "--n", "2", *FID],
                   (".jsonl",)),
-    "bpd": ("evaluate.py", ["bpd", "--checkpoint", "{ckpt}", "--n", "2", "--data-dir", "{cifar}", "--no-progress"],
-            (".jsonl",)),
+    # a run names its data (these: synthetic, so --data-dir is refused); a diffusers folder names none
+    "bpd": ("evaluate.py", ["bpd", "--checkpoint", "{ckpt}", "--n", "2", "--no-progress"], (".jsonl",)),
+    "bpd-data": ("evaluate.py", ["bpd", "--checkpoint", "{ckpt}", "--n", "2", "--data-dir", "{cifar}",
+                                 "--no-progress"], (".jsonl",)),
     "table": ("benchmarks/fid_table.py", ["--checkpoint", "{ckpt}", "--samplers", "ddim", "--steps", "3", "--n", "2",
                               *FID], (".jsonl", ".md")),
     "fig-ddpm-x0": ("figures.py", ["ddpm-x0", "--checkpoint", "{ckpt}", "--columns", "20,1", *FIG], (".png",)),
@@ -108,14 +110,14 @@ COMMANDS = {
 }
 
 OK, NOT_RUN = "ok", None
-CK, SAMPLER, CLASS, CFG, CLF = "--checkpoint", "--sampler", "--class", "--cfg-scale", "--classifier"
+CK, SAMPLER, CLASS, CFG, CLF, DATA = "--checkpoint", "--sampler", "--class", "--cfg-scale", "--classifier", "--data-dir"
 INTERP, INVERT, EDIT, STEPS = "--interpolate", "--invert", "--edit", "--steps"
 _ = NOT_RUN
 # The expected outcome of every cell: OK, or the flag its one-line refusal names. A cell left out (_) would run the
 # same code as one that is in, and the matrix has a CPU budget: "ckpt" differs from "run" only in where the outputs
 # go, "hub-bin" from "hub" only in the loader, a check shared by every row (a classifier as --checkpoint) runs on a
 # few rows, a sampler's loop on a run and a class-conditional run, a figure on one run; the costly cells (FID, the
-# 64x64 network) run where they differ. Every column runs the "ddim", "bpd" and "fig-ddpm-x0" rows.
+# 64x64 network) run where they differ. Every column runs the "ddim", "bpd" (or "bpd-data") and "fig-ddpm-x0" rows.
 EXPECT = {
     #                              run      ckpt     cond     clf      ddgan    old      hub      hub-bin  lsun
     "ddpm":                       (OK,      _,       OK,      _,       SAMPLER, OK,      OK,      _,       OK),
@@ -137,7 +139,8 @@ EXPECT = {
     "fid":                        (OK,      _,       OK,      CK,      SAMPLER, _,       OK,      _,       OK),
     "fid-ddgan":                  (SAMPLER, _,       _,       _,       OK,      _,       _,       _,       _),
     # bits/dim of a generator is not defined; a 64x64 network that names no dataset has no test images here
-    "bpd":                        (OK,      OK,      OK,      CK,      CK,      OK,      OK,      _,       CK),
+    "bpd":                        (OK,      OK,      OK,      CK,      CK,      OK,      _,       _,       _),
+    "bpd-data":                   (DATA,    _,       _,       _,       _,       _,       OK,      _,       CK),
     "table":                      (_,       _,       _,       CK,      _,       _,       OK,      _,       _),
     "fig-ddpm-x0":                (OK,      OK,      OK,      CK,      CK,      OK,      OK,      OK,      OK),
     "fig-ddpm-shared":            (OK,      _,       _,       _,       _,       _,       _,       _,       _),

@@ -324,7 +324,7 @@ def test_edit_with_a_classifier_translates_a_center_cropped_picture(runs, tmp_pa
 # ----------------------------------------------------------------------------------------------------------------
 
 def broken_checkpoints(root):
-    """The checkpoints of issue 9's list, each broken in one way."""
+    """The checkpoints a user can break, each broken in one way."""
     paths = {}
 
     def edit(name, fn):
@@ -418,7 +418,7 @@ def test_bad_input_in_a_real_process_has_no_traceback(runs):
                        capture_output=True, text=True, timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and r.stdout == "" and "Traceback" not in r.stderr, r.stderr
-    assert lines == ["error: --cfg-scale: must be a finite number in [0, inf], got nan"], lines
+    assert lines == ["error: --cfg-scale: must be a finite number in [0, 1e+06], got nan"], lines
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def test_timestep_embedding_hand_computed():
     torch.testing.assert_close(emb, expected)
     # DDPM (the default; its code divides by half - 1): dim=6 -> half=3 frequencies 10000^(-i/2): 1, 0.01, 1e-4
     # (ADM's division by half would give 1, 10000^(-1/3), 10000^(-2/3) here). This pinned ADM's numbers until the
-    # default became DDPM's (issue 11); the ADM case above keeps them.
+    # default became DDPM's (checkpoint format 2); the ADM case above keeps them.
     emb = timestep_embedding(torch.tensor([3]), 6)
     args = [3.0, 0.03, 3e-4]
     expected = torch.tensor([[math.sin(a) for a in args] + [math.cos(a) for a in args]])
@@ -328,9 +328,9 @@ def test_gradient_reaches_every_parameter(make):
 
 
 # -----------------------------------------------------------------------------
-# checkpoints written before DDPM's choices became the default (issue 11)
+# checkpoints written before DDPM's choices became the default (checkpoint format 1)
 
-# The TINY net's output as unet.py computed it before issue 11 (git f4f9d73), every 191st element, for the weights
+# The TINY net's output as unet.py computed it before DDPM's choices became the default (git f4f9d73), every 191st element, for the weights
 # and inputs below: torch.manual_seed(0), UNet(**TINY), randomize(), inputs(). (DDPM's choices move these by up to
 # 0.5; norm_eps alone by up to 3.5e-5.)
 PRE_ISSUE_11 = [0.0037863969, -0.020637898, -0.36979294, 0.16200072, 0.050543815, 0.37875572, 0.0071804156,
