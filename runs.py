@@ -535,6 +535,7 @@ class Run:
         self.good_lr = None             # the learning rate that trained it
         self.last_loss = None           # the last logged loss, for the story of a divergence
         self.grids = 0                  # sample grids drawn
+        self.last_grid = (0, 0)         # (images, step) of the grid in samples.png
         self.logs = 0                   # log lines written by this process
         self.elapsed_before = 0.0       # seconds the run trained before this start (--resume), for elapsed_s
         self.cfg = None                 # the flags a checkpoint stores (less RUNTIME), with the data's size
@@ -881,13 +882,20 @@ class Run:
                 else:
                     imgs = ddim_sample_loop(training.diffusion.respace(steps), training.ema.module, shape,
                                             generator=g, model_kwargs=kwargs, device=self.device)
+            # a grid smaller than the last one (time was short) goes beside it: samples.png keeps the larger grid
+            smaller = n < self.last_grid[0]
+            names = [f"samples_{self.step:07d}.png"] + ([] if smaller else ["samples.png"])
             try:
-                data.save_grid(imgs.float(), os.path.join(self.out, f"samples_{self.step:07d}.png"))
-                data.save_grid(imgs.float(), os.path.join(self.out, "samples.png"))
+                for name in names:
+                    data.save_grid(imgs.float(), os.path.join(self.out, name))
             except OSError as e:
-                say(f"warning: could not write samples.png ({e.strerror or e})")
+                say(f"warning: could not write {name} ({e.strerror or e})")
                 return
-            cli.wrote(os.path.join(self.out, "samples.png"), f"{n} EMA samples at step {self.step:,}")
+            cli.wrote(os.path.join(self.out, names[-1]), f"{n} EMA samples at step {self.step:,}")
+            if smaller:
+                say(f"samples.png keeps the {self.last_grid[0]} images of step {self.last_grid[1]:,}")
+            else:
+                self.last_grid = (n, self.step)
             self.folder.add_grid(imgs, self.step)
 
     def image_step_s(self):
@@ -896,11 +904,16 @@ class Run:
         return self.clock.step_s / (3 * (self.args.batch_size // self.world_size))
 
     def least_grid_s(self):
-        """Seconds of the smallest grid the run promises (LEAST_GRID images, LEAST_GRID_STEPS DDIM steps), kept in
-        reserve by the --max-minutes check so that the promised final grid always fits."""
+        """Seconds kept in reserve by the --max-minutes check so that the promised final grid fits: the full grid
+        (--n-sample images, DDIM-50, with a quarter to spare) when it costs at most 5% of the budget, so that a short
+        run ends on a grid as large as the ones before it; otherwise the smallest one (LEAST_GRID images,
+        LEAST_GRID_STEPS DDIM steps)."""
         args = self.args
         if args.task not in ("diffusion", "ddgan") or not args.n_sample:
             return 0.0
+        full = 1.25 * args.n_sample * GRID_STEPS * self.image_step_s()
+        if args.max_minutes and full <= 0.05 * 60 * args.max_minutes:
+            return full
         return min(LEAST_GRID, args.n_sample) * LEAST_GRID_STEPS * self.image_step_s()
 
     def bar_total(self):

@@ -145,6 +145,34 @@ def test_ctrl_c_never_draws_a_grid_and_time_short_still_draws_the_promised_one(t
     assert "time is short: 4 images" in said and os.path.isfile(os.path.join(out2, "samples.png"))
 
 
+def test_a_short_run_keeps_time_for_a_full_final_grid_when_it_is_cheap():
+    # the digits recipe on a CPU: 64 images x DDIM-50 cost ~2 s of a 5-minute budget, so the whole grid is reserved;
+    # CIFAR-10 on a CPU: the same grid would take minutes, so only the least grid (4 images, DDIM-10) is
+    from types import SimpleNamespace
+    run = lambda step_s, minutes: SimpleNamespace(  # noqa: E731
+        args=SimpleNamespace(task="diffusion", n_sample=64, max_minutes=minutes),
+        image_step_s=lambda: step_s / (3 * 64))
+    cheap, dear = runs.Run.least_grid_s(run(0.15, 5)), runs.Run.least_grid_s(run(45.0, 5))
+    assert cheap == pytest.approx(1.25 * 64 * runs.GRID_STEPS * 0.15 / 192)
+    assert dear == pytest.approx(runs.LEAST_GRID * runs.LEAST_GRID_STEPS * 45.0 / 192)
+
+
+def test_a_smaller_final_grid_never_replaces_a_larger_samples_png(tmp_path, monkeypatch, capsys):
+    # full grids at steps 2 and 4, then time is short at the end (step 5): its 4 images go to samples_0000005.png and
+    # samples.png keeps the 16 of step 4
+    monkeypatch.setattr(runs.Run, "extra_budget", lambda run, final: 1e-9 if final else 1e9)
+    out = str(tmp_path / "r")
+    assert tiny.run(train, TINY + ["--steps", "5", "--sample-every", "2", "--n-sample", "16", "--out", out]) == 0
+    said = capsys.readouterr().out
+    assert "time is short: 4 images" in said and "samples.png keeps the 16 images of step 4" in said
+    from PIL import Image
+    sizes = {f: Image.open(os.path.join(out, f)).size for f in ("samples.png", "samples_0000004.png",
+                                                               "samples_0000005.png")}
+    assert sizes["samples.png"] == sizes["samples_0000004.png"] != sizes["samples_0000005.png"], sizes
+    with open(os.path.join(out, "samples.png"), "rb") as a, open(os.path.join(out, "samples_0000004.png"), "rb") as b:
+        assert a.read() == b.read()
+
+
 def test_elapsed_s_is_cumulative_across_resume(tmp_path):
     out = str(tmp_path / "r")
     assert tiny.run(train, TINY + ["--steps", "8", "--out", out]) == 0
