@@ -46,9 +46,10 @@ FEW_STEPS = 1000  # fewer training steps than this: sample.py warns that the ima
 STRENGTH = 0.5  # --edit's default t0 / T, inside SDEdit's useful range 0.3-0.6 (SDEdit §4, Figure 3)
 
 
-def sample_images(s, args):
+def sample_images(s, args, dataset=None):
     """--n images from x_T ~ N(0, I), batch by batch, by the chosen sampler `s` (sampling.Sampler: the loop, the
-    respaced diffusion, the network and the loop's options, all checked against the checkpoint)."""
+    respaced diffusion, the network and the loop's options, all checked against the checkpoint). `dataset`: what
+    the run trained on, for the next command (FID for colour images, the digit classifier for digits)."""
     say(f"sampling {args.n} images: {s.describe()}, seed {args.seed}")
     batches = s.batches(args.n, args.batch_size, args.seed, not args.no_progress)
     for b in batches:
@@ -60,7 +61,8 @@ def sample_images(s, args):
     images, labels = batches.images()
     return outputs.Samples(images, labels, png_what=f"grid of {len(images)} images",
                            npz_what=f"x: uint8 {list(images.shape)}" + ("" if labels is None else ", y: labels"),
-                           next="python evaluate.py fid --samples {npz}")
+                           next=("python benchmarks/digits_score.py {npz}" if dataset == "digits" else
+                                 "python evaluate.py fid --samples {npz}" if images.shape[-1] == 3 else "look at {png}"))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -266,8 +268,9 @@ def edit_output(s, args, x_in, mask, label):
 # The command
 # ----------------------------------------------------------------------------------------------------------------
 
-def plan(args, s):
-    """The chosen experiment, its inputs read and checked before any work: (output name, the experiment to run)."""
+def plan(args, s, dataset=None):
+    """The chosen experiment, its inputs read and checked before any work: (output name, the experiment to run).
+    `dataset`: what the run trained on (its config), None when unknown."""
     size, channels = s.image_shape[1], s.image_shape[0]
     settings, show = s.settings, not args.no_progress
     if args.invert:
@@ -291,7 +294,7 @@ def plan(args, s):
     if args.interpolate:
         rows, frames = interpolation_grid(args.n)
         return s.name(args.seed, rows * frames, prefix="interpolate"), lambda: interpolate(s, args, rows, frames)
-    return s.name(args.seed, args.n, batch_size=args.batch_size), lambda: sample_images(s, args)
+    return s.name(args.seed, args.n, batch_size=args.batch_size), lambda: sample_images(s, args, dataset)
 
 
 def main(argv=None):
@@ -314,7 +317,7 @@ def main(argv=None):
                          "DDGAN generator, which only draws with --sampler ddgan; pass a diffusion run as --checkpoint")
     clf = checkpoint.load(args.classifier, flag="--classifier") if args.classifier else None
     s = sampling.from_checkpoint(ckpt, settings, device, args.precision, clf, compile=args.compile)
-    name, experiment = plan(args, s)
+    name, experiment = plan(args, s, (ckpt.get("config") or {}).get("dataset"))
     # where the outputs go, checked before the work
     out = args.out or os.path.join(checkpoint.samples_dir(ckpt["path"]), name)
     out = out[:-4] if out.endswith((".png", ".npz")) else out

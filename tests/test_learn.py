@@ -61,6 +61,29 @@ def test_the_digits_recipe_trains_a_one_channel_model(tmp_path):
     assert Image.open(os.path.join(out, "samples.png")).size[0] >= 2 * 32  # 4 enlarged 16x16 images
 
 
+def test_sampling_a_digits_run_points_to_the_digit_classifier_and_that_command_runs(tmp_path):
+    """sample.py on a digits run (a real subprocess) ends with `next: python benchmarks/digits_score.py NPZ` (FID's
+    Inception would refuse 1-channel 16x16 images), and that line, run as printed, scores the samples."""
+    pytest.importorskip("sklearn")
+    import shlex
+    import subprocess
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "d")
+    assert tiny.run(train, ["--recipe", "digits", "--ch", "8", "--steps", "2", "--batch-size", "8", "--n-sample", "0",
+                            "--no-progress", "--device", "cpu", "--diffusion-steps", "20", "--out", out]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, os.path.join(root, "sample.py"), "--checkpoint", out, "--sampler", "ddim",
+                           "--steps", "2", "--n", "4", "--no-progress"], cwd=root, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    advice = [line for line in done.stdout.splitlines() if line.startswith("next: ")]
+    assert len(advice) == 1 and advice[0].startswith("next: python benchmarks/digits_score.py "), done.stdout
+    argv = shlex.split(advice[0][len("next: "):])
+    scored = subprocess.run([sys.executable] + argv[1:], cwd=root, env=env, capture_output=True, text=True,
+                            timeout=120)
+    assert scored.returncode == 0 and argv[2] in scored.stdout, scored.stderr
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Recipes and --config
 # ----------------------------------------------------------------------------------------------------------------
