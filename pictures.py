@@ -1,6 +1,7 @@
 """
-The picture sample.py inverts or edits (--invert, --edit, --mask): a picture file, or cifar10:N for the N-th
-CIFAR-10 test image, cut to its central square (said in one line, never squashed) and resized to the network's size.
+The picture sample.py inverts or edits (--invert, --edit, --mask): a picture file, cifar10:N for the N-th
+CIFAR-10 test image or digits:N for the N-th held-out handwritten digit, cut to its central square (said in one line,
+never squashed) and resized to the network's size.
 The file itself is read by data.read_picture, which checks it (missing, too large, corrupt) before decoding.
 """
 
@@ -11,22 +12,29 @@ import data
 from cli import UsageError, say
 
 
+# the test images a user names as NAME:N, each read by data.py: (its N-th test image, label)
+TEST_SETS = {"cifar10": ("a CIFAR-10 test image", lambda data_dir: data.load_cifar10(data_dir, split="test")),
+             "digits": ("a held-out handwritten digit", lambda data_dir: data.load_digits(16, "test"))}
+
+
 def open_picture(spec, data_dir=None, flag="--invert", mode="RGB"):
-    """A picture file, or cifar10:N for the N-th CIFAR-10 test image (read by data.py), as a PIL image in `mode`;
-    its label (or None) and a name for files."""
-    m = re.fullmatch(r"cifar10:(\d+)", spec)
+    """A picture file, or NAME:N for the N-th test image of TEST_SETS (cifar10:7, digits:3), as a PIL image in
+    `mode`; its label (or None) and a name for files."""
+    m = re.fullmatch(r"(cifar10|digits):(\d+)", spec)
     if m:
         import torchvision.transforms.functional as TF  # here: torchvision's import takes seconds, a refusal none
-        x, y = data.load_cifar10(data_dir, split="test")
-        i = int(m.group(1))
+        name, i = m.group(1), int(m.group(2))
+        x, y = TEST_SETS[name][1](data_dir)
         if i >= x.shape[0]:
-            raise UsageError(f"{flag}: cifar10:N takes N in 0..{x.shape[0] - 1} (the test set), got {i}")
-        return TF.to_pil_image(x[i]).convert(mode), int(y[i]), f"cifar10-{i}"
-    if spec.startswith("cifar10"):
-        raise UsageError(f"{flag}: expected cifar10:N with N a test-set index, got {spec!r}")
+            raise UsageError(f"{flag}: {name}:N takes N in 0..{x.shape[0] - 1} (the test set), got {i}")
+        return TF.to_pil_image(x[i]).convert(mode), int(y[i]), f"{name}-{i}"
+    for name in TEST_SETS:
+        if spec.startswith(name + ":"):
+            raise UsageError(f"{flag}: expected {name}:N with N a test-set index, got {spec!r}")
     # the file: data.read_picture checks it (missing, too large, corrupt) and reads it as an 8-bit picture
     img = data.read_picture(spec, mode, flag, "pass a picture file"
-                            + (" or cifar10:N (a CIFAR-10 test image)" if flag != "--mask" else ""))
+                            + (", cifar10:N (a CIFAR-10 test image) or digits:N (a held-out digit)"
+                               if flag != "--mask" else ""))
     return img, None, re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(spec))[0])
 
 
@@ -52,7 +60,7 @@ def read_image(spec, size, channels, data_dir=None, flag="--invert"):
     """The image to invert or edit as floats [1, C, size, size] in [-1, 1], its label (or None), a name for files and
     the picture's own (width, height).
 
-    `spec` is a picture file, or cifar10:N for the N-th CIFAR-10 test image. A non-square picture is cut to its
+    `spec` is a picture file, cifar10:N (the N-th CIFAR-10 test image) or digits:N. A non-square picture is cut to its
     central square (said in one line, never squashed); then it is resized to the network's size.
     """
     img, label, name = open_picture(spec, data_dir, flag, "L" if channels == 1 else "RGB")

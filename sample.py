@@ -59,10 +59,12 @@ def sample_images(s, args, dataset=None):
             b.x0 = s.loop(s.diffusion, batches.model, b.x_T.shape, noise=b.x_T, model_kwargs=b.model_kwargs,
                           generator=b.generator, **s.options)
     images, labels = batches.images()
+    # next: the digit classifier for digits, FID (Inception wants colour) for colour images, else the grid itself
+    score = ("python benchmarks/digits_score.py {npz}" if dataset == "digits" else
+             "python evaluate.py fid --samples {npz}" if images.shape[-1] == 3 else "look at {png}")
     return outputs.Samples(images, labels, png_what=f"grid of {len(images)} images",
                            npz_what=f"x: uint8 {list(images.shape)}" + ("" if labels is None else ", y: labels"),
-                           next=("python benchmarks/digits_score.py {npz}" if dataset == "digits" else
-                                 "python evaluate.py fid --samples {npz}" if images.shape[-1] == 3 else "look at {png}"))
+                           next=score)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -91,12 +93,13 @@ def build_parser():
                    help="rows of 8 images decoded by DDIM from slerp(z0, z1, alpha), alpha = 0 .. 1 (DDIM §5.3)")
     p.add_argument("--invert", default=None, metavar="IMAGE",
                    help="encode IMAGE to x_T with the reversed eta = 0 DDIM update, then decode it (DDIM §4.3); "
-                        "IMAGE is a picture file or cifar10:N, the N-th CIFAR-10 test image")
+                        "IMAGE is a picture file, cifar10:N (the N-th CIFAR-10 test image) or digits:N (the N-th "
+                        "held-out handwritten digit)")
     p.add_argument("--data-dir", default=None, help="--invert / --edit cifar10:N: the CIFAR-10 folder "
                    "(default: data/cifar10, then ../shared/data/cifar10)")
     p.add_argument("--edit", default=None, metavar="IMAGE",
                    help="SDEdit (Meng et al. 2022): noise IMAGE to t0 = strength * T (DDPM eq. 4) and run the reverse "
-                        "chain from there; IMAGE is a picture file or cifar10:N, the N-th CIFAR-10 test image")
+                        "chain from there; IMAGE is a picture file, cifar10:N or digits:N")
     p.add_argument("--strength", type=float, default=None,
                    help=f"--edit: t0 / T in [0, 1]; 0 returns the input, 1 is ordinary sampling (default: {STRENGTH})")
     p.add_argument("--mask", default=None, metavar="MASK",
@@ -279,7 +282,8 @@ def plan(args, s, dataset=None):
         if s.conditional and (label is None or label >= s.classes):
             raise UsageError(f"--class: this run is class-conditional ({s.classes} classes); say which class "
                              f"{args.invert} shows with --class")
-        what = f"inverting {args.invert}" + (f" ({data.CIFAR10_CLASSES[label]})" if source.startswith("cifar10") else "")
+        what = f"inverting {args.invert}" + (f" ({data.CIFAR10_CLASSES[label]})" if source.startswith("cifar10-")
+                                             else f" (a {label})" if source.startswith("digits-") else "")
         return s.name(prefix=f"invert_{source}"), lambda: say(what) or invert(s, x0, label, show)
     if args.edit:
         x_in, label, source, picture_size = read_image(args.edit, size, channels, args.data_dir, flag="--edit")

@@ -61,9 +61,10 @@ def test_the_digits_recipe_trains_a_one_channel_model(tmp_path):
     assert Image.open(os.path.join(out, "samples.png")).size[0] >= 2 * 32  # 4 enlarged 16x16 images
 
 
-def test_sampling_a_digits_run_points_to_the_digit_classifier_and_that_command_runs(tmp_path):
+def test_sampling_a_digits_run_points_to_the_digit_classifier_and_edits_held_out_digits(tmp_path):
     """sample.py on a digits run (a real subprocess) ends with `next: python benchmarks/digits_score.py NPZ` (FID's
-    Inception would refuse 1-channel 16x16 images), and that line, run as printed, scores the samples."""
+    Inception would refuse 1-channel 16x16 images), and that line, run as printed, scores the samples; --edit and
+    --invert take digits:N."""
     pytest.importorskip("sklearn")
     import shlex
     import subprocess
@@ -82,6 +83,20 @@ def test_sampling_a_digits_run_points_to_the_digit_classifier_and_that_command_r
     scored = subprocess.run([sys.executable] + argv[1:], cwd=root, env=env, capture_output=True, text=True,
                             timeout=120)
     assert scored.returncode == 0 and argv[2] in scored.stdout, scored.stderr
+    # --edit / --invert digits:N: a held-out digit, as cifar10:N is a CIFAR-10 test image; out of range: one line
+    for mode, written in (("--edit", "edit_digits-7_s0.5"), ("--invert", "invert_digits-3")):
+        spec = "digits:7" if mode == "--edit" else "digits:3"
+        argv = [sys.executable, os.path.join(root, "sample.py"), "--checkpoint", out, mode, spec, "--steps", "2",
+                "--no-progress"] + (["--n", "2"] if mode == "--edit" else [])
+        done = subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert any(f.startswith(written) and f.endswith(".png") for f in os.listdir(os.path.join(out, "samples")))
+        if mode == "--invert":
+            assert f"inverting digits:3 (a {int(data.load_digits(16, 'test')[1][3])})" in done.stdout
+    done = subprocess.run([sys.executable, os.path.join(root, "sample.py"), "--checkpoint", out, "--edit",
+                           "digits:297"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stderr.strip() == ("error: --edit: digits:N takes N in 0..296 (the test "
+                                                            "set), got 297"), done.stderr
 
 
 # ----------------------------------------------------------------------------------------------------------------
