@@ -31,6 +31,7 @@ What each figure is, in the papers' words and in this repository's functions:
 """
 
 import os
+import shlex
 import sys
 
 import torch
@@ -357,6 +358,11 @@ def main(argv=None):
     rows, row_labels, col_labels, title, shows = draw_figure(args, ckpt, model, diffusion, classifier, num_classes)
     draw(rows, row_labels, col_labels, title, path, args.force)
     cli.wrote(path, shows)
+    # the next of the papers' figures drawn without a classifier, from the same checkpoint
+    papers = FIGURES[:-1]
+    after = papers[(papers.index(args.figure) + 1) % len(papers)] if args.figure in papers else papers[0]
+    on = f" --checkpoint {shlex.quote(args.checkpoint)}" if args.checkpoint else ""
+    cli.say(f"next: open {path}; then another figure: python figures.py {after}{on}")
 
 
 if __name__ == "__main__":

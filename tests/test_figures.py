@@ -50,6 +50,11 @@ def test_each_figure_writes_its_png(runs, figure, extra, size, capsys):
     assert png.is_file() and Image.open(png).size[0] > 100
     printed = capsys.readouterr().out
     assert f"wrote {png}" in printed
+    # then what to do next: look at it, and the next of the papers' figures from the same checkpoint
+    after = {"ddpm-x0": "ddpm-shared", "ddpm-shared": "ddim-consistency", "ddim-consistency": "ddim-interp",
+             "ddim-interp": "ddpm-x0"}[figure]
+    assert printed.splitlines()[-1] == f"next: open {png}; then another figure: python figures.py {after} " \
+                                       f"--checkpoint {uncond}"
     # the figure's columns are what was asked for: count them through the function itself
     assert size[0] >= 1
 
