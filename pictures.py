@@ -32,9 +32,10 @@ def open_picture(spec, data_dir=None, flag="--invert", mode="RGB"):
         if spec.startswith(name + ":"):
             raise UsageError(f"{flag}: expected {name}:N with N a test-set index, got {spec!r}")
     # the file: data.read_picture checks it (missing, too large, corrupt) and reads it as an 8-bit picture
-    img = data.read_picture(spec, mode, flag, "pass a picture file"
-                            + (", cifar10:N (a CIFAR-10 test image) or digits:N (a held-out digit)"
-                               if flag != "--mask" else ""))
+    kinds = ["a picture file"] + ([f"{name}:N ({what})" for name, (what, _) in TEST_SETS.items()]
+                                  if flag != "--mask" else [])
+    img = data.read_picture(spec, mode, flag, "pass " + " or ".join([", ".join(kinds[:-1]), kinds[-1]] if
+                                                                     len(kinds) > 1 else kinds))
     return img, None, re.sub(r"[^A-Za-z0-9._-]+", "_", os.path.splitext(os.path.basename(spec))[0])
 
 
